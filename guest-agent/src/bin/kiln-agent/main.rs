@@ -1,0 +1,52 @@
+//! kiln-agent: PID 1 of kiln's build VM.
+//!
+//! Sets up the guest's root (the tools image under a tmpfs overlay), opens the
+//! agent's virtio-console port and serves the host's requests until it is told
+//! to power off. Nothing here may panic on input from the host: a bad request
+//! gets a `Failed` reply and the agent keeps serving.
+
+mod disks;
+mod exec;
+mod files;
+mod init;
+mod port;
+mod reaper;
+mod serve;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let pid1 = std::process::id() == 1;
+    let boot_error = if pid1 {
+        init::early_mounts()
+            .and_then(|()| init::enter_tools_root())
+            .err()
+            .map(|e| e.to_string())
+    } else {
+        None
+    };
+    if let Some(e) = &boot_error {
+        eprintln!("kiln-agent: {e}");
+    }
+    if pid1 {
+        reaper::start();
+    }
+    disks::link_by_id();
+
+    let result = port::open()
+        .map_err(|e| e.to_string())
+        .and_then(|port| serve::serve(port, boot_error).map_err(|e| e.to_string()));
+    if let Err(e) = &result {
+        eprintln!("kiln-agent: {e}");
+    }
+    if pid1 {
+        // PID 1 must never exit; power off instead (the host sees no
+        // PoweringOff reply and reports the failure).
+        init::power_off();
+    }
+    if result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,41 @@
+//! Finds and opens the agent's virtio-console port.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::time::{Duration, Instant};
+
+use kiln_agent::AGENT_PORT_NAME;
+
+/// Opens `/dev/vportNpM` whose name is [`AGENT_PORT_NAME`], waiting for the
+/// virtio-console driver to register it.
+pub fn open() -> io::Result<File> {
+    let start = Instant::now();
+    loop {
+        if let Some(dev) = find() {
+            return OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("/dev/{dev}"));
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no virtio-console port named '{AGENT_PORT_NAME}'"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn find() -> Option<String> {
+    for entry in fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let name = fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if name.trim() == AGENT_PORT_NAME {
+            let dev = entry.file_name().to_string_lossy().into_owned();
+            if fs::metadata(format!("/dev/{dev}")).is_ok() {
+                return Some(dev);
+            }
+        }
+    }
+    None
+}

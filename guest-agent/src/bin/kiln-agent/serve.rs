@@ -1,0 +1,129 @@
+//! The request loop.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use kiln_agent::{
+    FrameError, FrameReader, FrameWriter, MountRequest, Reply, Request, SpawnErrorKind,
+    AGENT_VERSION, PROTOCOL_VERSION,
+};
+use nix::mount::{mount, MsFlags};
+
+use crate::{disks, exec, files};
+
+/// The write half of the port, shared by every thread that replies.
+#[derive(Clone)]
+pub struct Outbox(Arc<Mutex<FrameWriter<File>>>);
+
+impl Outbox {
+    /// Sends one reply; false if the host is gone.
+    pub fn send(&self, msg: &Reply) -> bool {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        w.write(msg).is_ok()
+    }
+}
+
+pub fn serve(port: File, boot_error: Option<String>) -> Result<(), FrameError> {
+    let mut reader = FrameReader::new(port.try_clone()?);
+    let out = Outbox(Arc::new(Mutex::new(FrameWriter::new(port))));
+    out.send(&Reply::Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_version: AGENT_VERSION.to_string(),
+        boot_error: boot_error.clone(),
+    });
+
+    let mut stdins: HashMap<u32, Sender<Vec<u8>>> = HashMap::new();
+    let mut uploads = files::Uploads::default();
+    loop {
+        let req = match reader.read::<Request>() {
+            Ok(req) => req,
+            Err(e) if e.is_recoverable() => {
+                out.send(&Reply::Failed {
+                    id: None,
+                    message: e.to_string(),
+                });
+                continue;
+            }
+            // The host went away: nothing left to serve.
+            Err(FrameError::Closed) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match req {
+            Request::Hello { protocol, .. } => {
+                if protocol != PROTOCOL_VERSION {
+                    out.send(&Reply::Failed {
+                        id: None,
+                        message: format!(
+                            "protocol mismatch: host speaks {protocol}, agent {PROTOCOL_VERSION}"
+                        ),
+                    });
+                }
+            }
+            Request::Exec(req) => {
+                if let Some(e) = &boot_error {
+                    out.send(&Reply::SpawnFailed {
+                        id: req.id,
+                        kind: SpawnErrorKind::Other,
+                        message: format!("the guest has no usable root: {e}"),
+                    });
+                    continue;
+                }
+                disks::link_by_id();
+                let id = req.id;
+                if let Some(tx) = exec::start(req, out.clone()) {
+                    stdins.insert(id, tx);
+                }
+            }
+            Request::Stdin { id, data } => {
+                let eof = data.is_empty();
+                if let Some(tx) = stdins.get(&id) {
+                    if tx.send(data).is_err() || eof {
+                        stdins.remove(&id);
+                    }
+                }
+            }
+            Request::Mount(m) => {
+                let id = m.id;
+                out.send(&match do_mount(&m) {
+                    Ok(()) => Reply::Done { id },
+                    Err(message) => Reply::Failed {
+                        id: Some(id),
+                        message,
+                    },
+                });
+            }
+            Request::PutFile { id, path, mode } => uploads.begin(id, path, mode),
+            Request::FileData { id, data } => {
+                if let Some(reply) = uploads.data(id, &data) {
+                    out.send(&reply);
+                }
+            }
+            Request::GetFile { id, path } => files::send(id, path, out.clone()),
+            Request::Poweroff => {
+                nix::unistd::sync();
+                out.send(&Reply::PoweringOff);
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn do_mount(m: &MountRequest) -> Result<(), String> {
+    fs::create_dir_all(&m.target).map_err(|e| format!("creating {}: {e}", m.target))?;
+    let flags = if m.readonly {
+        MsFlags::MS_RDONLY
+    } else {
+        MsFlags::empty()
+    };
+    let data = (!m.options.is_empty()).then_some(m.options.as_str());
+    mount(
+        Some(m.source.as_str()),
+        m.target.as_str(),
+        Some(m.fstype.as_str()),
+        flags,
+        data,
+    )
+    .map_err(|e| format!("mounting {} ({}) on {}: {e}", m.source, m.fstype, m.target))
+}

@@ -1,0 +1,387 @@
+//! Every message kiln and its guest agent exchange.
+//!
+//! The agent speaks first with [`Reply::Hello`]; the host answers with
+//! [`Request::Hello`]. After that the host sends requests, each tagged with an
+//! `id` it chose, and the agent answers with replies carrying the same `id`.
+//! Replies to different requests may interleave (an exec streams output while
+//! a file is being sent, for example).
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change to the messages below.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The agent's version, sent in its hello.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Name of the virtio-console port that carries the agent channel.
+pub const AGENT_PORT_NAME: &str = "kiln.agent";
+
+/// Serial number of the virtio-blk disk holding the tools image.
+pub const TOOLS_DISK_SERIAL: &str = "kiln-tools";
+
+/// Prefix of the serial numbers kiln gives user disks (`kiln0`, `kiln1`, ...),
+/// which the agent also exposes as `/dev/disk/by-id/virtio-<serial>`.
+pub const USER_DISK_SERIAL_PREFIX: &str = "kiln";
+
+/// Host-to-guest messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// The host's half of the handshake.
+    Hello { protocol: u32, host_version: String },
+    /// Run a command. Output comes back as `Stdout`/`Stderr`, then `Exited`.
+    Exec(ExecRequest),
+    /// Bytes for a running command's stdin; an empty chunk closes it.
+    Stdin {
+        id: u32,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Mount a filesystem (creating the mount point), answered by `Done`.
+    Mount(MountRequest),
+    /// Create or replace a file; its contents follow as `FileData` with the
+    /// same id, ended by an empty chunk. Answered by `Done` once written.
+    PutFile { id: u32, path: String, mode: u32 },
+    /// A chunk of a file being put; empty means end of file.
+    FileData {
+        id: u32,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Send a file back: `FileHeader`, then `FileData` chunks, ended by an
+    /// empty chunk.
+    GetFile { id: u32, path: String },
+    /// Flush every filesystem and block device, then power the VM off.
+    /// Answered by `PoweringOff` once the data is on the host's disks.
+    Poweroff,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub id: u32,
+    /// Program and arguments; the program is looked up in PATH.
+    pub argv: Vec<String>,
+    /// Added to (or overriding) the agent's base environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory; `/` if unset.
+    pub cwd: Option<String>,
+    /// Whether `Stdin` messages follow; if false the command's stdin is /dev/null.
+    pub stdin: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRequest {
+    pub id: u32,
+    pub fstype: String,
+    pub source: String,
+    pub target: String,
+    pub options: String,
+    pub readonly: bool,
+}
+
+/// Guest-to-host messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The agent's half of the handshake. `boot_error` says why the guest's
+    /// root (tools image) could not be set up, if it could not.
+    Hello {
+        protocol: u32,
+        agent_version: String,
+        boot_error: Option<String>,
+    },
+    /// The command was started.
+    Started { id: u32, pid: u32 },
+    /// The command could not be started.
+    SpawnFailed {
+        id: u32,
+        kind: SpawnErrorKind,
+        message: String,
+    },
+    Stdout {
+        id: u32,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    Stderr {
+        id: u32,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The command ended; sent after all of its output.
+    Exited { id: u32, status: ExitStatus },
+    /// Metadata of a file requested with `GetFile`.
+    FileHeader { id: u32, mode: u32, size: u64 },
+    /// A chunk of a requested file; empty means end of file.
+    FileData {
+        id: u32,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// A `Mount` or `PutFile` request completed.
+    Done { id: u32 },
+    /// A request failed. `id` is `None` when the request itself could not be
+    /// read (malformed or oversized frame).
+    Failed { id: Option<u32>, message: String },
+    /// Filesystems are synced; the VM powers off next.
+    PoweringOff,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SpawnErrorKind {
+    NotFound,
+    PermissionDenied,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The status a shell reports: the code, or 128 + the signal number.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{decode, encode, FrameError, FrameReader, MAX_FRAME};
+
+    fn requests() -> Vec<Request> {
+        vec![
+            Request::Hello {
+                protocol: PROTOCOL_VERSION,
+                host_version: "0.1.0".into(),
+            },
+            Request::Exec(ExecRequest {
+                id: 7,
+                argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                env: vec![("A".into(), "b=c".into())],
+                cwd: Some("/tmp".into()),
+                stdin: true,
+            }),
+            Request::Stdin {
+                id: 7,
+                data: vec![0, 1, 2, 255],
+            },
+            Request::Stdin {
+                id: 7,
+                data: vec![],
+            },
+            Request::Mount(MountRequest {
+                id: 3,
+                fstype: "virtiofs".into(),
+                source: "share0".into(),
+                target: "/mnt/x".into(),
+                options: String::new(),
+                readonly: true,
+            }),
+            Request::PutFile {
+                id: 9,
+                path: "/tmp/f".into(),
+                mode: 0o755,
+            },
+            Request::FileData {
+                id: 9,
+                data: vec![42; 1000],
+            },
+            Request::GetFile {
+                id: 10,
+                path: "/etc/os-release".into(),
+            },
+            Request::Poweroff,
+        ]
+    }
+
+    fn replies() -> Vec<Reply> {
+        vec![
+            Reply::Hello {
+                protocol: PROTOCOL_VERSION,
+                agent_version: AGENT_VERSION.into(),
+                boot_error: Some("no tools disk".into()),
+            },
+            Reply::Started { id: 1, pid: 42 },
+            Reply::SpawnFailed {
+                id: 1,
+                kind: SpawnErrorKind::NotFound,
+                message: "nope".into(),
+            },
+            Reply::Stdout {
+                id: 1,
+                data: b"out".to_vec(),
+            },
+            Reply::Stderr {
+                id: 1,
+                data: b"err".to_vec(),
+            },
+            Reply::Exited {
+                id: 1,
+                status: ExitStatus::Signal(9),
+            },
+            Reply::Exited {
+                id: 1,
+                status: ExitStatus::Code(-1),
+            },
+            Reply::FileHeader {
+                id: 2,
+                mode: 0o644,
+                size: u64::MAX,
+            },
+            Reply::FileData {
+                id: 2,
+                data: vec![],
+            },
+            Reply::Done { id: 3 },
+            Reply::Failed {
+                id: None,
+                message: "bad".into(),
+            },
+            Reply::PoweringOff,
+        ]
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        for msg in requests() {
+            let frame = encode(&msg).expect("encode");
+            let mut r = FrameReader::new(&frame[..]);
+            let back: Request = r.read().expect("decode");
+            assert_eq!(back, msg);
+            assert!(matches!(r.read::<Request>(), Err(FrameError::Closed)));
+        }
+    }
+
+    #[test]
+    fn every_reply_round_trips() {
+        for msg in replies() {
+            let frame = encode(&msg).expect("encode");
+            let back: Reply = FrameReader::new(&frame[..]).read().expect("decode");
+            assert_eq!(back, msg);
+        }
+    }
+
+    #[test]
+    fn largest_data_chunk_fits_a_frame() {
+        let msg = Reply::Stdout {
+            id: u32::MAX,
+            data: vec![0xAB; crate::frame::DATA_CHUNK],
+        };
+        let frame = encode(&msg).expect("encode");
+        assert!(frame.len() - 4 <= MAX_FRAME);
+    }
+
+    #[test]
+    fn message_over_the_limit_is_refused_when_encoding() {
+        let msg = Reply::Stdout {
+            id: 1,
+            data: vec![0; MAX_FRAME + 1],
+        };
+        assert!(matches!(encode(&msg), Err(FrameError::Encode(_))));
+    }
+
+    #[test]
+    fn truncated_frames_are_errors() {
+        let frame = encode(&requests()[1]).expect("encode");
+        for cut in 1..frame.len() {
+            let mut r = FrameReader::new(&frame[..cut]);
+            match r.read::<Request>() {
+                Err(FrameError::Truncated { got, want }) => assert!(got < want),
+                other => panic!("cut at {cut}: expected Truncated, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_frame_is_skipped_and_the_stream_goes_on() {
+        let big = (MAX_FRAME + 1) as u32;
+        let mut stream = big.to_le_bytes().to_vec();
+        stream.extend(std::iter::repeat(0x55).take(big as usize));
+        stream.extend(encode(&Request::Poweroff).expect("encode"));
+        let mut r = FrameReader::new(&stream[..]);
+        let err = r.read::<Request>().expect_err("oversized");
+        assert!(matches!(err, FrameError::Oversized(n) if n == big as u64));
+        assert!(err.is_recoverable());
+        assert_eq!(r.read::<Request>().expect("next frame"), Request::Poweroff);
+    }
+
+    #[test]
+    fn oversized_length_without_payload_is_truncation() {
+        let stream = u32::MAX.to_le_bytes();
+        let mut r = FrameReader::new(&stream[..]);
+        assert!(matches!(
+            r.read::<Request>(),
+            Err(FrameError::Truncated { got: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_payload_is_malformed_and_the_stream_goes_on() {
+        let mut stream = Vec::new();
+        for garbage in [&[0xFFu8, 0xFF, 0xFF, 0xFF, 0xFF][..], &[200], &[]] {
+            stream.extend((garbage.len() as u32).to_le_bytes());
+            stream.extend_from_slice(garbage);
+        }
+        stream.extend(encode(&Request::Poweroff).expect("encode"));
+        let mut r = FrameReader::new(&stream[..]);
+        for _ in 0..3 {
+            let err = r.read::<Request>().expect_err("garbage");
+            assert!(matches!(err, FrameError::Malformed(_)), "{err:?}");
+            assert!(err.is_recoverable());
+        }
+        assert_eq!(r.read::<Request>().expect("next"), Request::Poweroff);
+    }
+
+    #[test]
+    fn trailing_bytes_are_malformed() {
+        let frame = encode(&Request::Poweroff).expect("encode");
+        let mut payload = frame[4..].to_vec();
+        payload.push(0);
+        assert!(matches!(
+            decode::<Request>(&payload),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn huge_inner_length_does_not_allocate() {
+        // A data field claiming 2^60 bytes inside a small frame must fail
+        // cleanly rather than try to allocate.
+        let mut payload = vec![2u8, 7]; // Stdin variant, id 7
+        payload.extend([0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10]);
+        assert!(matches!(
+            decode::<Request>(&payload),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // A cheap deterministic fuzz: xorshift bytes as payloads.
+        let mut x: u64 = 0x9E3779B97F4A7C15;
+        for len in 0..2000usize {
+            let payload: Vec<u8> = (0..len % 64)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let _ = decode::<Request>(&payload);
+            let _ = decode::<Reply>(&payload);
+        }
+    }
+
+    #[test]
+    fn shell_codes() {
+        assert_eq!(ExitStatus::Code(3).shell_code(), 3);
+        assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
+    }
+}

@@ -1,0 +1,167 @@
+//! The QEMU backend: `qemu-system-x86_64 -M microvm`, direct kernel boot
+//! through the PVH entry (no firmware), virtio-mmio devices only.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+
+use anyhow::{Context, Result};
+use kiln_agent::AGENT_PORT_NAME;
+
+use super::{Backend, Vm, VmSpec};
+use crate::console::Console;
+use crate::process::{detach_and_tie, Guarded};
+
+pub struct Qemu {
+    binary: PathBuf,
+    kvm: bool,
+}
+
+impl Qemu {
+    /// Finds qemu-system-x86_64 (or `$KILN_QEMU`).
+    pub fn find(kvm: bool) -> Result<Qemu> {
+        let binary = match std::env::var_os("KILN_QEMU").filter(|v| !v.is_empty()) {
+            Some(p) => PathBuf::from(p),
+            None => which("qemu-system-x86_64").context(
+                "qemu-system-x86_64 not found: install it with 'sudo apt-get install qemu-system-x86'",
+            )?,
+        };
+        Ok(Qemu { binary, kvm })
+    }
+
+    /// The full QEMU command line for `spec`.
+    pub fn args(&self, spec: &VmSpec) -> Vec<String> {
+        let mem = spec.mem_mib;
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |parts: &[&str]| a.extend(parts.iter().map(|s| s.to_string()));
+        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        // The guest's memory is a shared memfd so vhost-user backends
+        // (virtiofsd) can map it.
+        push(&[
+            "-M",
+            "microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on,memory-backend=mem",
+        ]);
+        push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        ]);
+        push(&["-m", &format!("{mem}M"), "-smp", &spec.cpus.to_string()]);
+        if self.kvm {
+            push(&["-accel", "kvm", "-cpu", "host"]);
+        } else {
+            push(&["-accel", "tcg", "-cpu", "max"]);
+        }
+        push(&["-serial", "stdio"]);
+        push(&["-kernel", &spec.kernel.to_string_lossy()]);
+        push(&["-initrd", &spec.initramfs.to_string_lossy()]);
+        push(&["-append", &spec.cmdline]);
+        for (i, d) in spec.disks.iter().enumerate() {
+            let mut drive = format!(
+                "file={},if=none,id=disk{i},format={},cache=writeback,discard=unmap",
+                escape(&d.path.to_string_lossy()),
+                d.format
+            );
+            if d.readonly {
+                drive.push_str(",readonly=on");
+            }
+            push(&["-drive", &drive]);
+            push(&[
+                "-device",
+                &format!("virtio-blk-device,drive=disk{i},serial={}", d.serial),
+            ]);
+        }
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=agent,path={}",
+                escape(&spec.agent_socket.to_string_lossy())
+            ),
+        ]);
+        push(&["-device", "virtio-serial-device,max_ports=2"]);
+        push(&[
+            "-device",
+            &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+        ]);
+        push(&["-device", "virtio-rng-device"]);
+        for (i, s) in spec.shares.iter().enumerate() {
+            push(&[
+                "-chardev",
+                &format!(
+                    "socket,id=fs{i},path={}",
+                    escape(&s.socket.to_string_lossy())
+                ),
+            ]);
+            push(&[
+                "-device",
+                &format!("vhost-user-fs-device,chardev=fs{i},tag={}", s.tag),
+            ]);
+        }
+        a
+    }
+}
+
+/// QEMU's option syntax doubles commas inside values.
+fn escape(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+impl Backend for Qemu {
+    fn name(&self) -> String {
+        format!("qemu ({})", if self.kvm { "kvm" } else { "tcg" })
+    }
+
+    fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(self.args(spec))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        detach_and_tie(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        let console = Console::new();
+        let diagnostics = Console::new();
+        if let Some(out) = child.stdout.take() {
+            console.capture(out, spec.echo_console);
+        }
+        if let Some(err) = child.stderr.take() {
+            diagnostics.capture(err, false);
+        }
+        Ok(Box::new(QemuVm {
+            process: Guarded::new(child, "qemu"),
+            console,
+            diagnostics,
+        }))
+    }
+}
+
+struct QemuVm {
+    process: Guarded,
+    console: Console,
+    diagnostics: Console,
+}
+
+impl Vm for QemuVm {
+    fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        Ok(self.process.try_wait()?)
+    }
+
+    fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    fn console(&self) -> &Console {
+        &self.console
+    }
+
+    fn diagnostics(&self) -> Vec<String> {
+        self.diagnostics.tail(20)
+    }
+}

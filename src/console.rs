@@ -1,0 +1,81 @@
+//! The guest's serial console: kept as a ring of recent lines for error
+//! messages (a kernel panic, say), and echoed to stderr with `--console`.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+const KEEP_LINES: usize = 200;
+
+#[derive(Clone, Default)]
+pub struct Console {
+    lines: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Console {
+    pub fn new() -> Console {
+        Console::default()
+    }
+
+    /// Reads `source` to its end on a thread of its own.
+    pub fn capture<R: Read + Send + 'static>(&self, source: R, echo: bool) -> JoinHandle<()> {
+        let lines = self.lines.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(source);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                if echo {
+                    let mut err = std::io::stderr().lock();
+                    let _ = err.write_all(&buf);
+                    let _ = err.flush();
+                }
+                let line = String::from_utf8_lossy(&buf)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                let mut l = lines.lock().unwrap_or_else(|p| p.into_inner());
+                if l.len() == KEEP_LINES {
+                    l.pop_front();
+                }
+                l.push_back(line);
+            }
+        })
+    }
+
+    /// The last `n` lines.
+    pub fn tail(&self, n: usize) -> Vec<String> {
+        let l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        l.iter().skip(l.len().saturating_sub(n)).cloned().collect()
+    }
+
+    pub fn contains(&self, needle: &str) -> bool {
+        let l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        l.iter().any(|line| line.contains(needle))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_last_lines() {
+        let c = Console::new();
+        let text: String = (0..300).map(|i| format!("line {i}\r\n")).collect();
+        c.capture(std::io::Cursor::new(text.into_bytes()), false)
+            .join()
+            .expect("join");
+        assert_eq!(
+            c.tail(2),
+            vec!["line 298".to_string(), "line 299".to_string()]
+        );
+        assert!(c.contains("line 100"));
+        assert!(!c.contains("line 99\u{0}"));
+        assert_eq!(c.tail(1000).len(), KEEP_LINES);
+    }
+}

@@ -1,0 +1,79 @@
+//! Long host-side builds (the kernel, the tools image): run with their output
+//! in a log file, a spinner showing elapsed time and the latest log line, and
+//! Ctrl-C stopping the whole process group.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::interrupt;
+use crate::process::{detach_and_tie, Guarded};
+
+/// Runs `cmd` to completion, logging to `log`. On failure the error carries
+/// the log's last lines.
+pub fn run_logged(mut cmd: Command, what: &str, log: &Path) -> Result<()> {
+    let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    detach_and_tie(&mut cmd);
+    let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    let mut child = Guarded::new(child, "build");
+
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{elapsed_precise}] {wide_msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_prefix(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let status = loop {
+        if interrupt::requested() {
+            child.kill();
+            bar.finish_and_clear();
+            bail!(crate::run::RunError::Interrupted);
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if let Some(line) = last_lines(log, 1).pop() {
+            bar.set_message(line);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    bar.finish_and_clear();
+    if !status.success() {
+        let tail = last_lines(log, 25).join("\n");
+        bail!(
+            "{what} failed ({status}); the last lines of {}:\n{tail}",
+            log.display()
+        );
+    }
+    eprintln!(
+        "{what}: done in {}",
+        indicatif::HumanDuration(bar.elapsed())
+    );
+    Ok(())
+}
+
+fn last_lines(path: &Path, n: usize) -> Vec<String> {
+    let Ok(f) = File::open(path) else {
+        return vec![];
+    };
+    let mut ring = std::collections::VecDeque::with_capacity(n + 1);
+    for line in BufReader::new(f).lines().map_while(Result::ok) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        ring.push_back(line);
+        if ring.len() > n {
+            ring.pop_front();
+        }
+    }
+    ring.into()
+}

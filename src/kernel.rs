@@ -1,0 +1,154 @@
+//! The guest kernel: built from Debian's linux-source-6.1 with
+//! `kernel-config/`, cached under `<cache>/kernel/<config hash>-<source version>`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{cache, job};
+
+pub const FRAGMENT: &str = include_str!("../kernel-config/kiln.config");
+pub const SCRIPT: &str = include_str!("../kernel-config/build.sh");
+const SOURCE_PACKAGE: &str = "linux-source-6.1";
+const DEFAULT_SOURCE: &str = "/usr/src/linux-source-6.1.tar.xz";
+const INSTALL_HINT: &str = "sudo apt-get install linux-source-6.1 build-essential bc bison \
+                            flex libelf-dev libssl-dev";
+
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    pub dir: PathBuf,
+}
+
+impl Kernel {
+    /// The uncompressed kernel, booted through its PVH entry.
+    pub fn vmlinux(&self) -> PathBuf {
+        self.dir.join("vmlinux")
+    }
+
+    pub fn release(&self) -> String {
+        fs::read_to_string(self.dir.join("release"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+}
+
+fn config_hash() -> String {
+    cache::hash(&[FRAGMENT.as_bytes(), SCRIPT.as_bytes()])[..16].to_string()
+}
+
+fn source_path() -> PathBuf {
+    std::env::var_os("KILN_KERNEL_SOURCE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOURCE))
+}
+
+/// Identifies the kernel source: the Debian package version, or for a
+/// source given by path, a hash of its contents.
+fn source_version() -> Result<Option<String>> {
+    let src = source_path();
+    if !src.exists() {
+        return Ok(None);
+    }
+    if std::env::var_os("KILN_KERNEL_SOURCE").is_none() {
+        let out = Command::new("dpkg-query")
+            .args(["-W", "-f=${Version}", SOURCE_PACKAGE])
+            .output();
+        if let Ok(out) = out {
+            let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if out.status.success() && !v.is_empty() {
+                return Ok(Some(v));
+            }
+        }
+    }
+    let data = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+    Ok(Some(cache::hash(&[&data])[..16].to_string()))
+}
+
+fn kernel_dir() -> Result<PathBuf> {
+    Ok(cache::root()?.join("kernel"))
+}
+
+fn entry_name(version: &str) -> String {
+    let v: String = version
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{}-{v}", config_hash())
+}
+
+fn complete(dir: &Path) -> bool {
+    dir.join("vmlinux").is_file() && dir.join("release").is_file()
+}
+
+/// The built kernel for the current config: the one for the installed source
+/// version if built, else the newest built from this config.
+pub fn locate() -> Result<Kernel> {
+    let dir = kernel_dir()?;
+    if let Some(v) = source_version()? {
+        let d = dir.join(entry_name(&v));
+        if complete(&d) {
+            return Ok(Kernel { dir: d });
+        }
+    }
+    let prefix = format!("{}-", config_hash());
+    let newest = fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix) && complete(&e.path()))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+    match newest {
+        Some(e) => Ok(Kernel { dir: e.path() }),
+        None => bail!(
+            "the guest kernel is not built yet: run 'kiln kernel build' \
+             (a few minutes, once; needs: {INSTALL_HINT})"
+        ),
+    }
+}
+
+/// Builds the kernel into the cache unless it is there already.
+pub fn build(force: bool) -> Result<Kernel> {
+    let Some(version) = source_version()? else {
+        bail!(
+            "kernel source {} not found: install it with '{INSTALL_HINT}'",
+            source_path().display()
+        );
+    };
+    let dest = kernel_dir()?.join(entry_name(&version));
+    if complete(&dest) && !force {
+        return Ok(Kernel { dir: dest });
+    }
+    let staging = cache::Staging::new(&dest)?;
+    // The unpacked source tree lives in a temp dir kiln owns, so it is gone
+    // on every exit path, Ctrl-C included.
+    let scratch = tempfile::Builder::new().prefix("kiln-kernel-").tempdir()?;
+    let fragment = scratch.path().join("kiln.config");
+    let script = scratch.path().join("build.sh");
+    fs::write(&fragment, FRAGMENT)?;
+    fs::write(&script, SCRIPT)?;
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script)
+        .arg(&fragment)
+        .arg(staging.path())
+        .env("TMPDIR", scratch.path())
+        .env("KILN_KERNEL_SOURCE", source_path());
+    let log = scratch.path().join("build.log");
+    let result = job::run_logged(cmd, &format!("building guest kernel ({version})"), &log);
+    if let Err(e) = result {
+        // Keep the log where the user can read it.
+        let kept = kernel_dir()?.join("last-build.log");
+        let _ = fs::copy(&log, &kept);
+        return Err(e);
+    }
+    let dir = staging.commit()?;
+    Ok(Kernel { dir })
+}

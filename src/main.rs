@@ -1,0 +1,233 @@
+//! kiln: run privileged image-assembly work as an unprivileged user inside a
+//! throwaway microVM.
+
+mod backend;
+mod cache;
+mod console;
+mod disk;
+mod initramfs;
+mod interrupt;
+mod job;
+mod kernel;
+mod process;
+mod run;
+mod session;
+mod share;
+mod tools;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use backend::BackendChoice;
+use run::{CopyArg, RunError, RunOptions};
+
+/// Exit code for kiln's own failures (as opposed to the command's).
+const EXIT_KILN_ERROR: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Run privileged image-assembly work inside a throwaway microVM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a command as root in a fresh VM and exit with its status.
+    Run(RunArgs),
+    /// The guest kernel.
+    Kernel {
+        #[command(subcommand)]
+        action: ArtifactAction,
+    },
+    /// The tools image (the guest's userland).
+    Tools {
+        #[command(subcommand)]
+        action: ArtifactAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ArtifactAction {
+    /// Build it into the cache (nothing to do if it is there already).
+    Build {
+        /// Build again even if cached.
+        #[arg(long)]
+        force: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print where the cached copy is (fails if it is not built).
+    Path {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Attach a disk image: PATH[,ro][,format=raw|qcow2]. Repeatable; disks
+    /// appear as /dev/vda, /dev/vdb, ... in order, and as
+    /// /dev/disk/by-id/virtio-kiln0, virtio-kiln1, ...
+    #[arg(long = "disk", value_name = "SPEC")]
+    disks: Vec<disk::DiskArg>,
+    /// Guest memory, in MiB (or with a suffix: 512M, 2G).
+    #[arg(long, default_value = "1G", value_parser = parse_mem)]
+    mem: u64,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpus: u32,
+    /// Set an environment variable for the command: K=V. Repeatable.
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Working directory of the command in the guest.
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// Stop the VM after SECS seconds and exit 124, like timeout(1).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
+    /// How long to wait for the guest agent to come up.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    boot_timeout: u64,
+    /// Copy a host file into the guest before the command: HOST:GUEST.
+    #[arg(long = "copy-in", value_name = "HOST:GUEST")]
+    copy_in: Vec<CopyArg>,
+    /// Copy a guest file out after the command: GUEST is read, HOST written.
+    /// Written as HOST:GUEST.
+    #[arg(long = "copy-out", value_name = "HOST:GUEST", value_parser = parse_copy_out)]
+    copy_out: Vec<CopyArg>,
+    /// Share a host directory: HOST:GUEST[:ro] (virtio-fs through virtiofsd).
+    #[arg(long = "share", value_name = "HOST:GUEST[:ro]")]
+    shares: Vec<share::ShareArg>,
+    /// Show the guest's kernel log on stderr.
+    #[arg(long)]
+    console: bool,
+    /// Which hypervisor runs the VM.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Boot this kernel (vmlinux with a PVH entry) instead of the cached one.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Use this squashfs as the guest's userland instead of the cached tools image.
+    #[arg(long, value_name = "IMAGE")]
+    tools: Option<PathBuf>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// `--copy-out` is documented GUEST:HOST as the data flows, but users also
+/// write it like --copy-in; accept HOST:GUEST with the guest path absolute.
+fn parse_copy_out(s: &str) -> Result<CopyArg, String> {
+    // GUEST:HOST when the first part is an absolute guest path and the
+    // second is not; otherwise HOST:GUEST.
+    if let Some((a, b)) = s.split_once(':') {
+        if a.starts_with('/') && !b.starts_with('/') && !b.is_empty() {
+            return Ok(CopyArg {
+                host: PathBuf::from(b),
+                guest: a.to_string(),
+            });
+        }
+    }
+    s.parse()
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(format!("expected K=V, got '{s}'")),
+    }
+}
+
+fn parse_mem(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('G' | 'g') => (&s[..s.len() - 1], 1024),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("expected a size such as 512M or 2G, got '{s}'"))?;
+    let mib = n.saturating_mul(mult);
+    if !(64..=1024 * 1024).contains(&mib) {
+        return Err(format!("memory must be between 64M and 1024G, got {mib}M"));
+    }
+    Ok(mib)
+}
+
+fn artifact(kind: &str, action: ArtifactAction) -> Result<()> {
+    let (path, release, json) = match (kind, action) {
+        ("kernel", ArtifactAction::Build { force, json }) => {
+            let k = kernel::build(force)?;
+            (k.vmlinux(), Some(k.release()), json)
+        }
+        ("kernel", ArtifactAction::Path { json }) => {
+            let k = kernel::locate()?;
+            (k.vmlinux(), Some(k.release()), json)
+        }
+        (_, ArtifactAction::Build { force, json }) => (tools::build(force)?, None, json),
+        (_, ArtifactAction::Path { json }) => (tools::locate(None)?, None, json),
+    };
+    if json {
+        let mut v = serde_json::json!({ "path": path });
+        if let Some(r) = release {
+            v["release"] = serde_json::Value::String(r);
+        }
+        println!("{v}");
+    } else {
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = interrupt::install() {
+        eprintln!("kiln: cannot install signal handlers: {e}");
+        return ExitCode::from(EXIT_KILN_ERROR);
+    }
+    let result = match cli.command {
+        Cmd::Run(a) => run::run(RunOptions {
+            disks: a.disks,
+            mem_mib: a.mem,
+            cpus: a.cpus,
+            env: a.env,
+            workdir: a.workdir,
+            timeout: a.timeout,
+            boot_timeout: a.boot_timeout,
+            copy_in: a.copy_in,
+            copy_out: a.copy_out,
+            shares: a.shares,
+            console: a.console,
+            backend: a.backend,
+            kernel: a.kernel,
+            tools: a.tools,
+            command: a.command,
+        }),
+        Cmd::Kernel { action } => artifact("kernel", action).map(|()| 0),
+        Cmd::Tools { action } => artifact("tools", action).map(|()| 0),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            let code = match e.downcast_ref::<RunError>() {
+                Some(RunError::Timeout(_)) => 124,
+                Some(RunError::Interrupted) => 130,
+                None => EXIT_KILN_ERROR,
+            };
+            eprintln!("kiln: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Helper processes (qemu, virtiofsd, build scripts): started in their own
+//! process group so a terminal's Ctrl-C reaches only kiln, which then stops
+//! them in order; and tied to kiln's life so they die with it even if kiln
+//! is killed outright.
+
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use std::os::unix::process::CommandExt;
+
+/// Makes `cmd` start in its own process group and receive SIGKILL when the
+/// thread that spawned it (kiln's main thread) ends.
+pub fn detach_and_tie(cmd: &mut Command) -> &mut Command {
+    cmd.process_group(0);
+    // SAFETY: the closure runs between fork and exec and calls only prctl and
+    // getppid, both async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() == 1 {
+                return Err(std::io::Error::other("kiln exited while starting a helper"));
+            }
+            Ok(())
+        })
+    };
+    cmd
+}
+
+/// A child that is killed (whole process group) and reaped when dropped.
+pub struct Guarded {
+    pub child: Child,
+    name: &'static str,
+    reaped: bool,
+}
+
+impl Guarded {
+    pub fn new(child: Child, name: &'static str) -> Guarded {
+        Guarded {
+            child,
+            name,
+            reaped: false,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        let r = self.child.try_wait();
+        if let Ok(Some(_)) = r {
+            self.reaped = true;
+        }
+        r
+    }
+
+    /// Waits up to `limit` for the child to exit by itself.
+    pub fn wait_for(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(s)) = self.try_wait() {
+                return Some(s);
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILLs the child's process group and reaps the child.
+    pub fn kill(&mut self) {
+        if self.reaped {
+            return;
+        }
+        let pgid = self.child.id() as libc::pid_t;
+        // SAFETY: plain syscall; the group was created for this child and the
+        // child is not yet reaped, so its id cannot have been reused.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.reaped = true;
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,364 @@
+//! The host's side of the agent protocol over the VM's console-port socket.
+
+use std::fs;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use kiln_agent::frame::DATA_CHUNK;
+use kiln_agent::{
+    ExecRequest, ExitStatus, FrameError, FrameReader, FrameWriter, MountRequest, Reply, Request,
+    SpawnErrorKind, PROTOCOL_VERSION,
+};
+
+/// Polled while waiting for the guest: returns an error to abandon the wait
+/// (Ctrl-C, `--timeout`).
+pub trait Watch {
+    fn check(&mut self) -> Result<()>;
+    /// The connection closed: explain why (the VM stopped, most likely).
+    fn connection_lost(&mut self, why: &str) -> anyhow::Error;
+}
+
+enum Event {
+    Reply(Reply),
+    Closed(String),
+}
+
+type Writer = Arc<Mutex<FrameWriter<UnixStream>>>;
+
+pub struct Session {
+    writer: Writer,
+    events: Receiver<Event>,
+    next_id: u32,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy)]
+pub enum ExecOutcome {
+    Exited(ExitStatus),
+    NotFound,
+    NotExecutable,
+}
+
+impl Session {
+    pub fn new(stream: UnixStream) -> Result<Session> {
+        stream.set_nonblocking(false)?;
+        let mut reader = FrameReader::new(stream.try_clone()?);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || loop {
+            match reader.read::<Reply>() {
+                Ok(r) => {
+                    if tx.send(Event::Reply(r)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.is_recoverable() => {
+                    let _ = tx.send(Event::Closed(format!("agent sent a bad frame: {e}")));
+                    return;
+                }
+                Err(FrameError::Closed) => {
+                    let _ = tx.send(Event::Closed("connection closed".into()));
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Event::Closed(e.to_string()));
+                    return;
+                }
+            }
+        });
+        Ok(Session {
+            writer: Arc::new(Mutex::new(FrameWriter::new(stream))),
+            events: rx,
+            next_id: 1,
+        })
+    }
+
+    fn id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn send(&self, req: &Request) -> Result<()> {
+        send(&self.writer, req)
+    }
+
+    /// The next reply; `None` if `deadline` passes first.
+    fn recv_until(
+        &mut self,
+        watch: &mut dyn Watch,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Reply>> {
+        loop {
+            match self.events.recv_timeout(Duration::from_millis(50)) {
+                Ok(Event::Reply(Reply::Failed { id: None, message })) => {
+                    bail!("the guest agent rejected a request: {message}")
+                }
+                Ok(Event::Reply(r)) => return Ok(Some(r)),
+                Ok(Event::Closed(why)) => return Err(watch.connection_lost(&why)),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(watch.connection_lost("connection closed"))
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    watch.check()?;
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn recv(&mut self, watch: &mut dyn Watch) -> Result<Reply> {
+        self.recv_until(watch, None)?
+            .ok_or_else(|| anyhow!("no reply from the guest agent"))
+    }
+
+    /// Waits for the agent's hello (until `deadline`) and answers it.
+    pub fn handshake(
+        &mut self,
+        watch: &mut dyn Watch,
+        deadline: Instant,
+        boot_secs: u64,
+    ) -> Result<String> {
+        let hello = self.recv_until(watch, Some(deadline))?;
+        let Some(hello) = hello else {
+            bail!(
+                "the guest agent did not connect within {boot_secs} s: the guest may be stuck \
+                 in early boot (see it with --console), or this machine is slow: raise \
+                 --boot-timeout"
+            );
+        };
+        let Reply::Hello {
+            protocol,
+            agent_version,
+            boot_error,
+        } = hello
+        else {
+            bail!("the guest agent did not start with a hello (got {hello:?})");
+        };
+        if protocol != PROTOCOL_VERSION {
+            bail!(
+                "the guest agent speaks protocol {protocol} but this kiln speaks \
+                 {PROTOCOL_VERSION}: rebuild kiln so both sides come from one version"
+            );
+        }
+        self.send(&Request::Hello {
+            protocol: PROTOCOL_VERSION,
+            host_version: env!("CARGO_PKG_VERSION").to_string(),
+        })?;
+        if let Some(e) = boot_error {
+            bail!(
+                "the guest could not set up its root from the tools image: {e}; \
+                 rebuild it with 'kiln tools build --force' or check --tools"
+            );
+        }
+        Ok(agent_version)
+    }
+
+    /// Runs a command, streaming its output to `stdout` and `stderr`, and
+    /// forwarding the host's stdin if `forward_stdin`.
+    pub fn exec(
+        &mut self,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        forward_stdin: bool,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+        watch: &mut dyn Watch,
+    ) -> Result<ExecOutcome> {
+        let id = self.id();
+        self.send(&Request::Exec(ExecRequest {
+            id,
+            argv,
+            env,
+            cwd,
+            stdin: forward_stdin,
+        }))?;
+        loop {
+            match self.recv(watch)? {
+                Reply::Started { id: i, .. } if i == id => break,
+                Reply::SpawnFailed {
+                    id: i,
+                    kind,
+                    message,
+                } if i == id => {
+                    return match kind {
+                        SpawnErrorKind::NotFound => Ok(ExecOutcome::NotFound),
+                        SpawnErrorKind::PermissionDenied => Ok(ExecOutcome::NotExecutable),
+                        SpawnErrorKind::Other => {
+                            bail!("cannot start the command in the guest: {message}")
+                        }
+                    };
+                }
+                _ => {}
+            }
+        }
+        if forward_stdin {
+            let writer = self.writer.clone();
+            std::thread::spawn(move || pump_stdin(id, &writer));
+        }
+        // Once the host's stdout or stderr is gone (a closed pipe), the rest of
+        // that stream is dropped while the command runs on.
+        let (mut out_ok, mut err_ok) = (true, true);
+        loop {
+            match self.recv(watch)? {
+                Reply::Stdout { id: i, data } if i == id && out_ok => {
+                    out_ok = stdout
+                        .write_all(&data)
+                        .and_then(|()| stdout.flush())
+                        .is_ok();
+                }
+                Reply::Stderr { id: i, data } if i == id && err_ok => {
+                    err_ok = stderr
+                        .write_all(&data)
+                        .and_then(|()| stderr.flush())
+                        .is_ok();
+                }
+                Reply::Exited { id: i, status } if i == id => {
+                    return Ok(ExecOutcome::Exited(status))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub fn mount(&mut self, mut m: MountRequest, watch: &mut dyn Watch) -> Result<()> {
+        let id = self.id();
+        m.id = id;
+        let target = m.target.clone();
+        self.send(&Request::Mount(m))?;
+        self.wait_done(id, watch)
+            .with_context(|| format!("mounting {target} in the guest"))
+    }
+
+    fn wait_done(&mut self, id: u32, watch: &mut dyn Watch) -> Result<()> {
+        loop {
+            match self.recv(watch)? {
+                Reply::Done { id: i } if i == id => return Ok(()),
+                Reply::Failed {
+                    id: Some(i),
+                    message,
+                } if i == id => return Err(anyhow!(message)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Copies a host file into the guest, keeping its mode.
+    pub fn put_file(&mut self, host: &Path, guest: &str, watch: &mut dyn Watch) -> Result<()> {
+        let mut f =
+            fs::File::open(host).with_context(|| format!("--copy-in {}", host.display()))?;
+        let meta = f.metadata()?;
+        if !meta.is_file() {
+            bail!("--copy-in {}: not a regular file", host.display());
+        }
+        let id = self.id();
+        self.send(&Request::PutFile {
+            id,
+            path: guest.to_string(),
+            mode: meta.permissions().mode() & 0o7777,
+        })?;
+        let mut buf = vec![0u8; DATA_CHUNK];
+        loop {
+            watch.check()?;
+            let n = match f.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).with_context(|| format!("reading {}", host.display())),
+            };
+            self.send(&Request::FileData {
+                id,
+                data: buf[..n].to_vec(),
+            })?;
+            if n == 0 {
+                break;
+            }
+        }
+        self.wait_done(id, watch)
+            .with_context(|| format!("copying {} into the guest as {guest}", host.display()))
+    }
+
+    /// Copies a guest file to `host`, keeping its mode. The file appears
+    /// under its final name only once complete.
+    pub fn get_file(&mut self, guest: &str, host: &Path, watch: &mut dyn Watch) -> Result<()> {
+        let id = self.id();
+        self.send(&Request::GetFile {
+            id,
+            path: guest.to_string(),
+        })?;
+        let dir = match host.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".kiln-copy-out-")
+            .tempfile_in(dir)
+            .with_context(|| format!("creating a file in {}", dir.display()))?;
+        let mut mode = 0o644;
+        loop {
+            match self.recv(watch)? {
+                Reply::FileHeader { id: i, mode: m, .. } if i == id => mode = m,
+                Reply::FileData { id: i, data } if i == id => {
+                    if data.is_empty() {
+                        break;
+                    }
+                    tmp.write_all(&data)
+                        .with_context(|| format!("writing {}", host.display()))?;
+                }
+                Reply::Failed {
+                    id: Some(i),
+                    message,
+                } if i == id => {
+                    bail!("copying {guest} out of the guest: {message}")
+                }
+                _ => {}
+            }
+        }
+        tmp.as_file().sync_all()?;
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode))?;
+        tmp.persist(host)
+            .with_context(|| format!("writing {}", host.display()))?;
+        Ok(())
+    }
+
+    /// Asks the agent to sync and power off; returns once it has synced.
+    pub fn poweroff(&mut self, watch: &mut dyn Watch) -> Result<()> {
+        self.send(&Request::Poweroff)?;
+        loop {
+            if let Reply::PoweringOff = self.recv(watch)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn send(writer: &Writer, req: &Request) -> Result<()> {
+    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    w.write(req).context("sending a request to the guest agent")
+}
+
+fn pump_stdin(id: u32, writer: &Writer) {
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => 0,
+        };
+        let req = Request::Stdin {
+            id,
+            data: buf[..n].to_vec(),
+        };
+        if send(writer, &req).is_err() || n == 0 {
+            return;
+        }
+    }
+}

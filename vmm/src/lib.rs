@@ -1,0 +1,7 @@
+//! kiln-vmm: kiln's KVM microVM.
+//!
+//! This crate knows nothing of recipes or of the agent protocol. So far it
+//! holds what the backend seam needs to decide whether KVM can run kiln's
+//! guest on this host ([`host::probe`]); the VMM itself lands on top of it.
+
+pub mod host;
