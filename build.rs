@@ -52,8 +52,8 @@ fn main() {
     match status {
         Ok(s) if s.success() => {}
         Ok(s) => panic!(
-            "building the guest agent for {AGENT_TARGET} failed ({s}); \
-             is the target installed? run: rustup target add {AGENT_TARGET}"
+            "building the guest agent for {AGENT_TARGET} failed ({s}); see the compiler \
+             output above (if the target is missing: rustup target add {AGENT_TARGET})"
         ),
         Err(e) => panic!("running {cargo} to build the guest agent: {e}"),
     }

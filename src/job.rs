@@ -23,7 +23,7 @@ pub fn run_logged(mut cmd: Command, what: &str, log: &Path) -> Result<()> {
         .stderr(out);
     detach_and_tie(&mut cmd);
     let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-    let mut child = Guarded::new(child, "build");
+    let mut child = Guarded::new(child);
 
     let bar = ProgressBar::new_spinner();
     bar.set_style(

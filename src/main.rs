@@ -41,7 +41,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a command as root in a fresh VM and exit with its status.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// The guest kernel.
     Kernel {
         #[command(subcommand)]
@@ -100,9 +100,9 @@ struct RunArgs {
     /// Copy a host file into the guest before the command: HOST:GUEST.
     #[arg(long = "copy-in", value_name = "HOST:GUEST")]
     copy_in: Vec<CopyArg>,
-    /// Copy a guest file out after the command: GUEST is read, HOST written.
-    /// Written as HOST:GUEST.
-    #[arg(long = "copy-out", value_name = "HOST:GUEST", value_parser = parse_copy_out)]
+    /// Copy a guest file to the host after the command: GUEST:HOST. The host
+    /// file appears only once complete.
+    #[arg(long = "copy-out", value_name = "GUEST:HOST", value_parser = parse_copy_out)]
     copy_out: Vec<CopyArg>,
     /// Share a host directory: HOST:GUEST[:ro] (virtio-fs through virtiofsd).
     #[arg(long = "share", value_name = "HOST:GUEST[:ro]")]
@@ -124,20 +124,18 @@ struct RunArgs {
     command: Vec<String>,
 }
 
-/// `--copy-out` is documented GUEST:HOST as the data flows, but users also
-/// write it like --copy-in; accept HOST:GUEST with the guest path absolute.
+/// `--copy-out GUEST:HOST`: the guest path is absolute and comes first, as
+/// the data flows.
 fn parse_copy_out(s: &str) -> Result<CopyArg, String> {
-    // GUEST:HOST when the first part is an absolute guest path and the
-    // second is not; otherwise HOST:GUEST.
-    if let Some((a, b)) = s.split_once(':') {
-        if a.starts_with('/') && !b.starts_with('/') && !b.is_empty() {
-            return Ok(CopyArg {
-                host: PathBuf::from(b),
-                guest: a.to_string(),
-            });
-        }
+    let usage = "expected GUEST:HOST with an absolute GUEST path";
+    let (guest, host) = s.split_once(':').ok_or(usage)?;
+    if !guest.starts_with('/') || host.is_empty() {
+        return Err(usage.into());
     }
-    s.parse()
+    Ok(CopyArg {
+        host: PathBuf::from(host),
+        guest: guest.to_string(),
+    })
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {

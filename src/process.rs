@@ -4,7 +4,6 @@
 //! is killed outright.
 
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
 
 use std::os::unix::process::CommandExt;
 
@@ -39,21 +38,15 @@ pub fn detach_and_tie(cmd: &mut Command) -> &mut Command {
 /// A child that is killed (whole process group) and reaped when dropped.
 pub struct Guarded {
     pub child: Child,
-    name: &'static str,
     reaped: bool,
 }
 
 impl Guarded {
-    pub fn new(child: Child, name: &'static str) -> Guarded {
+    pub fn new(child: Child) -> Guarded {
         Guarded {
             child,
-            name,
             reaped: false,
         }
-    }
-
-    pub fn name(&self) -> &'static str {
-        self.name
     }
 
     pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
@@ -62,20 +55,6 @@ impl Guarded {
             self.reaped = true;
         }
         r
-    }
-
-    /// Waits up to `limit` for the child to exit by itself.
-    pub fn wait_for(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(s)) = self.try_wait() {
-                return Some(s);
-            }
-            if start.elapsed() >= limit {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
     }
 
     /// SIGKILLs the child's process group and reaps the child.

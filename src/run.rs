@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use kiln_agent::{MountRequest, TOOLS_DISK_SERIAL, USER_DISK_SERIAL_PREFIX};
+use kiln_agent::{ExecRequest, MountRequest, TOOLS_DISK_SERIAL, USER_DISK_SERIAL_PREFIX};
 
 use crate::backend::{self, BackendChoice, DiskSpec, ShareSpec, Vm, VmSpec};
 use crate::disk::{Disk, DiskArg, DiskFormat};
@@ -164,6 +164,9 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     if let Some(n) = note {
         eprintln!("{n}");
     }
+    if opts.console {
+        eprintln!("kiln: backend {}", backend.name());
+    }
 
     let runtime = tempfile::Builder::new()
         .prefix("kiln-run-")
@@ -248,12 +251,15 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         session.put_file(&c.host, &c.guest, &mut watch)?;
     }
 
-    let forward_stdin = !std::io::stdin().is_terminal();
     let outcome = session.exec(
-        opts.command.clone(),
-        opts.env.clone(),
-        opts.workdir.clone(),
-        forward_stdin,
+        ExecRequest {
+            id: 0,
+            argv: opts.command.clone(),
+            env: opts.env.clone(),
+            cwd: opts.workdir.clone(),
+            // A terminal is not forwarded: the command would steal keystrokes.
+            stdin: !std::io::stdin().is_terminal(),
+        },
         &mut std::io::stdout(),
         &mut std::io::stderr(),
         &mut watch,

@@ -151,6 +151,10 @@ impl Session {
         self.send(&Request::Hello {
             protocol: PROTOCOL_VERSION,
             host_version: env!("CARGO_PKG_VERSION").to_string(),
+            unix_time_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
         })?;
         if let Some(e) = boot_error {
             bail!(
@@ -162,25 +166,19 @@ impl Session {
     }
 
     /// Runs a command, streaming its output to `stdout` and `stderr`, and
-    /// forwarding the host's stdin if `forward_stdin`.
+    /// forwarding the host's stdin if `req.stdin`
+    /// (`req.id` is assigned here.)
     pub fn exec(
         &mut self,
-        argv: Vec<String>,
-        env: Vec<(String, String)>,
-        cwd: Option<String>,
-        forward_stdin: bool,
+        mut req: ExecRequest,
         stdout: &mut dyn Write,
         stderr: &mut dyn Write,
         watch: &mut dyn Watch,
     ) -> Result<ExecOutcome> {
         let id = self.id();
-        self.send(&Request::Exec(ExecRequest {
-            id,
-            argv,
-            env,
-            cwd,
-            stdin: forward_stdin,
-        }))?;
+        req.id = id;
+        let forward_stdin = req.stdin;
+        self.send(&Request::Exec(req))?;
         loop {
             match self.recv(watch)? {
                 Reply::Started { id: i, .. } if i == id => break,

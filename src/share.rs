@@ -42,13 +42,8 @@ impl std::str::FromStr for ShareArg {
 pub struct Virtiofsd {
     pub socket: PathBuf,
     pub tag: String,
-    process: Guarded,
-}
-
-impl Virtiofsd {
-    pub fn process(&mut self) -> &mut Guarded {
-        &mut self.process
-    }
+    /// Stopped when the share is dropped.
+    _process: Guarded,
 }
 
 pub fn find_virtiofsd() -> Result<PathBuf> {
@@ -99,7 +94,7 @@ pub fn start(arg: &ShareArg, index: usize, runtime: &Path) -> Result<Virtiofsd> 
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
-    let mut process = Guarded::new(child, "virtiofsd");
+    let mut process = Guarded::new(child);
     let start = Instant::now();
     while !socket.exists() {
         if let Ok(Some(status)) = process.try_wait() {
@@ -124,7 +119,7 @@ pub fn start(arg: &ShareArg, index: usize, runtime: &Path) -> Result<Virtiofsd> 
     Ok(Virtiofsd {
         socket,
         tag,
-        process,
+        _process: process,
     })
 }
 

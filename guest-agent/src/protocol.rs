@@ -27,8 +27,13 @@ pub const USER_DISK_SERIAL_PREFIX: &str = "kiln";
 /// Host-to-guest messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// The host's half of the handshake.
-    Hello { protocol: u32, host_version: String },
+    /// The host's half of the handshake. The guest has no clock of its own
+    /// worth trusting, so the host's time comes along.
+    Hello {
+        protocol: u32,
+        host_version: String,
+        unix_time_ms: u64,
+    },
     /// Run a command. Output comes back as `Stdout`/`Stderr`, then `Exited`.
     Exec(ExecRequest),
     /// Bytes for a running command's stdin; an empty chunk closes it.
@@ -159,6 +164,7 @@ mod tests {
             Request::Hello {
                 protocol: PROTOCOL_VERSION,
                 host_version: "0.1.0".into(),
+                unix_time_ms: 1_700_000_000_000,
             },
             Request::Exec(ExecRequest {
                 id: 7,

@@ -53,8 +53,6 @@ pub struct ShareSpec {
 pub trait Vm {
     /// Whether the VM has ended, and how.
     fn try_wait(&mut self) -> Result<Option<ExitStatus>>;
-    /// Ends the VM at once.
-    fn kill(&mut self);
     /// The guest's serial console.
     fn console(&self) -> &Console;
     /// What the hypervisor itself reported on its error stream, if anything.

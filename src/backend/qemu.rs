@@ -135,7 +135,7 @@ impl Backend for Qemu {
             diagnostics.capture(err, false);
         }
         Ok(Box::new(QemuVm {
-            process: Guarded::new(child, "qemu"),
+            process: Guarded::new(child),
             console,
             diagnostics,
         }))
@@ -151,10 +151,6 @@ struct QemuVm {
 impl Vm for QemuVm {
     fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
         Ok(self.process.try_wait()?)
-    }
-
-    fn kill(&mut self) {
-        self.process.kill();
     }
 
     fn console(&self) -> &Console {

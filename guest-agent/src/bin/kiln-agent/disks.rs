@@ -4,6 +4,45 @@
 use std::fs;
 use std::os::unix::fs::symlink;
 
+/// Keeps the links current while commands run: every block uevent (a
+/// partition table re-read, say) triggers a refresh, as udev would.
+pub fn watch_uevents() {
+    use nix::sys::socket::{
+        bind, recv, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    };
+    use std::os::fd::AsRawFd;
+
+    let Ok(sock) = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkKObjectUEvent,
+    ) else {
+        return;
+    };
+    // Multicast group 1: the kernel's own uevents.
+    if bind(sock.as_raw_fd(), &NetlinkAddr::new(0, 1)).is_err() {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("uevents".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 8192];
+            loop {
+                match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                    Ok(n) => {
+                        let msg = &buf[..n];
+                        if msg.split(|b| *b == 0).any(|kv| kv == b"SUBSYSTEM=block") {
+                            link_by_id();
+                        }
+                    }
+                    Err(nix::errno::Errno::EINTR) | Err(nix::errno::Errno::ENOBUFS) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+}
+
 /// The block device (e.g. `vdb`) whose virtio serial is `serial`.
 pub fn by_serial(serial: &str) -> Option<String> {
     let entries = fs::read_dir("/sys/block").ok()?;

@@ -32,6 +32,9 @@ fn main() -> ExitCode {
         reaper::start();
     }
     disks::link_by_id();
+    if boot_error.is_none() {
+        disks::watch_uevents();
+    }
 
     let result = port::open()
         .map_err(|e| e.to_string())

@@ -51,7 +51,14 @@ pub fn serve(port: File, boot_error: Option<String>) -> Result<(), FrameError> {
             Err(e) => return Err(e),
         };
         match req {
-            Request::Hello { protocol, .. } => {
+            Request::Hello {
+                protocol,
+                unix_time_ms,
+                ..
+            } => {
+                if std::process::id() == 1 {
+                    set_clock(unix_time_ms);
+                }
                 if protocol != PROTOCOL_VERSION {
                     out.send(&Reply::Failed {
                         id: None,
@@ -126,4 +133,11 @@ fn do_mount(m: &MountRequest) -> Result<(), String> {
         data,
     )
     .map_err(|e| format!("mounting {} ({}) on {}: {e}", m.source, m.fstype, m.target))
+}
+
+fn set_clock(unix_time_ms: u64) {
+    let ts = nix::sys::time::TimeSpec::from(std::time::Duration::from_millis(unix_time_ms));
+    if let Err(e) = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
+        eprintln!("kiln-agent: setting the clock: {e}");
+    }
 }
