@@ -116,6 +116,9 @@ struct RunArgs {
     /// Boot this kernel (vmlinux with a PVH entry) instead of the cached one.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+    /// Extra kernel command-line arguments (e.g. "printk.time=1" with --console).
+    #[arg(long, value_name = "ARGS")]
+    kernel_args: Option<String>,
     /// Use this squashfs as the guest's userland instead of the cached tools image.
     #[arg(long, value_name = "IMAGE")]
     tools: Option<PathBuf>,
@@ -210,6 +213,7 @@ fn main() -> ExitCode {
             console: a.console,
             backend: a.backend,
             kernel: a.kernel,
+            kernel_args: a.kernel_args,
             tools: a.tools,
             command: a.command,
         }),

@@ -60,6 +60,7 @@ pub struct RunOptions {
     pub console: bool,
     pub backend: BackendChoice,
     pub kernel: Option<PathBuf>,
+    pub kernel_args: Option<String>,
     pub tools: Option<PathBuf>,
     pub command: Vec<String>,
 }
@@ -203,6 +204,10 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     );
     if !opts.console {
         cmdline.push_str(" quiet");
+    }
+    if let Some(extra) = &opts.kernel_args {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
     }
     let spec = VmSpec {
         kernel,

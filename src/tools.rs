@@ -49,12 +49,32 @@ const MMDEBSTRAP_OPTIONS: &[&str] = &[
     "--dpkgopt=path-exclude=/usr/share/info/*",
 ];
 
+/// How the tar from mmdebstrap becomes the squashfs. zstd with 128 KiB
+/// blocks, because every file the guest opens is decompressed under
+/// emulation: mmdebstrap's own squashfs output (xz, 1 MiB blocks) made
+/// `kiln run -- true` about 0.25 s slower under TCG.
+const TAR2SQFS_OPTIONS: &[&str] = &[
+    "--quiet",
+    "--force",
+    "--compressor",
+    "zstd",
+    "--block-size",
+    "131072",
+];
+
 const IMAGE_NAME: &str = "tools.squashfs";
 
 fn key() -> String {
     let pkgs = PACKAGES.join(",");
     let opts = MMDEBSTRAP_OPTIONS.join(" ");
-    cache::hash(&[SUITE.as_bytes(), pkgs.as_bytes(), opts.as_bytes()])[..16].to_string()
+    let sqfs = TAR2SQFS_OPTIONS.join(" ");
+    cache::hash(&[
+        SUITE.as_bytes(),
+        pkgs.as_bytes(),
+        opts.as_bytes(),
+        sqfs.as_bytes(),
+    ])[..16]
+        .to_string()
 }
 
 fn entry() -> Result<PathBuf> {
@@ -107,18 +127,30 @@ pub fn build(force: bool) -> Result<PathBuf> {
     }
     let staging = cache::Staging::new(&dest)?;
     let scratch = tempfile::Builder::new().prefix("kiln-tools-").tempdir()?;
-    let mut cmd = Command::new("mmdebstrap");
-    cmd.arg(if root {
-        "--mode=root"
-    } else {
-        "--mode=unshare"
-    })
-    .args(MMDEBSTRAP_OPTIONS)
-    .arg(format!("--include={}", PACKAGES.join(",")))
-    .arg("--format=squashfs")
-    .arg(SUITE)
-    .arg(staging.path().join(IMAGE_NAME))
-    .env("TMPDIR", scratch.path());
+    // mmdebstrap writes a tar (ownership kept, no root needed in unshare
+    // mode) that tar2sqfs turns into the image.
+    let mut script = String::from("set -euo pipefail\nmmdebstrap \"$@\" | tar2sqfs");
+    for o in TAR2SQFS_OPTIONS {
+        script.push(' ');
+        script.push_str(o);
+    }
+    script.push_str(" \"$KILN_TOOLS_OUT\"\n");
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(script)
+        .arg("kiln-tools-build")
+        .arg(if root {
+            "--mode=root"
+        } else {
+            "--mode=unshare"
+        })
+        .args(MMDEBSTRAP_OPTIONS)
+        .arg(format!("--include={}", PACKAGES.join(",")))
+        .arg("--format=tar")
+        .arg(SUITE)
+        .arg("-")
+        .env("KILN_TOOLS_OUT", staging.path().join(IMAGE_NAME))
+        .env("TMPDIR", scratch.path());
     if let Some(mirror) = std::env::var_os("KILN_DEBIAN_MIRROR").filter(|m| !m.is_empty()) {
         cmd.arg(mirror);
     }
