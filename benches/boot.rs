@@ -39,11 +39,16 @@ fn bare_initramfs(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(root.join(d)).unwrap_or_else(|e| fail(&e.to_string()));
     }
     std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap_or_else(|e| {
-        fail(&format!("{BUSYBOX}: {e} (install it: sudo apt-get install busybox-static)"))
+        fail(&format!(
+            "{BUSYBOX}: {e} (install it: sudo apt-get install busybox-static)"
+        ))
     });
     let init = root.join("init");
-    std::fs::write(&init, "#!/bin/busybox sh\n/bin/busybox true\n/bin/busybox reboot -f\n")
-        .unwrap_or_else(|e| fail(&e.to_string()));
+    std::fs::write(
+        &init,
+        "#!/bin/busybox sh\n/bin/busybox true\n/bin/busybox reboot -f\n",
+    )
+    .unwrap_or_else(|e| fail(&e.to_string()));
     let status = Command::new("sh")
         .arg("-c")
         .arg("chmod 755 init && find . | cpio -o -H newc --quiet > ../bare.cpio")
@@ -95,7 +100,10 @@ fn main() {
     let bare_cmd = || {
         let mut c = Command::new("qemu-system-x86_64");
         c.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-            .args(["-M", "microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on"])
+            .args([
+                "-M",
+                "microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on",
+            ])
             .args(if tcg {
                 ["-accel", "tcg", "-cpu", "max"]
             } else {

@@ -666,7 +666,22 @@ fn agent_not_connecting_in_time_is_reported() {
 }
 
 #[test]
-fn several_commands_in_one_vm_see_the_same_root() {
+fn orphans_are_reaped() {
+    // A daemonized child is orphaned to PID 1 (the agent), which must reap it.
+    let k = Kiln::new();
+    let out = k.run(&[
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "sh -c 'sleep 0.2 &'; sleep 1.5; grep -l '^State:.*Z' /proc/[0-9]*/status | wc -l",
+    ]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "0", "zombies left in the guest");
+}
+
+#[test]
+fn root_is_writable_and_the_clock_is_set() {
     // The overlay is writable, and what one process writes the next sees.
     let k = Kiln::new();
     let out = k.run(&[

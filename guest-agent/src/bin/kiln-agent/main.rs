@@ -16,6 +16,17 @@ mod serve;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // `--stdio` serves the protocol on stdin/stdout instead of the console
+    // port, outside a VM: how the agent's own tests drive it.
+    if std::env::args().nth(1).as_deref() == Some("--stdio") {
+        return match serve::serve(std::io::stdin().lock(), Box::new(std::io::stdout()), None) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kiln-agent: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let pid1 = std::process::id() == 1;
     let boot_error = if pid1 {
         init::early_mounts()
@@ -36,9 +47,10 @@ fn main() -> ExitCode {
         disks::watch_uevents();
     }
 
-    let result = port::open()
-        .map_err(|e| e.to_string())
-        .and_then(|port| serve::serve(port, boot_error).map_err(|e| e.to_string()));
+    let result = port::open().map_err(|e| e.to_string()).and_then(|port| {
+        let input = port.try_clone().map_err(|e| e.to_string())?;
+        serve::serve(input, Box::new(port), boot_error).map_err(|e| e.to_string())
+    });
     if let Err(e) = &result {
         eprintln!("kiln-agent: {e}");
     }

@@ -1,7 +1,8 @@
 //! The request loop.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs;
+use std::io::{Read, Write};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
@@ -13,9 +14,9 @@ use nix::mount::{mount, MsFlags};
 
 use crate::{disks, exec, files};
 
-/// The write half of the port, shared by every thread that replies.
+/// The write half of the channel, shared by every thread that replies.
 #[derive(Clone)]
-pub struct Outbox(Arc<Mutex<FrameWriter<File>>>);
+pub struct Outbox(Arc<Mutex<FrameWriter<Box<dyn Write + Send>>>>);
 
 impl Outbox {
     /// Sends one reply; false if the host is gone.
@@ -25,9 +26,15 @@ impl Outbox {
     }
 }
 
-pub fn serve(port: File, boot_error: Option<String>) -> Result<(), FrameError> {
-    let mut reader = FrameReader::new(port.try_clone()?);
-    let out = Outbox(Arc::new(Mutex::new(FrameWriter::new(port))));
+/// Serves requests read from `input`, replying on `output`, until the host
+/// asks for power-off or goes away.
+pub fn serve(
+    input: impl Read,
+    output: Box<dyn Write + Send>,
+    boot_error: Option<String>,
+) -> Result<(), FrameError> {
+    let mut reader = FrameReader::new(input);
+    let out = Outbox(Arc::new(Mutex::new(FrameWriter::new(output))));
     out.send(&Reply::Hello {
         protocol: PROTOCOL_VERSION,
         agent_version: AGENT_VERSION.to_string(),

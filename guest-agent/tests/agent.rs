@@ -1,0 +1,278 @@
+//! The agent binary served over stdin/stdout (`--stdio`), driven frame by
+//! frame: the protocol's behaviour outside a VM, including bad input.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::Duration;
+
+use kiln_agent::frame::encode;
+use kiln_agent::{
+    ExecRequest, ExitStatus, FrameReader, Reply, Request, SpawnErrorKind, MAX_FRAME,
+    PROTOCOL_VERSION,
+};
+
+struct Agent {
+    child: Child,
+    stdin: ChildStdin,
+    replies: Receiver<Reply>,
+}
+
+impl Agent {
+    fn start() -> Agent {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
+            .arg("--stdio")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn agent");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut reader = FrameReader::new(child.stdout.take().expect("stdout"));
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            while let Ok(r) = reader.read::<Reply>() {
+                if tx.send(r).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut a = Agent {
+            child,
+            stdin,
+            replies: rx,
+        };
+        match a.recv() {
+            Reply::Hello {
+                protocol,
+                boot_error,
+                ..
+            } => {
+                assert_eq!(protocol, PROTOCOL_VERSION);
+                assert_eq!(boot_error, None);
+            }
+            other => panic!("expected hello, got {other:?}"),
+        }
+        a.send(&Request::Hello {
+            protocol: PROTOCOL_VERSION,
+            host_version: "test".into(),
+            unix_time_ms: 0,
+        });
+        a
+    }
+
+    fn send(&mut self, req: &Request) {
+        self.raw(&encode(req).expect("encode"));
+    }
+
+    fn raw(&mut self, bytes: &[u8]) {
+        self.stdin.write_all(bytes).expect("write");
+        self.stdin.flush().expect("flush");
+    }
+
+    fn recv(&self) -> Reply {
+        self.replies
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the agent did not answer (hang?)")
+    }
+
+    /// Runs a command; returns (stdout, stderr, status).
+    fn exec(
+        &mut self,
+        id: u32,
+        argv: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> (Vec<u8>, Vec<u8>, ExitStatus) {
+        self.send(&Request::Exec(ExecRequest {
+            id,
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec![("KILN_TEST".into(), "yes".into())],
+            cwd: None,
+            stdin: stdin.is_some(),
+        }));
+        match self.recv() {
+            Reply::Started { id: i, .. } => assert_eq!(i, id),
+            other => panic!("expected Started, got {other:?}"),
+        }
+        if let Some(data) = stdin {
+            self.send(&Request::Stdin {
+                id,
+                data: data.to_vec(),
+            });
+            self.send(&Request::Stdin { id, data: vec![] });
+        }
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            match self.recv() {
+                Reply::Stdout { id: i, data } if i == id => out.extend(data),
+                Reply::Stderr { id: i, data } if i == id => err.extend(data),
+                Reply::Exited { id: i, status } if i == id => return (out, err, status),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    fn poweroff(mut self) {
+        self.send(&Request::Poweroff);
+        assert_eq!(self.recv(), Reply::PoweringOff);
+        let status = self.child.wait().expect("wait");
+        assert!(status.success());
+    }
+}
+
+#[test]
+fn several_commands_run_one_after_another() {
+    let mut a = Agent::start();
+    let (out, err, status) = a.exec(
+        1,
+        &["sh", "-c", "echo out; echo err >&2; echo $KILN_TEST"],
+        None,
+    );
+    assert_eq!(out, b"out\nyes\n");
+    assert_eq!(err, b"err\n");
+    assert_eq!(status, ExitStatus::Code(0));
+    let (_, _, status) = a.exec(2, &["sh", "-c", "exit 7"], None);
+    assert_eq!(status, ExitStatus::Code(7));
+    let (_, _, status) = a.exec(3, &["sh", "-c", "kill -TERM $$"], None);
+    assert_eq!(status, ExitStatus::Signal(15));
+    let (out, _, _) = a.exec(4, &["tr", "a-z", "A-Z"], Some(b"stdin works"));
+    assert_eq!(out, b"STDIN WORKS");
+    a.poweroff();
+}
+
+#[test]
+fn missing_program_is_reported_not_run() {
+    let mut a = Agent::start();
+    a.send(&Request::Exec(ExecRequest {
+        id: 9,
+        argv: vec!["/no/such/program".into()],
+        env: vec![],
+        cwd: None,
+        stdin: false,
+    }));
+    match a.recv() {
+        Reply::SpawnFailed { id, kind, .. } => {
+            assert_eq!(id, 9);
+            assert_eq!(kind, SpawnErrorKind::NotFound);
+        }
+        other => panic!("expected SpawnFailed, got {other:?}"),
+    }
+    a.send(&Request::Exec(ExecRequest {
+        id: 10,
+        argv: vec![],
+        env: vec![],
+        cwd: None,
+        stdin: false,
+    }));
+    assert!(matches!(a.recv(), Reply::SpawnFailed { id: 10, .. }));
+    a.poweroff();
+}
+
+#[test]
+fn bad_frames_get_errors_and_the_agent_keeps_serving() {
+    let mut a = Agent::start();
+    // Garbage payload.
+    a.raw(&[3, 0, 0, 0, 0xFF, 0xFF, 0xFF]);
+    assert!(matches!(a.recv(), Reply::Failed { id: None, .. }));
+    // An oversized frame, skipped whole.
+    let big = MAX_FRAME + 10;
+    let mut frame = (big as u32).to_le_bytes().to_vec();
+    frame.resize(4 + big, 0xAA);
+    a.raw(&frame);
+    match a.recv() {
+        Reply::Failed { id: None, message } => assert!(message.contains("exceeds"), "{message}"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    // Data for an upload that was never started.
+    a.send(&Request::FileData {
+        id: 77,
+        data: vec![1],
+    });
+    assert!(matches!(a.recv(), Reply::Failed { id: Some(77), .. }));
+    // Still serving.
+    let (out, _, status) = a.exec(1, &["echo", "alive"], None);
+    assert_eq!(
+        (out.as_slice(), status),
+        (&b"alive\n"[..], ExitStatus::Code(0))
+    );
+    a.poweroff();
+}
+
+#[test]
+fn truncated_stream_ends_the_agent_cleanly() {
+    let mut a = Agent::start();
+    a.raw(&[100, 0, 0, 0, 1, 2]);
+    drop(a.stdin);
+    let status = a.child.wait().expect("wait");
+    // A cut-off frame is an error exit, never a hang or a panic (101).
+    assert_ne!(status.code(), Some(101));
+    assert!(!status.success());
+}
+
+#[test]
+fn files_round_trip_with_their_mode() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sub/dir/file.bin");
+    let path_s = path.to_str().expect("utf8").to_string();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut a = Agent::start();
+    a.send(&Request::PutFile {
+        id: 1,
+        path: path_s.clone(),
+        mode: 0o750,
+    });
+    for chunk in data.chunks(100_000) {
+        a.send(&Request::FileData {
+            id: 1,
+            data: chunk.to_vec(),
+        });
+    }
+    a.send(&Request::FileData {
+        id: 1,
+        data: vec![],
+    });
+    assert_eq!(a.recv(), Reply::Done { id: 1 });
+    let meta = std::fs::metadata(&path).expect("stat");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o750);
+    assert_eq!(std::fs::read(&path).expect("read"), data);
+
+    a.send(&Request::GetFile {
+        id: 2,
+        path: path_s,
+    });
+    let mut back = Vec::new();
+    match a.recv() {
+        Reply::FileHeader { id: 2, mode, size } => {
+            assert_eq!(mode, 0o750);
+            assert_eq!(size, data.len() as u64);
+        }
+        other => panic!("expected FileHeader, got {other:?}"),
+    }
+    loop {
+        match a.recv() {
+            Reply::FileData { id: 2, data } if data.is_empty() => break,
+            Reply::FileData { id: 2, data } => back.extend(data),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(back, data);
+
+    a.send(&Request::GetFile {
+        id: 3,
+        path: "/no/such/file".into(),
+    });
+    assert!(matches!(a.recv(), Reply::Failed { id: Some(3), .. }));
+    a.send(&Request::GetFile {
+        id: 4,
+        path: dir.path().to_str().expect("utf8").into(),
+    });
+    match a.recv() {
+        Reply::Failed {
+            id: Some(4),
+            message,
+        } => assert!(message.contains("not a regular file")),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    a.poweroff();
+}
