@@ -34,36 +34,63 @@ pub fn hash(parts: &[&[u8]]) -> String {
 }
 
 /// A directory being filled before it is published under its final name.
+/// Builds of the same entry are serialized by a lock file beside it; each
+/// build stages in a directory of its own, removed if the build fails.
 pub struct Staging {
-    tmp: PathBuf,
+    tmp: tempfile::TempDir,
     dest: PathBuf,
+    _lock: fs::File,
+}
+
+/// What [`Staging::begin`] found once it held the entry's lock.
+pub enum Begin {
+    /// Another build published the entry while we waited.
+    Done(PathBuf),
+    Build(Staging),
 }
 
 impl Staging {
-    /// Starts staging `dest` (e.g. `<cache>/kernel/<key>`), replacing any
-    /// leftover of an earlier interrupted attempt.
-    pub fn new(dest: &Path) -> Result<Staging> {
+    /// Starts staging `dest` (e.g. `<cache>/kernel/<key>`). Waits for any
+    /// other build of the same entry; `complete` says whether an existing
+    /// entry is usable (then nothing is rebuilt unless `force`).
+    pub fn begin(dest: &Path, force: bool, complete: impl Fn(&Path) -> bool) -> Result<Begin> {
         let parent = dest.parent().context("cache entry has no parent")?;
         fs::create_dir_all(parent)
             .with_context(|| format!("creating cache directory {}", parent.display()))?;
         let name = dest
             .file_name()
             .context("cache entry has no name")?
-            .to_string_lossy();
-        let tmp = parent.join(format!(".{name}.partial"));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)
-                .with_context(|| format!("removing stale {}", tmp.display()))?;
+            .to_string_lossy()
+            .into_owned();
+        let lock_path = parent.join(format!(".{name}.lock"));
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        // SAFETY: flock on a descriptor we own; blocks until the other
+        // build of this entry ends.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", lock_path.display()));
         }
-        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        Ok(Staging {
+        if !force && complete(dest) {
+            return Ok(Begin::Done(dest.to_path_buf()));
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}.partial-"))
+            .tempdir_in(parent)
+            .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
+        Ok(Begin::Build(Staging {
             tmp,
             dest: dest.to_path_buf(),
-        })
+            _lock: lock,
+        }))
     }
 
     pub fn path(&self) -> &Path {
-        &self.tmp
+        self.tmp.path()
     }
 
     /// Publishes the entry atomically.
@@ -72,17 +99,12 @@ impl Staging {
             fs::remove_dir_all(&self.dest)
                 .with_context(|| format!("replacing {}", self.dest.display()))?;
         }
-        fs::rename(&self.tmp, &self.dest)
-            .with_context(|| format!("publishing {}", self.dest.display()))?;
-        let dest = self.dest.clone();
-        std::mem::forget(self);
-        Ok(dest)
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.tmp);
+        let tmp = self.tmp.keep();
+        if let Err(e) = fs::rename(&tmp, &self.dest) {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e).with_context(|| format!("publishing {}", self.dest.display()));
+        }
+        Ok(self.dest)
     }
 }
 
@@ -96,20 +118,31 @@ mod tests {
         assert_eq!(hash(&[b"x"]), hash(&[b"x"]));
     }
 
+    fn stage(dest: &Path, force: bool) -> Begin {
+        Staging::begin(dest, force, |d| d.join("f").exists()).expect("begin")
+    }
+
     #[test]
     fn staging_publishes_atomically_and_cleans_up() {
         let dir = tempfile::tempdir().expect("tempdir");
         let dest = dir.path().join("entry");
-        let s = Staging::new(&dest).expect("stage");
+        let Begin::Build(s) = stage(&dest, false) else {
+            panic!("nothing built yet");
+        };
         fs::write(s.path().join("f"), b"1").expect("write");
         assert!(!dest.exists());
         s.commit().expect("commit");
         assert_eq!(fs::read(dest.join("f")).expect("read"), b"1");
+        assert!(matches!(stage(&dest, false), Begin::Done(_)));
+        assert!(matches!(stage(&dest, true), Begin::Build(_)));
 
-        let s = Staging::new(&dir.path().join("other")).expect("stage");
+        let other = dir.path().join("other");
+        let Begin::Build(s) = stage(&other, false) else {
+            panic!("nothing built yet");
+        };
         let tmp = s.path().to_path_buf();
         drop(s);
         assert!(!tmp.exists());
-        assert!(!dir.path().join("other").exists());
+        assert!(!other.exists());
     }
 }

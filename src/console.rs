@@ -7,6 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 const KEEP_LINES: usize = 200;
+/// Longer lines are split, so a guest printing without newlines cannot grow
+/// kiln's memory.
+const MAX_LINE: u64 = 4096;
 
 #[derive(Clone, Default)]
 pub struct Console {
@@ -26,7 +29,7 @@ impl Console {
             let mut buf = Vec::new();
             loop {
                 buf.clear();
-                match reader.read_until(b'\n', &mut buf) {
+                match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
@@ -77,5 +80,13 @@ mod tests {
         assert!(c.contains("line 100"));
         assert!(!c.contains("line 99\u{0}"));
         assert_eq!(c.tail(1000).len(), KEEP_LINES);
+
+        let c = Console::new();
+        let long = vec![b'x'; 3 * MAX_LINE as usize];
+        c.capture(std::io::Cursor::new(long), false)
+            .join()
+            .expect("join");
+        assert_eq!(c.tail(10).len(), 3);
+        assert!(c.tail(10).iter().all(|l| l.len() == MAX_LINE as usize));
     }
 }

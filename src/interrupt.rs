@@ -16,6 +16,10 @@ pub fn install() -> Result<()> {
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
     ] {
+        // A second signal while the first is being handled (kiln stuck on a
+        // blocked write, say) exits at once; the helpers still die with
+        // kiln (PR_SET_PDEATHSIG).
+        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
         signal_hook::flag::register(sig, flag.clone())?;
     }
     Ok(())

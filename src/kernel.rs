@@ -124,10 +124,10 @@ pub fn build(force: bool) -> Result<Kernel> {
         );
     };
     let dest = kernel_dir()?.join(entry_name(&version));
-    if complete(&dest) && !force {
-        return Ok(Kernel { dir: dest });
-    }
-    let staging = cache::Staging::new(&dest)?;
+    let staging = match cache::Staging::begin(&dest, force, complete)? {
+        cache::Begin::Done(dir) => return Ok(Kernel { dir }),
+        cache::Begin::Build(s) => s,
+    };
     // The unpacked source tree lives in a temp dir kiln owns, so it is gone
     // on every exit path, Ctrl-C included.
     let scratch = tempfile::Builder::new().prefix("kiln-kernel-").tempdir()?;

@@ -221,7 +221,7 @@ fn main() -> ExitCode {
         Cmd::Tools { action } => artifact("tools", action).map(|()| 0),
     };
     match result {
-        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             let code = match e.downcast_ref::<RunError>() {
                 Some(RunError::Timeout(_)) => 124,

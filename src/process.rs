@@ -11,10 +11,11 @@ use std::os::unix::process::CommandExt;
 /// thread that spawned it (kiln's main thread) ends.
 pub fn detach_and_tie(cmd: &mut Command) -> &mut Command {
     cmd.process_group(0);
+    let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs between fork and exec and calls only prctl and
     // getppid, both async-signal-safe; it touches no memory of the parent.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,
@@ -26,7 +27,7 @@ pub fn detach_and_tie(cmd: &mut Command) -> &mut Command {
                 return Err(std::io::Error::last_os_error());
             }
             // The parent may have died before prctl took effect.
-            if libc::getppid() == 1 {
+            if libc::getppid() != parent {
                 return Err(std::io::Error::other("kiln exited while starting a helper"));
             }
             Ok(())

@@ -122,7 +122,7 @@ impl Watch for VmWatch<'_> {
 }
 
 /// Runs the command; returns the exit code kiln should exit with.
-pub fn run(opts: RunOptions) -> Result<i32> {
+pub fn run(opts: RunOptions) -> Result<u8> {
     if opts.command.is_empty() {
         bail!("no command given: kiln run [OPTIONS] -- CMD [ARGS...]");
     }
@@ -270,7 +270,10 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         &mut watch,
     )?;
     let code = match outcome {
-        ExecOutcome::Exited(status) => status.shell_code(),
+        ExecOutcome::Exited(status) => match status.shell_code() {
+            Some(code) => code,
+            None => bail!("the guest reported an impossible exit status {status:?}"),
+        },
         ExecOutcome::NotFound => {
             eprintln!("kiln: {}: command not found in the guest", opts.command[0]);
             127

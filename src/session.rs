@@ -5,6 +5,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,7 +50,9 @@ impl Session {
     pub fn new(stream: UnixStream) -> Result<Session> {
         stream.set_nonblocking(false)?;
         let mut reader = FrameReader::new(stream.try_clone()?);
-        let (tx, rx) = mpsc::channel();
+        // Bounded: when kiln's own output is slow (a full pipe), the guest
+        // is held back instead of its output piling up in kiln's memory.
+        let (tx, rx) = mpsc::sync_channel(64);
         std::thread::spawn(move || loop {
             match reader.read::<Reply>() {
                 Ok(r) => {
@@ -198,29 +201,26 @@ impl Session {
                 _ => {}
             }
         }
+        // Stops the stdin pump once the command is done.
+        let stdin_done = Arc::new(AtomicBool::new(false));
         if forward_stdin {
             let writer = self.writer.clone();
-            std::thread::spawn(move || pump_stdin(id, &writer));
+            let done = stdin_done.clone();
+            std::thread::spawn(move || pump_stdin(id, &writer, &done));
         }
-        // Once the host's stdout or stderr is gone (a closed pipe), the rest of
-        // that stream is dropped while the command runs on.
-        let (mut out_ok, mut err_ok) = (true, true);
+        let _stop_stdin = SetOnDrop(stdin_done);
+        let mut out = Sink::new(stdout, "standard output");
+        let mut err = Sink::new(stderr, "standard error");
         loop {
             match self.recv(watch)? {
-                Reply::Stdout { id: i, data } if i == id && out_ok => {
-                    out_ok = stdout
-                        .write_all(&data)
-                        .and_then(|()| stdout.flush())
-                        .is_ok();
-                }
-                Reply::Stderr { id: i, data } if i == id && err_ok => {
-                    err_ok = stderr
-                        .write_all(&data)
-                        .and_then(|()| stderr.flush())
-                        .is_ok();
-                }
+                Reply::Stdout { id: i, data } if i == id => out.write(&data),
+                Reply::Stderr { id: i, data } if i == id => err.write(&data),
                 Reply::Exited { id: i, status } if i == id => {
-                    return Ok(ExecOutcome::Exited(status))
+                    // Output that could not be written is a failure of the
+                    // run, whatever the command's status.
+                    out.result()?;
+                    err.result()?;
+                    return Ok(ExecOutcome::Exited(status));
                 }
                 _ => {}
             }
@@ -342,7 +342,56 @@ fn send(writer: &Writer, req: &Request) -> Result<()> {
     w.write(req).context("sending a request to the guest agent")
 }
 
-fn pump_stdin(id: u32, writer: &Writer) {
+/// Where a command's output goes on the host. A closed pipe (EPIPE) means
+/// the reader wants no more, and the rest is dropped quietly while the
+/// command runs on; any other write error (a full disk, say) is kept and
+/// fails the run.
+struct Sink<'a> {
+    w: &'a mut dyn Write,
+    what: &'static str,
+    closed: bool,
+    error: Option<std::io::Error>,
+}
+
+impl<'a> Sink<'a> {
+    fn new(w: &'a mut dyn Write, what: &'static str) -> Self {
+        Sink {
+            w,
+            what,
+            closed: false,
+            error: None,
+        }
+    }
+
+    fn write(&mut self, data: &[u8]) {
+        if self.closed {
+            return;
+        }
+        if let Err(e) = self.w.write_all(data).and_then(|()| self.w.flush()) {
+            self.closed = true;
+            if e.kind() != ErrorKind::BrokenPipe {
+                self.error = Some(e);
+            }
+        }
+    }
+
+    fn result(&mut self) -> Result<()> {
+        match self.error.take() {
+            Some(e) => Err(anyhow!("writing the command's {} failed: {e}", self.what)),
+            None => Ok(()),
+        }
+    }
+}
+
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn pump_stdin(id: u32, writer: &Writer, done: &AtomicBool) {
     let mut stdin = std::io::stdin().lock();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -351,6 +400,9 @@ fn pump_stdin(id: u32, writer: &Writer) {
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(_) => 0,
         };
+        if done.load(Ordering::Relaxed) {
+            return;
+        }
         let req = Request::Stdin {
             id,
             data: buf[..n].to_vec(),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::backend::qemu::which;
+use crate::console::Console;
 use crate::process::{detach_and_tie, Guarded};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,17 +96,19 @@ pub fn start(arg: &ShareArg, index: usize, runtime: &Path) -> Result<Virtiofsd> 
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     let mut process = Guarded::new(child);
+    // Always drained, so virtiofsd never blocks on a full stderr pipe.
+    let log = Console::new();
+    let reader = process.child.stderr.take().map(|e| log.capture(e, false));
     let start = Instant::now();
     while !socket.exists() {
         if let Ok(Some(status)) = process.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = process.child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            if let Some(r) = reader {
+                let _ = r.join();
             }
             bail!(
                 "virtiofsd for {} exited ({status}): {}",
                 arg.host.display(),
-                err.trim()
+                log.tail(10).join("\n")
             );
         }
         if start.elapsed() > Duration::from_secs(10) {

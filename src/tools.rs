@@ -105,10 +105,10 @@ pub fn locate(user: Option<&Path>) -> Result<PathBuf> {
 
 pub fn build(force: bool) -> Result<PathBuf> {
     let dest = entry()?;
-    let image = dest.join(IMAGE_NAME);
-    if image.is_file() && !force {
-        return Ok(image);
-    }
+    let staging = match cache::Staging::begin(&dest, force, |d| d.join(IMAGE_NAME).is_file())? {
+        cache::Begin::Done(dir) => return Ok(dir.join(IMAGE_NAME)),
+        cache::Begin::Build(s) => s,
+    };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let mut needed = vec![
@@ -125,7 +125,6 @@ pub fn build(force: bool) -> Result<PathBuf> {
             );
         }
     }
-    let staging = cache::Staging::new(&dest)?;
     let scratch = tempfile::Builder::new().prefix("kiln-tools-").tempdir()?;
     // mmdebstrap writes a tar (ownership kept, no root needed in unshare
     // mode) that tar2sqfs turns into the image.

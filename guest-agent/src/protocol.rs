@@ -145,12 +145,15 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
-    /// The status a shell reports: the code, or 128 + the signal number.
-    pub fn shell_code(self) -> i32 {
-        match self {
+    /// The status a shell reports: the code, or 128 + the signal number;
+    /// `None` if that is not a valid exit status (0..=255).
+    pub fn shell_code(self) -> Option<u8> {
+        let code = match self {
             ExitStatus::Code(c) => c,
-            ExitStatus::Signal(s) => 128 + s,
-        }
+            ExitStatus::Signal(s) if (1..=127).contains(&s) => 128 + s,
+            ExitStatus::Signal(_) => return None,
+        };
+        u8::try_from(code).ok()
     }
 }
 
@@ -387,7 +390,11 @@ mod tests {
 
     #[test]
     fn shell_codes() {
-        assert_eq!(ExitStatus::Code(3).shell_code(), 3);
-        assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
+        assert_eq!(ExitStatus::Code(3).shell_code(), Some(3));
+        assert_eq!(ExitStatus::Signal(9).shell_code(), Some(137));
+        assert_eq!(ExitStatus::Code(-1).shell_code(), None);
+        assert_eq!(ExitStatus::Code(256).shell_code(), None);
+        assert_eq!(ExitStatus::Signal(i32::MAX).shell_code(), None);
+        assert_eq!(ExitStatus::Signal(0).shell_code(), None);
     }
 }

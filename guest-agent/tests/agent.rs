@@ -276,3 +276,32 @@ fn files_round_trip_with_their_mode() {
     }
     a.poweroff();
 }
+
+#[test]
+fn a_background_writer_does_not_hold_back_the_exit_status() {
+    // The command exits at once but leaves a process writing to its stdout
+    // every 0.2 s (for 8 s, so the test cleans up after itself).
+    let mut a = Agent::start();
+    let start = std::time::Instant::now();
+    let (out, _, status) = a.exec(
+        1,
+        &[
+            "sh",
+            "-c",
+            "timeout 8 sh -c 'while sleep 0.2; do echo .; done' & echo fg",
+        ],
+        None,
+    );
+    assert_eq!(status, ExitStatus::Code(0));
+    assert!(
+        out.starts_with(b"fg\n"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(7),
+        "Exited waited for the background writer: {:?}",
+        start.elapsed()
+    );
+    a.poweroff();
+}

@@ -3,10 +3,10 @@
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_agent::frame::DATA_CHUNK;
 use kiln_agent::{ExecRequest, ExitStatus, Reply, SpawnErrorKind};
@@ -27,12 +27,26 @@ const BASE_ENV: &[(&str, &str)] = &[
     ("TERM", "dumb"),
 ];
 
-/// How long output may stay silent after the command exited before the agent
-/// stops waiting for EOF (a background process may hold the pipes open).
+/// After the command exits, its output pipes normally reach EOF at once; a
+/// background process it left may hold them open. The agent stops waiting
+/// once output has been quiet this long...
 const DRAIN_IDLE: Duration = Duration::from_secs(1);
+/// ...or, if it keeps coming, this long after the exit. A send the host is
+/// still taking (backpressure) is always waited for, so no output the
+/// command wrote before it exited is cut off.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// Shared between a command's output pumps and its waiter.
+#[derive(Default)]
+struct Drain {
+    /// Chunks sent so far.
+    sent: AtomicU64,
+    /// Pumps in the middle of a send.
+    sending: AtomicU32,
+}
 
 /// Starts the command. Returns the sender for its stdin if it has one.
-pub fn start(req: ExecRequest, out: Outbox) -> Option<Sender<Vec<u8>>> {
+pub fn start(req: ExecRequest, out: Outbox) -> Option<SyncSender<Vec<u8>>> {
     let id = req.id;
     let Some(program) = req.argv.first() else {
         out.send(&Reply::SpawnFailed {
@@ -86,7 +100,7 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Sender<Vec<u8>>> {
     drop(guard);
     out.send(&Reply::Started { id, pid });
 
-    let progress = Arc::new(AtomicU64::new(0));
+    let drain = Arc::new(Drain::default());
     let (done_tx, done_rx) = mpsc::channel::<()>();
     if let Some(stdout) = child.stdout.take() {
         pump(
@@ -94,7 +108,7 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Sender<Vec<u8>>> {
             out.clone(),
             id,
             false,
-            progress.clone(),
+            drain.clone(),
             done_tx.clone(),
         );
     }
@@ -104,14 +118,15 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Sender<Vec<u8>>> {
             out.clone(),
             id,
             true,
-            progress.clone(),
+            drain.clone(),
             done_tx.clone(),
         );
     }
     drop(done_tx);
     let stdin_tx = child.stdin.take().map(feed_stdin);
 
-    let _ = std::thread::Builder::new()
+    let waiter_out = out.clone();
+    let waiter = std::thread::Builder::new()
         .name(format!("exec-{id}"))
         .spawn(move || {
             let status = match child.wait() {
@@ -123,27 +138,44 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Sender<Vec<u8>>> {
                 Err(_) => ExitStatus::Code(-1),
             };
             reaper::untrack(pid);
-            wait_for_output(&done_rx, &progress);
-            out.send(&Reply::Exited { id, status });
+            wait_for_output(&done_rx, &drain, Instant::now());
+            waiter_out.send(&Reply::Exited { id, status });
         });
+    if waiter.is_err() {
+        // No thread to wait for it (the guest is out of resources): stop the
+        // command rather than leave it unwaited and tracked forever.
+        let child_pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(child_pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(child_pid, None);
+        reaper::untrack(pid);
+        out.send(&Reply::Exited {
+            id,
+            status: ExitStatus::Signal(nix::libc::SIGKILL),
+        });
+    }
     stdin_tx
 }
 
-/// Waits until both output pipes reached EOF, or output went quiet for
-/// [`DRAIN_IDLE`] after the command exited.
-fn wait_for_output(done: &Receiver<()>, progress: &AtomicU64) {
-    let mut last = progress.load(Ordering::Relaxed);
+/// Waits until both output pipes reached EOF, within the limits above.
+fn wait_for_output(done: &Receiver<()>, drain: &Drain, exited: Instant) {
+    let mut last = drain.sent.load(Ordering::Relaxed);
+    let mut last_change = Instant::now();
     loop {
-        match done.recv_timeout(DRAIN_IDLE) {
-            Ok(()) => {}
+        match done.recv_timeout(Duration::from_millis(100)) {
+            Ok(()) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => {
-                let now = progress.load(Ordering::Relaxed);
-                if now == last {
-                    return;
-                }
-                last = now;
-            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        let now = drain.sent.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        }
+        if drain.sending.load(Ordering::Relaxed) > 0 {
+            continue;
+        }
+        if last_change.elapsed() >= DRAIN_IDLE || exited.elapsed() >= DRAIN_LIMIT {
+            return;
         }
     }
 }
@@ -153,7 +185,7 @@ fn pump<R: Read + Send + 'static>(
     out: Outbox,
     id: u32,
     is_stderr: bool,
-    progress: Arc<AtomicU64>,
+    drain: Arc<Drain>,
     done: Sender<()>,
 ) {
     let _ = std::thread::Builder::new()
@@ -164,14 +196,17 @@ fn pump<R: Read + Send + 'static>(
                 match pipe.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
-                        progress.fetch_add(n as u64, Ordering::Relaxed);
                         let data = buf[..n].to_vec();
                         let msg = if is_stderr {
                             Reply::Stderr { id, data }
                         } else {
                             Reply::Stdout { id, data }
                         };
-                        if !out.send(&msg) {
+                        drain.sending.fetch_add(1, Ordering::Relaxed);
+                        let sent = out.send(&msg);
+                        drain.sending.fetch_sub(1, Ordering::Relaxed);
+                        drain.sent.fetch_add(1, Ordering::Relaxed);
+                        if !sent {
                             break;
                         }
                     }
@@ -183,8 +218,10 @@ fn pump<R: Read + Send + 'static>(
         });
 }
 
-fn feed_stdin(mut stdin: ChildStdin) -> Sender<Vec<u8>> {
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+fn feed_stdin(mut stdin: ChildStdin) -> SyncSender<Vec<u8>> {
+    // Bounded, so a command that does not read its stdin holds the host back
+    // instead of piling the input up in guest memory.
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(16);
     let _ = std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {

@@ -107,7 +107,12 @@ pub fn send(id: u32, path: String, out: Outbox) {
 }
 
 fn send_file(id: u32, path: &str, out: &Outbox) -> Result<(), String> {
-    let mut f = File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    // O_NONBLOCK: opening a FIFO must not block before the type check.
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("{path}: {e}"))?;
     let meta = f.metadata().map_err(|e| format!("{path}: {e}"))?;
     if !meta.is_file() {
         return Err(format!("{path}: not a regular file"));

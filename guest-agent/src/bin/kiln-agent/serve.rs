@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
 use kiln_agent::{
@@ -41,7 +41,7 @@ pub fn serve(
         boot_error: boot_error.clone(),
     });
 
-    let mut stdins: HashMap<u32, Sender<Vec<u8>>> = HashMap::new();
+    let mut stdins: HashMap<u32, SyncSender<Vec<u8>>> = HashMap::new();
     let mut uploads = files::Uploads::default();
     loop {
         let req = match reader.read::<Request>() {
