@@ -17,7 +17,7 @@ use crate::{initramfs, interrupt, kernel, tools};
 /// Ways a run ends that map to their own exit codes.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("interrupted; the VM and its helpers were stopped")]
+    #[error("interrupted; everything kiln started was stopped")]
     Interrupted,
     #[error("timed out after {0} s; the VM was stopped")]
     Timeout(u64),

@@ -5,6 +5,7 @@
 //! temp files and no processes behind.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -697,4 +698,78 @@ fn root_is_writable_and_the_clock_is_set() {
     // The guest clock comes from the host.
     let year: i32 = lines[1].parse().expect("year");
     assert!(year >= 2024, "guest clock not set: {year}");
+}
+
+/// The point of kiln: partitioning and formatting as an unprivileged user.
+/// When the tests run as root, this one drops to `nobody` with runuser.
+#[test]
+fn an_unprivileged_user_partitions_and_formats_a_disk() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // Every other test already runs unprivileged.
+        return;
+    }
+    let k = Kiln::new();
+    let path = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .output()
+            .expect("kiln");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        PathBuf::from(text(&out.stdout).trim())
+    };
+    // nobody cannot read root's cache: give it copies, and a cache of its own.
+    let shared = k.dir().join("shared");
+    fs::create_dir_all(&shared).expect("mkdir");
+    let kernel = shared.join("vmlinux");
+    let tools = shared.join("tools.squashfs");
+    fs::copy(path(&["kernel", "path"]), &kernel).expect("copy kernel");
+    fs::copy(path(&["tools", "path"]), &tools).expect("copy tools");
+    let disk = shared.join("disk.img");
+    fs::File::create(&disk)
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("disk");
+    let runtime = k.runtime();
+    for p in [k.dir(), shared.as_path(), runtime.as_path()] {
+        fs::set_permissions(p, fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+    fs::set_permissions(&disk, fs::Permissions::from_mode(0o666)).expect("chmod");
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--", env!("CARGO_BIN_EXE_kiln"), "run"])
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--tools")
+        .arg(&tools)
+        .arg("--disk")
+        .arg(&disk)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "id -u && sgdisk -n1:0:0 /dev/vda >/dev/null && mkfs.ext4 -q -L mine /dev/vda1",
+        ])
+        .env("HOME", &shared)
+        .env("KILN_CACHE_DIR", shared.join("cache"))
+        .env("TMPDIR", &runtime)
+        .stdin(Stdio::null())
+        .output()
+        .expect("runuser");
+    k.assert_clean();
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "0\n",
+        "the command did not run as root in the guest"
+    );
+    let table = text(&host("sgdisk", &["-p", disk.to_str().expect("utf8")]).stdout);
+    assert!(table.contains("8300"), "{table}");
+    let label = host(
+        "dumpe2fs",
+        &["-h", &format!("{}?offset={}", disk.display(), 2048 * 512)],
+    );
+    assert!(
+        text(&label.stdout).contains("mine"),
+        "{}",
+        text(&label.stdout)
+    );
 }
