@@ -23,6 +23,10 @@ pub fn run_logged(mut cmd: Command, what: &str, log: &Path) -> Result<()> {
         .stderr(out);
     detach_and_tie(&mut cmd);
     let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        // No spinner without a terminal: say once what is going on.
+        eprintln!("{what}: started");
+    }
     let mut child = Guarded::new(child);
 
     let bar = ProgressBar::new_spinner();

@@ -773,3 +773,34 @@ fn an_unprivileged_user_partitions_and_formats_a_disk() {
         text(&label.stdout)
     );
 }
+
+#[test]
+fn a_filesystem_left_mounted_is_unmounted_cleanly() {
+    // The command forgets to unmount; kiln still leaves a clean filesystem
+    // with the data on it.
+    let k = Kiln::new();
+    let disk = k.dir().join("fs.img");
+    fs::File::create(&disk)
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("disk");
+    let out = k.run(&[
+        "run",
+        "--disk",
+        disk.to_str().expect("utf8"),
+        "--",
+        "sh",
+        "-c",
+        // A background process keeps the mount busy, too.
+        "mkfs.ext4 -q /dev/vda && mount /dev/vda /mnt && echo kept > /mnt/kept.txt && cd /mnt && (sleep 600 &)",
+    ]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let disk_s = disk.to_str().expect("utf8");
+    let header = text(&host("dumpe2fs", &["-h", disk_s]).stdout);
+    assert!(
+        header.contains("Filesystem state:         clean"),
+        "{header}"
+    );
+    assert!(!header.contains("needs_recovery"), "{header}");
+    let cat = host("debugfs", &["-R", "cat /kept.txt", disk_s]);
+    assert_eq!(text(&cat.stdout), "kept\n");
+}

@@ -135,6 +135,75 @@ fn wait_for_tools_disk(limit: Duration) -> Result<String, InitError> {
     }
 }
 
+/// Mount points that stay until the end: the root and the kernel's own.
+const KEEP_MOUNTED: &[&str] = &[
+    "/", "/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/run", "/tmp",
+];
+
+/// Before power-off: stop every process and unmount what commands left
+/// mounted (a user's filesystem, a share), so the disks are left clean and
+/// complete rather than merely synced.
+pub fn quiesce() {
+    use nix::sys::signal::{kill, Signal};
+    // -1: every process but PID 1 (us).
+    let _ = kill(nix::unistd::Pid::from_raw(-1), Signal::SIGKILL);
+    let start = Instant::now();
+    while user_processes_left() && start.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let points: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape)
+        .filter(|p| p.starts_with('/') && !KEEP_MOUNTED.contains(&p.as_str()))
+        .collect();
+    for point in points.iter().rev() {
+        if let Err(e) = nix::mount::umount(point.as_str()) {
+            eprintln!("kiln-agent: unmounting {point}: {e}");
+        }
+    }
+    nix::unistd::sync();
+}
+
+/// Whether any process other than PID 1 and kernel threads is still there.
+fn user_processes_left() -> bool {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name.chars().all(|c| c.is_ascii_digit())
+            && name != "1"
+            // Kernel threads (and reaped zombies) have no command line.
+            && fs::read(e.path().join("cmdline")).is_ok_and(|c| !c.is_empty())
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Ends the VM. kiln boots the guest with `reboot=t` and tells the hypervisor
 /// not to reboot, so a restart request ends the VM with no ACPI needed.
 pub fn power_off() -> ! {

@@ -116,6 +116,9 @@ pub fn serve(
             }
             Request::GetFile { id, path } => files::send(id, path, out.clone()),
             Request::Poweroff => {
+                if std::process::id() == 1 {
+                    crate::init::quiesce();
+                }
                 nix::unistd::sync();
                 out.send(&Reply::PoweringOff);
                 return Ok(());
