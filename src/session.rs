@@ -211,9 +211,21 @@ impl Session {
         let _stop_stdin = SetOnDrop(stdin_done);
         let mut out = Sink::new(stdout, "standard output");
         let mut err = Sink::new(stderr, "standard error");
+        let mut piped = false;
         loop {
             match self.recv(watch)? {
-                Reply::Stdout { id: i, data } if i == id => out.write(&data),
+                Reply::Stdout { id: i, data } if i == id => {
+                    out.write(&data);
+                    if out.closed && !piped {
+                        // Whoever read kiln's output stopped (`| head`): the
+                        // command gets SIGPIPE, as it would in a local pipeline.
+                        piped = true;
+                        self.send(&Request::Signal {
+                            id,
+                            signal: libc::SIGPIPE,
+                        })?;
+                    }
+                }
                 Reply::Stderr { id: i, data } if i == id => err.write(&data),
                 Reply::Exited { id: i, status } if i == id => {
                     // Output that could not be written is a failure of the

@@ -804,3 +804,25 @@ fn a_filesystem_left_mounted_is_unmounted_cleanly() {
     let cat = host("debugfs", &["-R", "cat /kept.txt", disk_s]);
     assert_eq!(text(&cat.stdout), "kept\n");
 }
+
+#[test]
+fn a_closed_stdout_gives_the_command_sigpipe() {
+    // `kiln run -- yes | head -c 2` must end, as `yes | head -c 2` does.
+    let k = Kiln::new();
+    let mut child = k
+        .command(&["run", "--", "yes"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 2];
+    std::io::Read::read_exact(&mut stdout, &mut first).expect("read");
+    assert_eq!(&first, b"y\n");
+    drop(stdout);
+    let start = Instant::now();
+    let out = child.wait_with_output().expect("wait");
+    k.assert_clean();
+    assert!(start.elapsed() < Duration::from_secs(30));
+    assert_eq!(code(&out), 128 + 13, "{}", text(&out.stderr));
+}

@@ -42,6 +42,9 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// Send a signal to a running command (e.g. SIGPIPE when the host's end of
+    /// its output is gone). Unknown or finished ids are ignored.
+    Signal { id: u32, signal: i32 },
     /// Mount a filesystem (creating the mount point), answered by `Done`.
     Mount(MountRequest),
     /// Create or replace a file; its contents follow as `FileData` with the
@@ -184,6 +187,7 @@ mod tests {
                 id: 7,
                 data: vec![],
             },
+            Request::Signal { id: 7, signal: 13 },
             Request::Mount(MountRequest {
                 id: 3,
                 fstype: "virtiofs".into(),

@@ -1,9 +1,9 @@
 //! Runs one command for the host and streams its output back.
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,8 +45,32 @@ struct Drain {
     sending: AtomicU32,
 }
 
-/// Starts the command. Returns the sender for its stdin if it has one.
-pub fn start(req: ExecRequest, out: Outbox) -> Option<SyncSender<Vec<u8>>> {
+/// A started command, as the request loop tracks it.
+pub struct Running {
+    pid: u32,
+    exited: Arc<AtomicBool>,
+    /// Its stdin, if the host sends one.
+    pub stdin: Option<SyncSender<Vec<u8>>>,
+}
+
+impl Running {
+    pub fn has_exited(&self) -> bool {
+        self.exited.load(Ordering::Relaxed)
+    }
+
+    /// Signals the command's process group, unless it is gone (its pid may be reused).
+    pub fn signal(&self, signal: i32) -> Result<(), String> {
+        let sig = nix::sys::signal::Signal::try_from(signal)
+            .map_err(|_| format!("{signal} is not a signal number"))?;
+        if !self.has_exited() {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid as i32), sig);
+        }
+        Ok(())
+    }
+}
+
+/// Starts the command; `None` if it could not be started (already reported).
+pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
     let id = req.id;
     let Some(program) = req.argv.first() else {
         out.send(&Reply::SpawnFailed {
@@ -78,7 +102,9 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<SyncSender<Vec<u8>>> {
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        // Its own process group, so a signal reaches its whole pipeline.
+        .process_group(0);
 
     let mut guard = reaper::spawn_guard();
     let mut child = match cmd.spawn() {
@@ -125,11 +151,15 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<SyncSender<Vec<u8>>> {
     drop(done_tx);
     let stdin_tx = child.stdin.take().map(feed_stdin);
 
+    let exited = Arc::new(AtomicBool::new(false));
+    let waiter_exited = exited.clone();
     let waiter_out = out.clone();
     let waiter = std::thread::Builder::new()
         .name(format!("exec-{id}"))
         .spawn(move || {
-            let status = match child.wait() {
+            let waited = child.wait();
+            waiter_exited.store(true, Ordering::Relaxed);
+            let status = match waited {
                 Ok(s) => match (s.code(), s.signal()) {
                     (Some(c), _) => ExitStatus::Code(c),
                     (None, Some(sig)) => ExitStatus::Signal(sig),
@@ -148,12 +178,17 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<SyncSender<Vec<u8>>> {
         let _ = nix::sys::signal::kill(child_pid, nix::sys::signal::Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(child_pid, None);
         reaper::untrack(pid);
+        exited.store(true, Ordering::Relaxed);
         out.send(&Reply::Exited {
             id,
             status: ExitStatus::Signal(nix::libc::SIGKILL),
         });
     }
-    stdin_tx
+    Some(Running {
+        pid,
+        exited,
+        stdin: stdin_tx,
+    })
 }
 
 /// Waits until both output pipes reached EOF, within the limits above.

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
-use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
 use kiln_agent::{
@@ -41,7 +40,7 @@ pub fn serve(
         boot_error: boot_error.clone(),
     });
 
-    let mut stdins: HashMap<u32, SyncSender<Vec<u8>>> = HashMap::new();
+    let mut running: HashMap<u32, exec::Running> = HashMap::new();
     let mut uploads = files::Uploads::default();
     loop {
         let req = match reader.read::<Request>() {
@@ -86,16 +85,27 @@ pub fn serve(
                 }
                 disks::link_by_id();
                 let id = req.id;
-                if let Some(tx) = exec::start(req, out.clone()) {
-                    stdins.insert(id, tx);
+                running.retain(|_, r| !r.has_exited());
+                if let Some(r) = exec::start(req, out.clone()) {
+                    running.insert(id, r);
                 }
             }
             Request::Stdin { id, data } => {
                 let eof = data.is_empty();
-                if let Some(tx) = stdins.get(&id) {
-                    if tx.send(data).is_err() || eof {
-                        stdins.remove(&id);
+                if let Some(r) = running.get_mut(&id) {
+                    if let Some(tx) = &r.stdin {
+                        if tx.send(data).is_err() || eof {
+                            r.stdin = None;
+                        }
                     }
+                }
+            }
+            Request::Signal { id, signal } => {
+                if let Some(Err(message)) = running.get(&id).map(|r| r.signal(signal)) {
+                    out.send(&Reply::Failed {
+                        id: Some(id),
+                        message,
+                    });
                 }
             }
             Request::Mount(m) => {
