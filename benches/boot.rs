@@ -102,7 +102,7 @@ fn main() {
         c.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
             .args([
                 "-M",
-                "microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on",
+                "microvm,x-option-roms=off,rtc=on,acpi=off,isa-serial=on",
             ])
             .args(if tcg {
                 ["-accel", "tcg", "-cpu", "max"]

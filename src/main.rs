@@ -95,8 +95,8 @@ struct RunArgs {
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     timeout: Option<u64>,
     /// How long to wait for the guest agent to come up.
-    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
-    boot_timeout: u64,
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
+    boot_timeout: f64,
     /// Copy a host file into the guest before the command: HOST:GUEST.
     #[arg(long = "copy-in", value_name = "HOST:GUEST")]
     copy_in: Vec<CopyArg>,
@@ -139,6 +139,15 @@ fn parse_copy_out(s: &str) -> Result<CopyArg, String> {
         host: PathBuf::from(host),
         guest: guest.to_string(),
     })
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "expected seconds between 0 and 86400 (e.g. 60 or 0.5), got '{s}'"
+        )),
+    }
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {

@@ -53,7 +53,7 @@ pub struct RunOptions {
     pub env: Vec<(String, String)>,
     pub workdir: Option<String>,
     pub timeout: Option<u64>,
-    pub boot_timeout: u64,
+    pub boot_timeout: f64,
     pub copy_in: Vec<CopyArg>,
     pub copy_out: Vec<CopyArg>,
     pub shares: Vec<ShareArg>,
@@ -234,8 +234,9 @@ pub fn run(opts: RunOptions) -> Result<u8> {
         deadline: opts.timeout.map(|t| started + Duration::from_secs(t)),
         timeout: opts.timeout.unwrap_or(0),
     };
-    let boot_deadline = started + Duration::from_secs(opts.boot_timeout);
-    let stream = accept(&listener, &mut watch, boot_deadline)?;
+    let boot_deadline = started + Duration::from_secs_f64(opts.boot_timeout);
+    // QEMU connects the channel as it starts, before the guest boots.
+    let stream = accept(&listener, &mut watch, started + Duration::from_secs(10))?;
     let mut session = Session::new(stream)?;
     session.handshake(&mut watch, boot_deadline, opts.boot_timeout)?;
 
@@ -324,7 +325,7 @@ fn accept(listener: &UnixListener, watch: &mut VmWatch, deadline: Instant) -> Re
             return Err(watch.why_stopped(Some(status)));
         }
         if Instant::now() >= deadline {
-            bail!("the hypervisor did not connect the agent channel in time");
+            bail!("the hypervisor did not connect the agent channel within 10 s of starting");
         }
         std::thread::sleep(Duration::from_millis(2));
     }

@@ -127,7 +127,7 @@ impl Session {
         &mut self,
         watch: &mut dyn Watch,
         deadline: Instant,
-        boot_secs: u64,
+        boot_secs: f64,
     ) -> Result<String> {
         let hello = self.recv_until(watch, Some(deadline))?;
         let Some(hello) = hello else {

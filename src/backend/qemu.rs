@@ -34,16 +34,24 @@ impl Qemu {
         let mut a: Vec<String> = Vec::new();
         let mut push = |parts: &[&str]| a.extend(parts.iter().map(|s| s.to_string()));
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
-        // The guest's memory is a shared memfd so vhost-user backends
-        // (virtiofsd) can map it.
-        push(&[
-            "-M",
-            "microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on,memory-backend=mem",
-        ]);
-        push(&[
-            "-object",
-            &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
-        ]);
+        // With shares, the guest's memory is a shared memfd that vhost-user
+        // backends (virtiofsd) can map; without, plain anonymous memory is
+        // faster to set up.
+        if spec.shares.is_empty() {
+            push(&[
+                "-M",
+                "microvm,x-option-roms=off,rtc=on,acpi=off,isa-serial=on",
+            ]);
+        } else {
+            push(&[
+                "-M",
+                "microvm,x-option-roms=off,rtc=on,acpi=off,isa-serial=on,memory-backend=mem",
+            ]);
+            push(&[
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            ]);
+        }
         push(&["-m", &format!("{mem}M"), "-smp", &spec.cpus.to_string()]);
         if self.kvm {
             push(&["-accel", "kvm", "-cpu", "host"]);

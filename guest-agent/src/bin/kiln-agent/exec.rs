@@ -1,7 +1,9 @@
 //! Runs one command for the host and streams its output back.
 
 use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
@@ -90,12 +92,31 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
             return None;
         }
     }
-    let mut cmd = Command::new(program);
-    cmd.args(&req.argv[1..])
+    // Resolved here rather than by std: with a program path, std can start
+    // the command with posix_spawn (vfork) instead of fork, which under
+    // emulation is much cheaper for a multi-threaded agent.
+    let path_var = req
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .or_else(|| BASE_ENV.iter().find(|(k, _)| *k == "PATH").map(|(_, v)| *v))
+        .unwrap_or_default();
+    let Some(resolved) = resolve(program, path_var) else {
+        out.send(&Reply::SpawnFailed {
+            id,
+            kind: SpawnErrorKind::NotFound,
+            message: format!("{program}: not found"),
+        });
+        return None;
+    };
+    let mut cmd = Command::new(resolved);
+    cmd.arg0(program)
+        .args(&req.argv[1..])
         .env_clear()
         .envs(BASE_ENV.iter().copied())
         .envs(req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .current_dir(req.cwd.as_deref().unwrap_or("/"))
         .stdin(if req.stdin {
             Stdio::piped()
         } else {
@@ -105,6 +126,11 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
         .stderr(Stdio::piped())
         // Its own process group, so a signal reaches its whole pipeline.
         .process_group(0);
+    // The agent's own directory is already `/`; setting it only when asked
+    // keeps the posix_spawn path open.
+    if let Some(cwd) = &req.cwd {
+        cmd.current_dir(cwd);
+    }
 
     let mut guard = reaper::spawn_guard();
     let mut child = match cmd.spawn() {
@@ -189,6 +215,24 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
         exited,
         stdin: stdin_tx,
     })
+}
+
+/// Finds `program` as execvp would: as given if it contains a slash, else in
+/// the directories of `path_var`.
+fn resolve(program: &str, path_var: &str) -> Option<PathBuf> {
+    if program.is_empty() {
+        return None;
+    }
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    path_var
+        .split(':')
+        .map(|dir| Path::new(if dir.is_empty() { "." } else { dir }).join(program))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// Waits until both output pipes reached EOF, within the limits above.
