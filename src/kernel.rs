@@ -93,21 +93,33 @@ fn complete(dir: &Path) -> bool {
 /// version if built, else the newest built from this config.
 pub fn locate() -> Result<Kernel> {
     let dir = kernel_dir()?;
-    if let Some(v) = source_version()? {
-        let d = dir.join(entry_name(&v));
-        if complete(&d) {
-            return Ok(Kernel { dir: d });
-        }
-    }
     let prefix = format!("{}-", config_hash());
-    let newest = fs::read_dir(&dir)
+    let mut built: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(&dir)
         .into_iter()
         .flatten()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix) && complete(&e.path()))
-        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
-    match newest {
-        Some(e) => Ok(Kernel { dir: e.path() }),
+        .map(|e| {
+            let t = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (t, e.path())
+        })
+        .collect();
+    // Asking dpkg which source is installed costs a process; only worth it
+    // when there is a choice.
+    if built.len() > 1 {
+        if let Some(v) = source_version()? {
+            let d = dir.join(entry_name(&v));
+            if complete(&d) {
+                return Ok(Kernel { dir: d });
+            }
+        }
+    }
+    built.sort();
+    match built.pop() {
+        Some((_, dir)) => Ok(Kernel { dir }),
         None => bail!(
             "the guest kernel is not built yet: run 'kiln kernel build' \
              (a few minutes, once; needs: {INSTALL_HINT})"

@@ -145,11 +145,12 @@ const KEEP_MOUNTED: &[&str] = &[
 /// complete rather than merely synced.
 pub fn quiesce() {
     use nix::sys::signal::{kill, Signal};
-    // -1: every process but PID 1 (us).
-    let _ = kill(nix::unistd::Pid::from_raw(-1), Signal::SIGKILL);
-    let start = Instant::now();
-    while user_processes_left() && start.elapsed() < Duration::from_secs(2) {
-        std::thread::sleep(Duration::from_millis(10));
+    // -1: every process but PID 1 (us); ESRCH means there was none.
+    if kill(nix::unistd::Pid::from_raw(-1), Signal::SIGKILL).is_ok() {
+        let start = Instant::now();
+        while user_processes_left() && start.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let points: Vec<String> = mounts
