@@ -2,6 +2,8 @@
 //!
 //! This crate knows nothing of recipes or of the agent protocol. So far it
 //! holds what the backend seam needs to decide whether KVM can run kiln's
-//! guest on this host ([`host::probe`]); the VMM itself lands on top of it.
+//! guest on this host ([`host::probe`]) and the virtio devices the VMM
+//! will carry ([`devices`]).
 
+pub mod devices;
 pub mod host;

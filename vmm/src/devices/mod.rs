@@ -1,0 +1,3 @@
+//! Emulated devices, one file per device.
+
+pub mod virtio;

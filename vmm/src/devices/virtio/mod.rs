@@ -1,0 +1,100 @@
+//! virtio devices over the virtio-mmio transport (virtio 1.2, "modern"
+//! only): the transport is written once ([`mmio`]) and every device
+//! implements [`VirtioDevice`].
+
+pub mod block;
+pub mod mmio;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Feature bit every modern device offers and every driver must accept.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// InterruptStatus bits of the mmio transport.
+pub const INT_VRING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// A device's interrupt: the status bits the driver reads from the
+/// transport, and the eventfd the VMM registers as an irqfd.
+pub struct IrqLine {
+    status: AtomicU32,
+    eventfd: EventFd,
+}
+
+impl IrqLine {
+    pub fn new() -> io::Result<IrqLine> {
+        Ok(IrqLine {
+            status: AtomicU32::new(0),
+            eventfd: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Sets `bits` in InterruptStatus and raises the interrupt.
+    pub fn trigger(&self, bits: u32) -> io::Result<()> {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.eventfd.write(1)
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: the driver has handled `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    pub fn eventfd(&self) -> &EventFd {
+        &self.eventfd
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {0} is not valid (size, alignment or addresses outside guest memory)")]
+    InvalidQueue(usize),
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount { expected: usize, got: usize },
+}
+
+/// What the transport needs from a device.
+pub trait VirtioDevice: Send {
+    /// virtio device ID (2 = block, 3 = console, 4 = entropy, 26 = fs).
+    fn device_type(&self) -> u32;
+    /// The largest size of each of the device's queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers.
+    fn features(&self) -> u64;
+    /// The features the driver accepted (a subset of [`Self::features`]).
+    fn ack_features(&mut self, features: u64);
+    /// Reads device configuration space; out-of-range bytes read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space; most devices ignore writes.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK: start using the queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        irq: std::sync::Arc<IrqLine>,
+    ) -> Result<(), ActivateError>;
+    /// The driver notified queue `index`: process what it made available.
+    fn queue_notify(&mut self, index: u32);
+    /// The driver reset the device: forget the queues and negotiated state.
+    fn reset(&mut self);
+}
