@@ -7,3 +7,6 @@
 
 pub mod devices;
 pub mod host;
+pub mod machine;
+pub mod memory;
+pub mod vcpu;

@@ -1,3 +1,4 @@
 //! Emulated devices, one file per device.
 
+pub mod serial;
 pub mod virtio;
