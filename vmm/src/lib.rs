@@ -5,6 +5,7 @@
 //! guest on this host ([`host::probe`]) and the virtio devices the VMM
 //! will carry ([`devices`]).
 
+pub mod boot;
 pub mod devices;
 pub mod host;
 pub mod machine;

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::devices::serial::{SerialConsole, COM1, PORTS};
 use crate::devices::virtio::mmio::{MmioTransport, WINDOW};
 use crate::devices::virtio::{IrqLine, VirtioDevice};
-use crate::{memory, vcpu};
+use crate::{boot, memory, vcpu};
 
 /// Where virtio-mmio windows start in guest physical memory.
 pub const MMIO_BASE: u64 = 0xd000_0000;
@@ -37,6 +37,8 @@ pub enum MachineError {
     Memory(#[from] memory::MemoryError),
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
     #[error("loading guest code at {0:#x}: {1}")]
     Load(u64, vm_memory::GuestMemoryError),
     #[error("creating an eventfd: {0}")]
@@ -147,10 +149,33 @@ impl<W: Write> Machine<W> {
         Ok(MMIO_BASE + index * WINDOW)
     }
 
-    /// Runs the guest from `entry` in 64-bit mode until it stops, or until
-    /// `max_exits` exits have been handled.
-    pub fn run(&mut self, entry: u64, max_exits: u64) -> Result<Exit, MachineError> {
-        vcpu::setup_long_mode(&self.vcpu, &self.mem, entry, 0x8000)?;
+    /// Puts the vCPU in 64-bit mode at `entry.rip`, with `entry.rsi` in RSI.
+    pub fn start_at(&mut self, entry: boot::Entry) -> Result<(), MachineError> {
+        vcpu::setup_long_mode(
+            &self.vcpu,
+            &self.mem,
+            entry.rip,
+            boot::BOOT_STACK,
+            entry.rsi,
+        )?;
+        Ok(())
+    }
+
+    /// Loads a Linux kernel (vmlinux), initramfs and command line, and
+    /// points the vCPU at the kernel's 64-bit entry.
+    pub fn load_linux(
+        &mut self,
+        kernel: &mut File,
+        initrd: Option<&[u8]>,
+        cmdline: &str,
+    ) -> Result<(), MachineError> {
+        let entry = boot::load_linux(&self.mem, kernel, initrd, cmdline)?;
+        self.start_at(entry)
+    }
+
+    /// Runs the vCPU until the guest stops, or until `max_exits` exits
+    /// have been handled.
+    pub fn run(&mut self, max_exits: u64) -> Result<Exit, MachineError> {
         for _ in 0..max_exits {
             match self.vcpu.run().map_err(MachineError::Run)? {
                 VcpuExit::IoOut(port, data) => {

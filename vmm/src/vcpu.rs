@@ -57,12 +57,14 @@ fn segment(entry: u64, index: u16) -> kvm_segment {
 }
 
 /// Writes the GDT and page tables and puts `vcpu` in 64-bit mode at `entry`
-/// with the stack at `stack`.
+/// with the stack at `stack` and `rsi` in RSI (the Linux boot protocol
+/// passes boot_params there).
 pub fn setup_long_mode(
     vcpu: &VcpuFd,
     mem: &GuestMemoryMmap,
     entry: u64,
     stack: u64,
+    rsi: u64,
 ) -> Result<(), VcpuError> {
     let gdt = [
         gdt_entry(0, 0, 0),            // null
@@ -115,6 +117,7 @@ pub fn setup_long_mode(
         rip: entry,
         rsp: stack,
         rbp: stack,
+        rsi,
         rflags: 2,
         ..Default::default()
     };

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use kiln_vmm::boot::Entry;
 use kiln_vmm::machine::{Exit, Machine, EXIT_PORT};
 
 const LOAD: u64 = 0x10_0000;
@@ -76,7 +77,8 @@ fn guest_prints_on_the_serial_port_and_exits_with_a_status() {
     ));
     let mut m = Machine::new(64 << 20, Vec::new()).expect("machine");
     m.load(LOAD, &code).expect("load");
-    let exit = m.run(LOAD, 10_000).expect("run");
+    m.start_at(Entry { rip: LOAD, rsi: 0 }).expect("start");
+    let exit = m.run(10_000).expect("run");
     assert_eq!(exit, Exit::Status(42));
     assert_eq!(
         String::from_utf8_lossy(m.console()),
@@ -272,7 +274,8 @@ fn guest_driver_reads_and_writes_a_disk_through_virtio_blk() {
         .expect("add");
     assert_eq!(base, 0xd000_0000);
     m.load(LOAD, &assemble(BLK_DRIVER)).expect("load");
-    let exit = m.run(LOAD, 100_000).expect("run");
+    m.start_at(Entry { rip: LOAD, rsi: 0 }).expect("start");
+    let exit = m.run(100_000).expect("run");
     let console = String::from_utf8_lossy(m.console()).into_owned();
     assert_eq!(exit, Exit::Status(0), "console: {console}");
     // OUT, FLUSH, IN, GET_ID succeed; the read past the end is IOERR.
@@ -296,7 +299,8 @@ fn guest_writes_to_a_read_only_disk_are_refused() {
     m.add_virtio(Box::new(Block::new(file, true, "kiln-ro").expect("block")))
         .expect("add");
     m.load(LOAD, &assemble(BLK_DRIVER)).expect("load");
-    let exit = m.run(LOAD, 100_000).expect("run");
+    m.start_at(Entry { rip: LOAD, rsi: 0 }).expect("start");
+    let exit = m.run(100_000).expect("run");
     let console = String::from_utf8_lossy(m.console()).into_owned();
     assert_eq!(exit, Exit::Status(0), "console: {console}");
     // The write is IOERR; the read returns the disk's zeros, not the pattern.
