@@ -103,11 +103,15 @@ impl<W: Write> Machine<W> {
         let vcpu = vm
             .create_vcpu(0)
             .map_err(|e| MachineError::Setup("create vCPU", e))?;
-        let cpuid = kvm
+        let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| MachineError::Setup("supported CPUID", e))?;
+        vcpu::filter_cpuid(&mut cpuid, 0, 1);
         vcpu.set_cpuid2(&cpuid)
             .map_err(|e| MachineError::Setup("vCPU CPUID", e))?;
+        vcpu::setup_cpu_state(&vcpu)?;
+        vm.create_pit2(kvm_bindings::kvm_pit_config::default())
+            .map_err(|e| MachineError::Setup("PIT", e))?;
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
         vm.register_irqfd(&serial_irq, 4)
             .map_err(|e| MachineError::Setup("serial irqfd", e))?;

@@ -27,6 +27,8 @@ pub enum VcpuError {
     Memory(vm_memory::GuestMemoryError),
     #[error("KVM rejected the vCPU registers: {0}")]
     Registers(kvm_ioctls::Error),
+    #[error("KVM did not accept the boot MSRs")]
+    Msrs,
 }
 
 /// A GDT entry from its flags, base and limit.
@@ -123,4 +125,155 @@ pub fn setup_long_mode(
     };
     vcpu.set_regs(&regs).map_err(VcpuError::Registers)?;
     Ok(())
+}
+
+// MSRs set at boot (Intel SDM vol. 4); values as a freshly reset CPU that
+// firmware has prepared for a 64-bit kernel.
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+
+// Local APIC registers and delivery modes.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// CPUID bits the guest must see differently from the host.
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+
+/// Adapts the host's supported CPUID for vCPU `index` of `count`: the
+/// hypervisor bit on, the APIC ID and logical processor count right,
+/// leaves describing caches shared by host cores not passed through as is.
+pub fn filter_cpuid(cpuid: &mut kvm_bindings::CpuId, index: u8, count: u8) {
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ecx |= LEAF1_ECX_HYPERVISOR;
+                // APIC ID in EBX[31:24], logical processors in [23:16].
+                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
+                if count > 1 {
+                    e.edx |= 1 << 28; // HTT: the count field is valid
+                }
+            }
+            // Extended topology: the x2APIC ID of this vCPU.
+            0xb | 0x1f => e.edx = u32::from(index),
+            // Deterministic cache parameters: cores sharing each cache.
+            4 => {
+                e.eax &= !0xfc00_0000;
+                if count > 1 {
+                    e.eax |= (u32::from(count) - 1) << 26;
+                }
+            }
+            // Power management features the VM cannot honour.
+            6 => e.ecx &= !(1 << 3),
+            _ => {}
+        }
+    }
+}
+
+/// FPU, MSRs and LAPIC as a 64-bit kernel expects them at entry.
+pub fn setup_cpu_state(vcpu: &VcpuFd) -> Result<(), VcpuError> {
+    let fpu = kvm_bindings::kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(VcpuError::Registers)?;
+
+    let entries: Vec<kvm_bindings::kvm_msr_entry> = [
+        (MSR_IA32_SYSENTER_CS, 0),
+        (MSR_IA32_SYSENTER_ESP, 0),
+        (MSR_IA32_SYSENTER_EIP, 0),
+        (MSR_STAR, 0),
+        (MSR_CSTAR, 0),
+        (MSR_KERNEL_GS_BASE, 0),
+        (MSR_SYSCALL_MASK, 0),
+        (MSR_LSTAR, 0),
+        (MSR_IA32_TSC, 0),
+        (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+    ]
+    .iter()
+    .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
+    .collect();
+    let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs)?;
+    let set = vcpu.set_msrs(&msrs).map_err(VcpuError::Registers)?;
+    if set != entries.len() {
+        return Err(VcpuError::Msrs);
+    }
+
+    // LINT0 delivers the legacy PIC's interrupts, LINT1 NMIs.
+    let mut lapic = vcpu.get_lapic().map_err(VcpuError::Registers)?;
+    set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
+    set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
+    vcpu.set_lapic(&lapic).map_err(VcpuError::Registers)?;
+    Ok(())
+}
+
+fn set_lvt_mode(regs: &mut [std::os::raw::c_char], offset: usize, mode: u32) {
+    let Some(bytes) = regs.get_mut(offset..offset + 4) else {
+        return;
+    };
+    let mut v = [0u8; 4];
+    for (d, s) in v.iter_mut().zip(bytes.iter()) {
+        *d = *s as u8;
+    }
+    let value = (u32::from_le_bytes(v) & !0x700) | (mode << 8);
+    for (d, s) in bytes.iter_mut().zip(value.to_le_bytes()) {
+        *d = s as std::os::raw::c_char;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+    #[test]
+    fn cpuid_says_hypervisor_and_names_the_vcpu() {
+        let entries = [
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xff00_1234,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                edx: 7,
+                ..Default::default()
+            },
+        ];
+        let mut cpuid = CpuId::from_entries(&entries).expect("cpuid");
+        filter_cpuid(&mut cpuid, 2, 4);
+        let e = cpuid.as_slice();
+        assert_ne!(e[0].ecx & (1 << 31), 0);
+        assert_eq!(e[0].ebx >> 24, 2);
+        assert_eq!((e[0].ebx >> 16) & 0xff, 4);
+        assert_eq!(e[0].ebx & 0xffff, 0x1234);
+        assert_eq!(e[1].edx, 2);
+    }
+
+    #[test]
+    fn gdt_entries_round_trip_into_segments() {
+        let code = gdt_entry(0xa09b, 0, 0xfffff);
+        let s = segment(code, 1);
+        assert_eq!(
+            (s.l, s.present, s.type_, s.selector, s.limit),
+            (1, 1, 0xb, 8, 0xfffff)
+        );
+        let data = segment(gdt_entry(0xc093, 0, 0xfffff), 2);
+        assert_eq!((data.l, data.db, data.type_, data.selector), (0, 1, 3, 16));
+    }
 }
