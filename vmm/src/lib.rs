@@ -7,6 +7,8 @@
 
 pub mod boot;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod host;
 pub mod machine;
 pub mod memory;

@@ -20,14 +20,9 @@ pub enum MemoryError {
     BadSize(u64),
 }
 
-/// `size` bytes of guest memory at guest physical address 0, backed by a
-/// memfd.
-pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
-    if size < 0x10_0000 || size % 4096 != 0 {
-        return Err(MemoryError::BadSize(size));
-    }
-    let name =
-        CString::new("kiln-guest-ram").map_err(|e| MemoryError::Memfd(io::Error::other(e)))?;
+/// An anonymous in-memory file of `size` bytes.
+pub fn memfd(name: &str, size: u64) -> Result<File, MemoryError> {
+    let name = CString::new(name).map_err(|e| MemoryError::Memfd(io::Error::other(e)))?;
     // SAFETY: memfd_create with a valid NUL-terminated name; the returned
     // descriptor is checked and then owned by `File`.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -37,6 +32,16 @@ pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
     // SAFETY: `fd` is a fresh descriptor nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(|e| MemoryError::Size(size, e))?;
+    Ok(file)
+}
+
+/// `size` bytes of guest memory at guest physical address 0, backed by a
+/// memfd.
+pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
+    if size < 0x10_0000 || size % 4096 != 0 {
+        return Err(MemoryError::BadSize(size));
+    }
+    let file = memfd("kiln-guest-ram", size)?;
     let region_file = file.try_clone().map_err(MemoryError::Memfd)?;
     let mem = GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),

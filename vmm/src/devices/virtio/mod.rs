@@ -4,6 +4,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod rng;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
