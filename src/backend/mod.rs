@@ -98,8 +98,9 @@ pub fn select(choice: BackendChoice) -> Result<(Box<dyn Backend>, Option<String>
                 );
             }
             bail!(
-                "the kvm backend (kiln-vmm) cannot boot Linux guests yet in this version \
-                 of kiln; use '--backend qemu', which uses KVM acceleration here"
+                "the kvm backend (kiln-vmm) cannot run kiln's guest yet in this version \
+                 of kiln (it has no agent console port); use '--backend qemu', which uses \
+                 KVM acceleration here"
             );
         }
         BackendChoice::Auto | BackendChoice::Qemu => {

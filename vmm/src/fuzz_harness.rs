@@ -15,8 +15,8 @@ use crate::memory;
 
 const MEM_SIZE: usize = 0x10000;
 const DESC: u64 = 0x0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
+const AVAIL: u64 = 0x100;
+const USED: u64 = 0x200;
 
 fn setup(data: &[u8]) -> Option<(GuestMemoryMmap, Block, Arc<IrqLine>)> {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?;
