@@ -55,11 +55,6 @@ impl Console {
         let l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         l.iter().skip(l.len().saturating_sub(n)).cloned().collect()
     }
-
-    pub fn contains(&self, needle: &str) -> bool {
-        let l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        l.iter().any(|line| line.contains(needle))
-    }
 }
 
 #[cfg(test)]
@@ -77,8 +72,6 @@ mod tests {
             c.tail(2),
             vec!["line 298".to_string(), "line 299".to_string()]
         );
-        assert!(c.contains("line 100"));
-        assert!(!c.contains("line 99\u{0}"));
         assert_eq!(c.tail(1000).len(), KEEP_LINES);
 
         let c = Console::new();

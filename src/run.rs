@@ -74,12 +74,17 @@ struct VmWatch<'a> {
 
 impl VmWatch<'_> {
     fn why_stopped(&mut self, status: Option<std::process::ExitStatus>) -> anyhow::Error {
-        let console = self.vm.console().tail(25).join("\n");
-        if self.vm.console().contains("Kernel panic") {
+        let lines = self.vm.console().tail(200);
+        if let Some(at) = lines.iter().rposition(|l| l.contains("Kernel panic")) {
+            // From just before the panic message to the end, however long
+            // the trace after it is.
+            let from = at.saturating_sub(3);
             return anyhow::anyhow!(
-                "the guest kernel panicked; its last console lines:\n{console}"
+                "the guest kernel panicked; its last console lines:\n{}",
+                lines[from..].join("\n")
             );
         }
+        let console = lines[lines.len().saturating_sub(25)..].join("\n");
         let diag = self.vm.diagnostics().join("\n");
         let status = status
             .map(|s| s.to_string())
