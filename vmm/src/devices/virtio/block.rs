@@ -17,7 +17,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
-use super::{ActivateError, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use super::{single_queue, ActivateError, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
 
 pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
@@ -200,13 +200,7 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
         irq: Arc<IrqLine>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Some(queue) = queues.into_iter().next().filter(|_| got == 1) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::InvalidQueue(0));
-        }
+        let queue = single_queue(&mem, queues)?;
         self.active = Some(Active { mem, queue, irq });
         Ok(())
     }

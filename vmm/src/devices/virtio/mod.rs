@@ -73,6 +73,18 @@ pub enum ActivateError {
     QueueCount { expected: usize, got: usize },
 }
 
+/// The one queue of a single-queue device, checked against guest memory.
+pub fn single_queue(mem: &GuestMemoryMmap, queues: Vec<Queue>) -> Result<Queue, ActivateError> {
+    let got = queues.len();
+    let Some(queue) = queues.into_iter().next().filter(|_| got == 1) else {
+        return Err(ActivateError::QueueCount { expected: 1, got });
+    };
+    if !virtio_queue::QueueT::is_valid(&queue, mem) {
+        return Err(ActivateError::InvalidQueue(0));
+    }
+    Ok(queue)
+}
+
 /// What the transport needs from a device.
 pub trait VirtioDevice: Send {
     /// virtio device ID (2 = block, 3 = console, 4 = entropy, 26 = fs).

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::{ActivateError, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use super::{single_queue, ActivateError, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
 
 pub const QUEUE_SIZE: u16 = 64;
 /// At most this much entropy per request, so one request cannot keep the
@@ -86,13 +86,7 @@ impl VirtioDevice for Rng {
         queues: Vec<Queue>,
         irq: Arc<IrqLine>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Some(queue) = queues.into_iter().next().filter(|_| got == 1) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::InvalidQueue(0));
-        }
+        let queue = single_queue(&mem, queues)?;
         self.active = Some((mem, queue, irq));
         Ok(())
     }
