@@ -14,10 +14,10 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
-use super::{single_queue, ActivateError, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use super::{serve_queue, single_queue, ActivateError, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
@@ -101,10 +101,6 @@ impl Block {
         })
     }
 
-    pub fn sectors(&self) -> u64 {
-        self.sectors
-    }
-
     fn config(&self) -> [u8; 60] {
         let mut c = [0u8; 60];
         c[0..8].copy_from_slice(&self.sectors.to_le_bytes());
@@ -127,32 +123,11 @@ impl Block {
         let Some(active) = self.active.as_mut() else {
             return 0;
         };
-        let mut done = 0;
-        while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
-            let head = chain.head_index();
-            let c = execute(
-                &self.disk,
-                self.readonly,
-                self.sectors,
-                &self.serial,
-                &active.mem,
-                chain,
-            );
-            if active
-                .queue
-                .add_used(&active.mem, head, c.used_len)
-                .is_err()
-            {
-                // The used ring is not writable: nothing more can be done
-                // on this queue until the driver resets it.
-                break;
-            }
-            done += 1;
-        }
-        if done > 0 && active.queue.needs_notification(&active.mem).unwrap_or(true) {
-            let _ = active.irq.trigger(INT_VRING);
-        }
-        done
+        let (disk, readonly, sectors, serial) =
+            (&self.disk, self.readonly, self.sectors, &self.serial);
+        serve_queue(&active.mem, &mut active.queue, &active.irq, |chain| {
+            execute(disk, readonly, sectors, serial, &active.mem, chain).used_len
+        })
     }
 }
 
@@ -428,6 +403,7 @@ fn zero_range(disk: &File, offset: u64, len: u64, discard: bool) -> io::Result<(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::devices::virtio::INT_VRING;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;

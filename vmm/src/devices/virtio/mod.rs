@@ -85,6 +85,34 @@ pub fn single_queue(mem: &GuestMemoryMmap, queues: Vec<Queue>) -> Result<Queue, 
     Ok(queue)
 }
 
+/// Serves every chain the driver made available on `queue`: `handle` runs
+/// each request and returns how many bytes it wrote into the guest's
+/// buffers; the chain then goes on the used ring, and the driver is
+/// interrupted once if it asked to be. Returns how many were served.
+pub fn serve_queue(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    irq: &IrqLine,
+    mut handle: impl FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
+) -> usize {
+    use virtio_queue::QueueT;
+    let mut done = 0;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let used_len = handle(chain);
+        if queue.add_used(mem, head, used_len).is_err() {
+            // The used ring is not writable: nothing more can be done on
+            // this queue until the driver resets it.
+            break;
+        }
+        done += 1;
+    }
+    if done > 0 && queue.needs_notification(mem).unwrap_or(true) {
+        let _ = irq.trigger(INT_VRING);
+    }
+    done
+}
+
 /// What the transport needs from a device.
 pub trait VirtioDevice: Send {
     /// virtio device ID (2 = block, 3 = console, 4 = entropy, 26 = fs).

@@ -4,10 +4,10 @@ use std::fs::File;
 use std::io::Read;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT, Writer};
+use virtio_queue::{Queue, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::{single_queue, ActivateError, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use super::{serve_queue, single_queue, ActivateError, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub const QUEUE_SIZE: u16 = 64;
 /// At most this much entropy per request, so one request cannot keep the
@@ -33,31 +33,18 @@ impl Rng {
         let Some((mem, queue, irq)) = self.active.as_mut() else {
             return 0;
         };
-        let mut done = 0;
-        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
-            let written = match Writer::new(&*mem, chain) {
-                Ok(mut w) => {
-                    let n = w.available_bytes().min(MAX_REQUEST);
-                    let mut buf = vec![0u8; n];
-                    match self.source.read_exact(&mut buf) {
-                        Ok(()) => std::io::Write::write_all(&mut w, &buf)
-                            .map(|()| n)
-                            .unwrap_or(0),
-                        Err(_) => 0,
-                    }
-                }
-                Err(_) => 0,
+        let source = &mut self.source;
+        serve_queue(mem, queue, irq, |chain| {
+            let Ok(mut w) = Writer::new(&*mem, chain) else {
+                return 0;
             };
-            if queue.add_used(&*mem, head, written as u32).is_err() {
-                break;
+            let n = w.available_bytes().min(MAX_REQUEST);
+            let mut buf = vec![0u8; n];
+            match source.read_exact(&mut buf) {
+                Ok(()) => std::io::Write::write_all(&mut w, &buf).map_or(0, |()| n as u32),
+                Err(_) => 0,
             }
-            done += 1;
-        }
-        if done > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
-            let _ = irq.trigger(INT_VRING);
-        }
-        done
+        })
     }
 }
 
@@ -106,6 +93,7 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
     use crate::devices::virtio::block::tests::{add_chain, memory};
+    use crate::devices::virtio::INT_VRING;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
