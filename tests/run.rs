@@ -110,6 +110,13 @@ fn host(cmd: &str, args: &[&str]) -> Output {
     out
 }
 
+/// An empty (sparse) disk image of `size` bytes.
+fn sparse_file(path: &Path, size: u64) {
+    fs::File::create(path)
+        .and_then(|f| f.set_len(size))
+        .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+}
+
 fn random_file(path: &Path, size: usize) -> String {
     // xorshift: incompressible, deterministic, no dependency.
     let mut x: u64 = 0x2545F4914F6CDD1D ^ size as u64;
@@ -289,9 +296,7 @@ fn verify_disk_on_host(raw: &Path) {
 fn raw_disk_is_partitioned_formatted_and_readable_on_the_host() {
     let k = Kiln::new();
     let disk = k.dir().join("disk.img");
-    fs::File::create(&disk)
-        .and_then(|f| f.set_len(64 << 20))
-        .expect("create disk");
+    sparse_file(&disk, 64 << 20);
     partition_and_format(&k, disk.to_str().expect("utf8"));
     verify_disk_on_host(&disk);
 }
@@ -492,12 +497,8 @@ fn disks_keep_their_order_and_by_id_names() {
     let k = Kiln::new();
     let a = k.dir().join("a.img");
     let b = k.dir().join("b.img");
-    fs::File::create(&a)
-        .and_then(|f| f.set_len(8 << 20))
-        .expect("a");
-    fs::File::create(&b)
-        .and_then(|f| f.set_len(16 << 20))
-        .expect("b");
+    sparse_file(&a, 8 << 20);
+    sparse_file(&b, 16 << 20);
     let out = k.run(&[
         "run",
         "--disk",
@@ -529,9 +530,7 @@ fn missing_disk_is_reported() {
 fn disk_in_use_by_another_kiln_is_refused() {
     let k = Kiln::new();
     let disk = k.dir().join("busy.img");
-    fs::File::create(&disk)
-        .and_then(|f| f.set_len(8 << 20))
-        .expect("disk");
+    sparse_file(&disk, 8 << 20);
     let disk_s = disk.to_str().expect("utf8");
     let mut first = k
         .command(&[
@@ -727,9 +726,7 @@ fn an_unprivileged_user_partitions_and_formats_a_disk() {
     fs::copy(path(&["kernel", "path"]), &kernel).expect("copy kernel");
     fs::copy(path(&["tools", "path"]), &tools).expect("copy tools");
     let disk = shared.join("disk.img");
-    fs::File::create(&disk)
-        .and_then(|f| f.set_len(32 << 20))
-        .expect("disk");
+    sparse_file(&disk, 32 << 20);
     let runtime = k.runtime();
     for p in [k.dir(), shared.as_path(), runtime.as_path()] {
         fs::set_permissions(p, fs::Permissions::from_mode(0o777)).expect("chmod");
@@ -781,9 +778,7 @@ fn a_filesystem_left_mounted_is_unmounted_cleanly() {
     // with the data on it.
     let k = Kiln::new();
     let disk = k.dir().join("fs.img");
-    fs::File::create(&disk)
-        .and_then(|f| f.set_len(32 << 20))
-        .expect("disk");
+    sparse_file(&disk, 32 << 20);
     let out = k.run(&[
         "run",
         "--disk",
