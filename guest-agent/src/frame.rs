@@ -81,10 +81,6 @@ impl<R: Read> FrameReader<R> {
         FrameReader { inner }
     }
 
-    pub fn get_mut(&mut self) -> &mut R {
-        &mut self.inner
-    }
-
     /// Reads one frame's payload.
     pub fn read_payload(&mut self) -> Result<Vec<u8>, FrameError> {
         let mut len = [0u8; 4];
@@ -127,10 +123,6 @@ pub struct FrameWriter<W> {
 impl<W: Write> FrameWriter<W> {
     pub fn new(inner: W) -> Self {
         FrameWriter { inner }
-    }
-
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.inner
     }
 
     /// Encodes and writes one message, then flushes.

@@ -126,10 +126,6 @@ impl<W: Write> Machine<W> {
         })
     }
 
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
-    }
-
     pub fn console(&self) -> &W {
         self.serial.output()
     }

@@ -87,14 +87,6 @@ impl MmioTransport {
             .collect()
     }
 
-    pub fn device_status(&self) -> u32 {
-        self.status
-    }
-
-    pub fn irq(&self) -> &Arc<IrqLine> {
-        &self.irq
-    }
-
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
     }
