@@ -253,34 +253,38 @@ putc:
     ret
 "#;
 
-#[test]
-fn guest_driver_reads_and_writes_a_disk_through_virtio_blk() {
-    if !kvm_available() {
-        return;
-    }
+/// Runs [`BLK_DRIVER`] against a 1 MiB disk with `serial`; returns what the
+/// guest printed and the disk's contents afterwards. The guest must exit 0.
+fn run_blk_driver(readonly: bool, serial: &str) -> (String, Vec<u8>) {
     use kiln_vmm::devices::virtio::block::Block;
     let disk = tempfile::NamedTempFile::new().expect("disk");
     disk.as_file().set_len(1 << 20).expect("size");
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(!readonly)
         .open(disk.path())
         .expect("open");
     let mut m = Machine::new(64 << 20, Vec::new()).expect("machine");
     let base = m
-        .add_virtio(Box::new(
-            Block::new(file, false, "kiln-test").expect("block"),
-        ))
+        .add_virtio(Box::new(Block::new(file, readonly, serial).expect("block")))
         .expect("add");
-    assert_eq!(base, 0xd000_0000);
+    assert_eq!(base, 0xd000_0000, "the driver expects the first window");
     m.load(LOAD, &assemble(BLK_DRIVER)).expect("load");
     m.start_at(Entry { rip: LOAD, rsi: 0 }).expect("start");
     let exit = m.run(100_000).expect("run");
     let console = String::from_utf8_lossy(m.console()).into_owned();
     assert_eq!(exit, Exit::Status(0), "console: {console}");
+    (console, std::fs::read(disk.path()).expect("read disk"))
+}
+
+#[test]
+fn guest_driver_reads_and_writes_a_disk_through_virtio_blk() {
+    if !kvm_available() {
+        return;
+    }
+    let (console, data) = run_blk_driver(false, "kiln-test");
     // OUT, FLUSH, IN, GET_ID succeed; the read past the end is IOERR.
     assert_eq!(console, "00001 kiln-test =\n");
-    let data = std::fs::read(disk.path()).expect("read disk");
     let expected: Vec<u8> = (0..512u32).map(|i| (i * 7) as u8).collect();
     assert_eq!(&data[512..1024], &expected[..], "sector 1 on the host");
     assert!(data[..512].iter().all(|&b| b == 0), "sector 0 untouched");
@@ -291,22 +295,8 @@ fn guest_writes_to_a_read_only_disk_are_refused() {
     if !kvm_available() {
         return;
     }
-    use kiln_vmm::devices::virtio::block::Block;
-    let disk = tempfile::NamedTempFile::new().expect("disk");
-    disk.as_file().set_len(1 << 20).expect("size");
-    let file = std::fs::File::open(disk.path()).expect("open");
-    let mut m = Machine::new(64 << 20, Vec::new()).expect("machine");
-    m.add_virtio(Box::new(Block::new(file, true, "kiln-ro").expect("block")))
-        .expect("add");
-    m.load(LOAD, &assemble(BLK_DRIVER)).expect("load");
-    m.start_at(Entry { rip: LOAD, rsi: 0 }).expect("start");
-    let exit = m.run(100_000).expect("run");
-    let console = String::from_utf8_lossy(m.console()).into_owned();
-    assert_eq!(exit, Exit::Status(0), "console: {console}");
+    let (console, data) = run_blk_driver(true, "kiln-ro");
     // The write is IOERR; the read returns the disk's zeros, not the pattern.
     assert_eq!(console, "10001 kiln-ro !\n");
-    assert!(std::fs::read(disk.path())
-        .expect("read")
-        .iter()
-        .all(|&b| b == 0));
+    assert!(data.iter().all(|&b| b == 0));
 }
