@@ -5,6 +5,7 @@ mod backend;
 mod cache;
 mod console;
 mod disk;
+mod guest;
 mod initramfs;
 mod interrupt;
 mod job;

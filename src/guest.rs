@@ -1,0 +1,263 @@
+//! A booted build VM with its agent connected: the one place that starts a
+//! backend, the virtiofsd daemons and the agent channel, and that stops
+//! them all on every exit path (they are dropped with the [`Guest`]).
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use kiln_agent::{ExecRequest, MountRequest, TOOLS_DISK_SERIAL};
+
+use crate::backend::{self, BackendChoice, DiskSpec, ShareSpec, Vm, VmSpec};
+use crate::disk::DiskFormat;
+use crate::run::RunError;
+use crate::session::{ExecOutcome, Session, Watch};
+use crate::share::{self, ShareArg, Virtiofsd};
+use crate::{initramfs, interrupt, kernel, tools};
+
+/// What to boot.
+pub struct GuestConfig {
+    /// Disks in guest order, each with the serial it is known by.
+    pub disks: Vec<DiskSpec>,
+    pub shares: Vec<ShareArg>,
+    pub mem_mib: u64,
+    pub cpus: u32,
+    /// Echo the guest console to stderr.
+    pub console: bool,
+    pub backend: BackendChoice,
+    pub kernel: Option<PathBuf>,
+    pub kernel_args: Option<String>,
+    pub tools: Option<PathBuf>,
+    /// Whole-run limit in seconds, counted from boot.
+    pub timeout: Option<u64>,
+    pub boot_timeout: f64,
+}
+
+/// Watches the VM while kiln waits on the guest.
+pub struct VmWatch {
+    vm: Box<dyn Vm>,
+    deadline: Option<Instant>,
+    timeout: u64,
+}
+
+impl VmWatch {
+    fn why_stopped(&mut self, status: Option<std::process::ExitStatus>) -> anyhow::Error {
+        let lines = self.vm.console().tail(200);
+        if let Some(at) = lines.iter().rposition(|l| l.contains("Kernel panic")) {
+            // From just before the panic message to the end, however long
+            // the trace after it is.
+            let from = at.saturating_sub(3);
+            return anyhow::anyhow!(
+                "the guest kernel panicked; its last console lines:\n{}",
+                lines[from..].join("\n")
+            );
+        }
+        let console = lines[lines.len().saturating_sub(25)..].join("\n");
+        let diag = self.vm.diagnostics().join("\n");
+        let status = status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "still running".into());
+        anyhow::anyhow!(
+            "the VM stopped before the guest powered off cleanly ({status}).\n\
+             hypervisor said:\n{diag}\nlast console lines:\n{console}"
+        )
+    }
+}
+
+impl Watch for VmWatch {
+    fn check(&mut self) -> Result<()> {
+        if interrupt::requested() {
+            bail!(RunError::Interrupted);
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            bail!(RunError::Timeout(self.timeout));
+        }
+        Ok(())
+    }
+
+    fn connection_lost(&mut self, why: &str) -> anyhow::Error {
+        // The channel closes when the VM ends; give it a moment to finish
+        // so the report says how it ended.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Err(e) = self.check() {
+                return e;
+            }
+            match self.vm.try_wait() {
+                Ok(Some(status)) => return self.why_stopped(Some(status)),
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return e,
+            }
+        }
+        let e = self.why_stopped(None);
+        e.context(format!("lost the connection to the guest agent ({why})"))
+    }
+}
+
+/// A running guest. Dropping it stops the VM and everything started for it;
+/// [`Guest::shutdown`] is the clean way out.
+pub struct Guest {
+    // Field order is drop order: the VM goes first, then the daemons it
+    // used, then the runtime directory holding their sockets.
+    watch: VmWatch,
+    session: Session,
+    shares: Vec<(ShareArg, Virtiofsd)>,
+    _runtime: tempfile::TempDir,
+}
+
+impl Guest {
+    /// Boots the VM and waits for the agent's handshake; mounts the shares.
+    pub fn boot(cfg: GuestConfig) -> Result<Guest> {
+        let kernel = match &cfg.kernel {
+            Some(p) if p.is_file() => p.clone(),
+            Some(p) => bail!("kernel {} does not exist", p.display()),
+            None => kernel::locate()?.vmlinux(),
+        };
+        let tools_image = tools::locate(cfg.tools.as_deref())?;
+        let initramfs = initramfs::path()?;
+        let (backend, note) = backend::select(cfg.backend)?;
+        if let Some(n) = note {
+            eprintln!("{n}");
+        }
+        if cfg.console {
+            eprintln!("kiln: backend {}", backend.name());
+        }
+
+        let runtime = tempfile::Builder::new()
+            .prefix("kiln-run-")
+            .tempdir()
+            .context("creating a runtime directory")?;
+        let mut shares = Vec::new();
+        for (i, s) in cfg.shares.iter().enumerate() {
+            shares.push((s.clone(), share::start(s, i, runtime.path())?));
+        }
+        let agent_socket = runtime.path().join("agent.sock");
+        let listener = UnixListener::bind(&agent_socket)
+            .with_context(|| format!("listening on {}", agent_socket.display()))?;
+        listener.set_nonblocking(true)?;
+
+        let mut disks = cfg.disks;
+        disks.push(DiskSpec {
+            path: tools_image,
+            format: DiskFormat::Raw,
+            readonly: true,
+            serial: TOOLS_DISK_SERIAL.to_string(),
+        });
+        let mut cmdline = String::from(
+            "console=ttyS0 reboot=t panic=-1 tsc=reliable no_timer_check \
+             8250.nr_uarts=1 random.trust_cpu=on rdinit=/init",
+        );
+        if !cfg.console {
+            cmdline.push_str(" quiet");
+        }
+        if let Some(extra) = &cfg.kernel_args {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        let spec = VmSpec {
+            kernel,
+            initramfs,
+            cmdline,
+            mem_mib: cfg.mem_mib,
+            cpus: cfg.cpus,
+            disks,
+            shares: shares
+                .iter()
+                .map(|(_, d)| ShareSpec {
+                    socket: d.socket.clone(),
+                    tag: d.tag.clone(),
+                })
+                .collect(),
+            agent_socket,
+            echo_console: cfg.console,
+        };
+
+        let started = Instant::now();
+        let vm = backend.launch(&spec)?;
+        let mut watch = VmWatch {
+            vm,
+            deadline: cfg.timeout.map(|t| started + Duration::from_secs(t)),
+            timeout: cfg.timeout.unwrap_or(0),
+        };
+        let boot_deadline = started + Duration::from_secs_f64(cfg.boot_timeout);
+        // QEMU connects the channel as it starts, before the guest boots.
+        let stream = accept(&listener, &mut watch, started + Duration::from_secs(10))?;
+        let mut session = Session::new(stream)?;
+        session.handshake(&mut watch, boot_deadline, cfg.boot_timeout)?;
+        let mut guest = Guest {
+            watch,
+            session,
+            shares,
+            _runtime: runtime,
+        };
+        for i in 0..guest.shares.len() {
+            let (s, d) = &guest.shares[i];
+            let m = MountRequest {
+                id: 0,
+                fstype: "virtiofs".into(),
+                source: d.tag.clone(),
+                target: s.guest.clone(),
+                options: String::new(),
+                readonly: s.readonly,
+            };
+            guest.session.mount(m, &mut guest.watch)?;
+        }
+        Ok(guest)
+    }
+
+    pub fn exec(
+        &mut self,
+        req: ExecRequest,
+        stdout: &mut dyn std::io::Write,
+        stderr: &mut dyn std::io::Write,
+    ) -> Result<ExecOutcome> {
+        self.session.exec(req, stdout, stderr, &mut self.watch)
+    }
+
+    pub fn put_file(&mut self, host: &Path, guest: &str) -> Result<()> {
+        self.session.put_file(host, guest, &mut self.watch)
+    }
+
+    pub fn get_file(&mut self, guest: &str, host: &Path) -> Result<()> {
+        self.session.get_file(guest, host, &mut self.watch)
+    }
+
+    /// Syncs and powers the guest off, and waits for the VM to end.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.session.poweroff(&mut self.watch)?;
+        // The guest has synced; it now restarts, which ends the VM.
+        let limit = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.watch.vm.try_wait()? {
+                if !status.success() {
+                    return Err(self.watch.why_stopped(Some(status)));
+                }
+                return Ok(());
+            }
+            self.watch.check()?;
+            if Instant::now() > limit {
+                bail!("the VM did not stop within 30 s after the guest synced and powered off");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn accept(listener: &UnixListener, watch: &mut VmWatch, deadline: Instant) -> Result<UnixStream> {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => return Ok(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e).context("accepting the agent connection"),
+        }
+        watch.check()?;
+        if let Some(status) = watch.vm.try_wait()? {
+            return Err(watch.why_stopped(Some(status)));
+        }
+        if Instant::now() >= deadline {
+            bail!("the hypervisor did not connect the agent channel within 10 s of starting");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
