@@ -2,6 +2,8 @@
 //! throwaway microVM.
 
 mod backend;
+mod boot;
+mod build;
 mod cache;
 mod console;
 mod disk;
@@ -11,6 +13,7 @@ mod interrupt;
 mod job;
 mod kernel;
 mod process;
+mod recipe;
 mod run;
 mod session;
 mod share;
@@ -43,6 +46,10 @@ struct Cli {
 enum Cmd {
     /// Run a command as root in a fresh VM and exit with its status.
     Run(Box<RunArgs>),
+    /// Build the images a recipe describes (see images/README.md).
+    Build(Box<BuildArgs>),
+    /// Boot a built image as a whole machine and wait for a console line.
+    Boot(Box<boot::BootArgs>),
     /// The guest kernel.
     Kernel {
         #[command(subcommand)]
@@ -128,6 +135,40 @@ struct RunArgs {
     command: Vec<String>,
 }
 
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// The recipe (TOML).
+    recipe: PathBuf,
+    /// Where the outputs go (created if missing).
+    #[arg(short = 'o', long = "output", value_name = "DIR", default_value = ".")]
+    out_dir: PathBuf,
+    /// Output format, instead of the recipe's list. Repeatable:
+    /// raw, qcow2, vmdk, vhdx, vpc, ova, iso.
+    #[arg(long = "format", value_name = "F")]
+    formats: Vec<recipe::Format>,
+    /// Print a JSON summary (outputs, sizes, hashes, step times) on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Show every step's output as it runs.
+    #[arg(long, short)]
+    verbose: bool,
+    /// Build VM memory.
+    #[arg(long, default_value = "2G", value_parser = parse_mem)]
+    mem: u64,
+    /// Build VM CPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpus: u32,
+    /// Which hypervisor runs the build VM.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Bootstrap the Debian root again instead of using the cached one.
+    #[arg(long)]
+    fresh: bool,
+    /// Stop and fail the build after SECS seconds in the VM.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
+}
+
 /// `--copy-out GUEST:HOST`: the guest path is absolute and comes first, as
 /// the data flows.
 fn parse_copy_out(s: &str) -> Result<CopyArg, String> {
@@ -142,7 +183,7 @@ fn parse_copy_out(s: &str) -> Result<CopyArg, String> {
     })
 }
 
-fn parse_secs(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
         _ => Err(format!(
@@ -160,7 +201,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
-fn parse_mem(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_mem(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.chars().last() {
         Some('G' | 'g') => (&s[..s.len() - 1], 1024),
@@ -227,6 +268,20 @@ fn main() -> ExitCode {
             tools: a.tools,
             command: a.command,
         }),
+        Cmd::Build(a) => build::build(build::BuildOptions {
+            recipe: a.recipe,
+            out_dir: a.out_dir,
+            formats: a.formats,
+            json: a.json,
+            verbose: a.verbose,
+            mem_mib: a.mem,
+            cpus: a.cpus,
+            backend: a.backend,
+            fresh: a.fresh,
+            timeout: a.timeout,
+        })
+        .map(|()| 0),
+        Cmd::Boot(a) => boot::boot(*a),
         Cmd::Kernel { action } => artifact("kernel", action).map(|()| 0),
         Cmd::Tools { action } => artifact("tools", action).map(|()| 0),
     };

@@ -160,3 +160,11 @@ pub fn build(force: bool) -> Result<PathBuf> {
     }
     Ok(staging.commit()?.join(IMAGE_NAME))
 }
+
+/// The Debian mirror builds use: `KILN_DEBIAN_MIRROR`, or Debian's CDN.
+pub fn mirror() -> String {
+    std::env::var("KILN_DEBIAN_MIRROR")
+        .ok()
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| "http://deb.debian.org/debian".into())
+}

@@ -1,0 +1,338 @@
+//! `kiln boot IMAGE`: boots a built image as a whole PC (QEMU q35 with OVMF
+//! for UEFI or SeaBIOS for BIOS; KVM where it runs unmodified guests, TCG
+//! elsewhere) and succeeds when its serial console shows a pattern. The
+//! image is never written: QEMU runs it as a snapshot.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use kiln_vmm::host::{self, KvmSupport};
+
+use crate::backend::qemu::which;
+use crate::build::detect_format;
+use crate::interrupt;
+use crate::process::{detach_and_tie, Guarded};
+use crate::run::RunError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Firmware {
+    Uefi,
+    Bios,
+}
+
+#[derive(clap::Args)]
+pub struct BootArgs {
+    /// The image: raw, qcow2, vmdk, vhdx, vpc, ova or iso (optionally .xz/.zst).
+    image: PathBuf,
+    #[arg(long, value_enum, default_value_t = Firmware::Uefi)]
+    firmware: Firmware,
+    /// Succeed once the serial console matches this regular expression.
+    #[arg(long, value_name = "REGEX", default_value = "login:")]
+    expect: String,
+    /// Give up (exit 124) after SECS seconds.
+    #[arg(long, value_name = "SECS", default_value = "600", value_parser = crate::parse_secs)]
+    timeout: f64,
+    /// Guest memory.
+    #[arg(long, default_value = "1G", value_parser = crate::parse_mem)]
+    mem: u64,
+    /// Show the console on stderr as it comes.
+    #[arg(long)]
+    console: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where Debian's ovmf package puts the firmware.
+const OVMF_CODE: &[&str] = &[
+    "/usr/share/OVMF/OVMF_CODE_4M.fd",
+    "/usr/share/OVMF/OVMF_CODE.fd",
+];
+const OVMF_VARS: &[&str] = &[
+    "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    "/usr/share/OVMF/OVMF_VARS.fd",
+];
+
+fn first_existing(paths: &[&str]) -> Option<PathBuf> {
+    paths.iter().map(PathBuf::from).find(|p| p.is_file())
+}
+
+/// Drops terminal escape sequences and carriage returns, so patterns match
+/// the text a person would see.
+fn strip_escapes(raw: &[u8], out: &mut String) {
+    let text = String::from_utf8_lossy(raw);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    while let Some(&n) = chars.peek() {
+                        chars.next();
+                        if ('@'..='~').contains(&n) {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next();
+                }
+            }
+            '\r' | '\0' => {}
+            c => out.push(c),
+        }
+    }
+}
+
+/// Decompresses `.xz`/`.zst` images and unpacks an ova's disk into `work`.
+fn unpack(image: &Path, work: &Path) -> Result<PathBuf> {
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for (ext, tool) in [(".xz", "xz"), (".zst", "zstd")] {
+        if let Some(stem) = name.strip_suffix(ext) {
+            let out = work.join(stem);
+            let f = std::fs::File::create(&out)?;
+            let status = Command::new(tool)
+                .arg("-dc")
+                .arg(image)
+                .stdout(f)
+                .status()
+                .with_context(|| format!("running {tool}"))?;
+            if !status.success() {
+                bail!("decompressing {} with {tool} failed", image.display());
+            }
+            return unpack(&out, work);
+        }
+    }
+    if name.ends_with(".ova") {
+        let dir = work.join("ova");
+        std::fs::create_dir_all(&dir)?;
+        let status = Command::new("tar")
+            .arg("-xf")
+            .arg(image)
+            .arg("-C")
+            .arg(&dir)
+            .arg("--wildcards")
+            .arg("*.vmdk")
+            .status()
+            .context("running tar")?;
+        if !status.success() {
+            bail!("{} is not an ova with a vmdk disk", image.display());
+        }
+        let disk = std::fs::read_dir(&dir)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "vmdk"))
+            .with_context(|| format!("no vmdk in {}", image.display()))?;
+        return Ok(disk);
+    }
+    Ok(image.to_path_buf())
+}
+
+fn is_iso(p: &Path) -> bool {
+    let mut buf = [0u8; 5];
+    std::fs::File::open(p)
+        .and_then(|mut f| {
+            use std::io::{Seek, SeekFrom};
+            f.seek(SeekFrom::Start(0x8001))?;
+            f.read_exact(&mut buf)
+        })
+        .is_ok()
+        && &buf == b"CD001"
+}
+
+pub fn boot(a: BootArgs) -> Result<u8> {
+    let re = regex::Regex::new(&a.expect)
+        .with_context(|| format!("--expect '{}' is not a valid regular expression", a.expect))?;
+    if !a.image.is_file() {
+        bail!("image {} does not exist", a.image.display());
+    }
+    let qemu = std::env::var_os("KILN_QEMU")
+        .map(PathBuf::from)
+        .or_else(|| which("qemu-system-x86_64"))
+        .context("qemu-system-x86_64 not found: sudo apt-get install qemu-system-x86")?;
+    let work = tempfile::Builder::new().prefix("kiln-boot-").tempdir()?;
+    let image = unpack(&a.image, work.path())?;
+
+    let mut cmd = Command::new(&qemu);
+    cmd.args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-machine", "q35"])
+        .args(["-m", &format!("{}M", a.mem)])
+        .args(["-smp", "2"])
+        .args(["-chardev", "stdio,id=con,signal=off"])
+        .args(["-serial", "chardev:con"])
+        .args(["-device", "virtio-rng-pci"])
+        .args(["-nic", "user,model=virtio-net-pci"]);
+    let device = crate::backend::kvm_device();
+    match host::probe(&device, Path::new("/sys/module")) {
+        KvmSupport::Usable => {
+            cmd.args(["-accel", "kvm", "-cpu", "host"]);
+        }
+        other => {
+            if !a.json {
+                eprintln!(
+                    "kiln: booting under TCG (software emulation, slower): {}",
+                    other.explain(&device)
+                );
+            }
+            cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
+        }
+    }
+    if a.firmware == Firmware::Uefi {
+        let code = first_existing(OVMF_CODE)
+            .context("OVMF not found, needed for --firmware uefi: sudo apt-get install ovmf")?;
+        let vars_src = first_existing(OVMF_VARS)
+            .context("OVMF variables not found: sudo apt-get install ovmf")?;
+        let vars = work.path().join("OVMF_VARS.fd");
+        std::fs::copy(&vars_src, &vars)?;
+        cmd.arg("-drive").arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            code.display()
+        ));
+        cmd.arg("-drive").arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ));
+    }
+    if is_iso(&image) {
+        cmd.arg("-drive").arg(format!(
+            "file={},media=cdrom,readonly=on,if=ide",
+            image.display()
+        ));
+    } else {
+        let fmt = detect_format(&image)?;
+        // snapshot: writes go to a temporary overlay, never to the image.
+        cmd.arg("-drive").arg(format!(
+            "file={},format={fmt},if=virtio,snapshot=on",
+            image.display()
+        ));
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    detach_and_tie(&mut cmd);
+    let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
+    let mut out = child.stdout.take().context("qemu's console")?;
+    let mut err = child.stderr.take().context("qemu's error stream")?;
+    let mut child = Guarded::new(child);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 8192];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(a.timeout);
+    let mut text = String::new();
+    // Matching restarts a little before the new text, so a match split
+    // across two reads is still found.
+    let mut searched = 0usize;
+    let result = loop {
+        if interrupt::requested() {
+            break Err(anyhow::anyhow!(RunError::Interrupted));
+        }
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(data) => {
+                if a.console {
+                    use std::io::Write;
+                    let _ = std::io::stderr().write_all(&data);
+                }
+                strip_escapes(&data, &mut text);
+                let from = text.floor_char_boundary_compat(searched.saturating_sub(4096));
+                if let Some(m) = re.find(&text[from..]) {
+                    break Ok(m.as_str().to_string());
+                }
+                searched = text.len();
+                if text.len() > 4 << 20 {
+                    let cut = text.floor_char_boundary_compat(text.len() - (1 << 20));
+                    text.drain(..cut);
+                    searched = text.len();
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.try_wait()?;
+                child.kill();
+                let diag = err_thread.join().unwrap_or_default();
+                break Err(anyhow::anyhow!(
+                    "the machine stopped ({}) before its console matched '{}'.\n\
+                     qemu said: {}\nlast console lines:\n{}",
+                    status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "console closed".into()),
+                    a.expect,
+                    diag.trim(),
+                    last_lines(&text, 25)
+                ));
+            }
+        }
+        if Instant::now() >= deadline {
+            child.kill();
+            eprintln!(
+                "kiln: the console did not match '{}' within {} s; last console lines:\n{}",
+                a.expect,
+                a.timeout,
+                last_lines(&text, 25)
+            );
+            break Err(anyhow::anyhow!(RunError::Timeout(a.timeout.ceil() as u64)));
+        }
+    };
+    child.kill();
+    let matched = result?;
+    let secs = started.elapsed().as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"matched": matched, "seconds": (secs * 10.0).round() / 10.0,
+                "firmware": format!("{:?}", a.firmware).to_lowercase()})
+        );
+    } else {
+        eprintln!("kiln: console matched '{}' after {secs:.1} s", a.expect);
+    }
+    Ok(0)
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+trait CharBoundary {
+    fn floor_char_boundary_compat(&self, i: usize) -> usize;
+}
+
+impl CharBoundary for String {
+    fn floor_char_boundary_compat(&self, mut i: usize) -> usize {
+        i = i.min(self.len());
+        while !self.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_are_stripped() {
+        let mut s = String::new();
+        strip_escapes(b"\x1b[2J\x1b[01;01Hdebian login: \r\n", &mut s);
+        assert_eq!(s, "debian login: \n");
+    }
+}

@@ -1,0 +1,466 @@
+//! `kiln build RECIPE`: the root filesystem is prepared on the host without
+//! privileges, every privileged step (partitioning, mkfs, ownership, grub)
+//! runs in one build VM, and the outputs are converted on the host. Nothing
+//! appears under a final name until every output is complete.
+
+mod ids;
+mod output;
+mod rootfs;
+mod script;
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_agent::ExecRequest;
+
+use crate::backend::{BackendChoice, DiskSpec};
+use crate::disk::DiskFormat;
+use crate::guest::{Guest, GuestConfig};
+use crate::recipe::{Checked, Format};
+use crate::session::ExecOutcome;
+
+pub use output::detect_format;
+
+pub struct BuildOptions {
+    pub recipe: PathBuf,
+    pub out_dir: PathBuf,
+    pub formats: Vec<Format>,
+    pub json: bool,
+    pub verbose: bool,
+    pub mem_mib: u64,
+    pub cpus: u32,
+    pub backend: BackendChoice,
+    /// Bootstrap the Debian root again instead of using the cached one.
+    pub fresh: bool,
+    pub timeout: Option<u64>,
+}
+
+/// The epoch every timestamp in the image is clamped to:
+/// SOURCE_DATE_EPOCH, else the recipe's `source_date_epoch`, else a date
+/// derived from the recipe's text (in 2020-2025, so tools that distrust
+/// very old dates stay quiet).
+fn epoch(c: &Checked) -> Result<u64> {
+    if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
+        return v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH='{v}' is not a number of seconds"));
+    }
+    if let Some(e) = c.recipe.source_date_epoch {
+        return Ok(e);
+    }
+    let h = crate::cache::hash(&[c.text.as_bytes()]);
+    let n = u64::from_str_radix(&h[..8], 16).unwrap_or(0);
+    Ok(1_577_836_800 + n % (5 * 365 * 86_400))
+}
+
+/// Removes, on drop, every file in the output directory whose name starts
+/// with the build's temporary prefix: whatever way the build ends, no
+/// partial output stays behind.
+struct Sweep {
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&self.prefix) {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct StepTime {
+    step: String,
+    seconds: f64,
+}
+
+#[derive(serde::Serialize)]
+struct OutputSummary {
+    format: String,
+    path: PathBuf,
+    size: u64,
+    sha256: String,
+}
+
+/// Shows a step's progress; keeps its last output lines for the error.
+struct StepLog {
+    bar: ProgressBar,
+    lines: VecDeque<String>,
+    partial: Vec<u8>,
+    echo: bool,
+}
+
+impl StepLog {
+    fn new(name: &str, quiet: bool) -> StepLog {
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            let b = ProgressBar::new_spinner();
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {prefix} [{elapsed}] {wide_msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            b.enable_steady_tick(Duration::from_millis(200));
+            b
+        };
+        bar.set_prefix(name.to_string());
+        StepLog {
+            bar,
+            lines: VecDeque::new(),
+            partial: Vec::new(),
+            echo: false,
+        }
+    }
+
+    fn take(&mut self, data: &[u8]) {
+        if self.echo {
+            self.bar.suspend(|| {
+                let _ = std::io::stderr().write_all(data);
+            });
+        }
+        self.partial.extend_from_slice(data);
+        while let Some(i) = self.partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            let line = String::from_utf8_lossy(&line).trim_end().to_string();
+            if line.is_empty() {
+                continue;
+            }
+            self.bar
+                .set_message(line.chars().take(120).collect::<String>());
+            self.lines.push_back(line);
+            if self.lines.len() > 30 {
+                self.lines.pop_front();
+            }
+        }
+    }
+
+    fn tail(&mut self) -> String {
+        if !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial);
+            self.lines
+                .push_back(String::from_utf8_lossy(&rest).into_owned());
+        }
+        self.lines.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+struct LogWriter<'a>(&'a std::cell::RefCell<StepLog>);
+
+impl Write for LogWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().take(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Times host-side and guest-side steps, and reports each as it ends.
+struct Progress {
+    json: bool,
+    times: Vec<StepTime>,
+}
+
+impl Progress {
+    fn host<T>(&mut self, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let started = Instant::now();
+        let bar = if self.json {
+            ProgressBar::hidden()
+        } else {
+            let b = ProgressBar::new_spinner();
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {prefix} [{elapsed}]")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            b.enable_steady_tick(Duration::from_millis(200));
+            b
+        };
+        bar.set_prefix(name.to_string());
+        let r = f();
+        bar.finish_and_clear();
+        let r = r.with_context(|| format!("step '{name}' failed"))?;
+        self.done(name, started.elapsed());
+        Ok(r)
+    }
+
+    fn done(&mut self, name: &str, took: Duration) {
+        if !self.json {
+            eprintln!("  {name:<20} {:>7.1} s", took.as_secs_f64());
+        }
+        self.times.push(StepTime {
+            step: name.to_string(),
+            seconds: (took.as_secs_f64() * 10.0).round() / 10.0,
+        });
+    }
+}
+
+pub fn build(opts: BuildOptions) -> Result<()> {
+    let c = Checked::load(&opts.recipe)?;
+    let formats: Vec<Format> = {
+        let mut f = if opts.formats.is_empty() {
+            c.formats()
+        } else {
+            opts.formats.clone()
+        };
+        f.sort();
+        f.dedup();
+        f
+    };
+    let needs_disk = formats.iter().any(|f| *f != Format::Iso);
+    if needs_disk && c.disk_size == 0 {
+        bail!(
+            "{}: format {} needs a disk image, but the recipe has no size and partitions \
+             (it is for: iso)",
+            c.file.display(),
+            formats
+                .iter()
+                .filter(|f| **f != Format::Iso)
+                .map(|f| f.ext())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let epoch = epoch(&c)?;
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("creating output directory {}", opts.out_dir.display()))?;
+    let out_dir = opts
+        .out_dir
+        .canonicalize()
+        .with_context(|| format!("output directory {}", opts.out_dir.display()))?;
+    let prefix = format!(".kiln-build-{}-", std::process::id());
+    let _sweep = Sweep {
+        dir: out_dir.clone(),
+        prefix: prefix.clone(),
+    };
+    // Scratch space beside the outputs: /tmp may be a small tmpfs.
+    let work = tempfile::Builder::new()
+        .prefix(&prefix)
+        .tempdir_in(&out_dir)
+        .with_context(|| format!("creating a work directory in {}", out_dir.display()))?;
+    let mut progress = Progress {
+        json: opts.json,
+        times: Vec::new(),
+    };
+    if !opts.json {
+        eprintln!(
+            "kiln build {} -> {} ({}; SOURCE_DATE_EPOCH={epoch})",
+            c.name,
+            out_dir.display(),
+            formats
+                .iter()
+                .map(|f| f.ext())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+
+    let root = progress.host("root filesystem", || {
+        rootfs::prepare(&c.root, epoch, work.path(), opts.fresh, opts.json)
+    })?;
+
+    let ids = ids::Ids::new(c.text.as_bytes());
+    let parts = if needs_disk {
+        script::plan_partitions(&c, &ids)
+    } else {
+        vec![]
+    };
+    let steps = script::steps(&script::Inputs {
+        recipe: &c,
+        epoch,
+        parts: &parts,
+        root_tar_flag: root.tar_flag,
+        formats: &formats,
+    });
+
+    // The disks: the image being built, the root archive, scratch space
+    // for the tree, and where the iso lands.
+    let raw = work.path().join("disk.raw");
+    let mut disks = Vec::new();
+    if needs_disk {
+        std::fs::File::create(&raw)?.set_len(c.disk_size)?;
+        disks.push(DiskSpec {
+            path: raw.clone(),
+            format: DiskFormat::Raw,
+            readonly: false,
+            serial: script::TARGET_SERIAL.into(),
+        });
+    }
+    disks.push(DiskSpec {
+        path: root.path.clone(),
+        format: DiskFormat::Raw,
+        readonly: true,
+        serial: script::ROOTFS_SERIAL.into(),
+    });
+    let scratch = work.path().join("scratch.img");
+    let gib = 1u64 << 30;
+    let scratch_size = (root.size.saturating_mul(4) + 2 * gib).max(c.disk_size + gib);
+    std::fs::File::create(&scratch)?.set_len(scratch_size.div_ceil(gib) * gib)?;
+    disks.push(DiskSpec {
+        path: scratch,
+        format: DiskFormat::Raw,
+        readonly: false,
+        serial: script::SCRATCH_SERIAL.into(),
+    });
+    let iso_disk = work.path().join("iso.img");
+    if formats.contains(&Format::Iso) {
+        std::fs::File::create(&iso_disk)?
+            .set_len((root.size.saturating_mul(2) + gib).div_ceil(gib) * gib)?;
+        disks.push(DiskSpec {
+            path: iso_disk.clone(),
+            format: DiskFormat::Raw,
+            readonly: false,
+            serial: script::ISO_SERIAL.into(),
+        });
+    }
+
+    let mut guest = progress.host("boot build VM", || {
+        Guest::boot(GuestConfig {
+            disks,
+            shares: vec![],
+            mem_mib: opts.mem_mib,
+            cpus: opts.cpus,
+            console: false,
+            backend: opts.backend,
+            kernel: None,
+            kernel_args: None,
+            tools: None,
+            timeout: opts.timeout,
+            boot_timeout: 120.0,
+        })
+    })?;
+
+    // The recipe's files, then the step scripts.
+    let files_dir = work.path().join("files");
+    std::fs::create_dir_all(&files_dir)?;
+    for (i, f) in c.recipe.files.iter().enumerate() {
+        let host = match (&f.source, &f.content) {
+            (Some(src), _) => src.clone(),
+            (None, Some(text)) => {
+                let p = files_dir.join(i.to_string());
+                std::fs::write(&p, text)?;
+                p
+            }
+            (None, None) => continue,
+        };
+        guest
+            .put_file(&host, &script::file_slot(i))
+            .with_context(|| format!("copying file[{i}] ({}) into the VM", f.path))?;
+    }
+    let mut iso_size = None;
+    for (n, step) in steps.iter().enumerate() {
+        let host_script = work.path().join(format!("step-{n}.sh"));
+        std::fs::write(&host_script, &step.script)?;
+        let guest_script = format!("/run/kiln-steps/{n}.sh");
+        guest.put_file(&host_script, &guest_script)?;
+        let started = Instant::now();
+        let log = std::cell::RefCell::new(StepLog::new(&step.name, opts.json));
+        log.borrow_mut().echo = opts.verbose;
+        let outcome = guest.exec(
+            ExecRequest {
+                id: 0,
+                argv: vec!["bash".into(), guest_script],
+                env: vec![],
+                cwd: None,
+                stdin: false,
+            },
+            &mut LogWriter(&log),
+            &mut LogWriter(&log),
+        );
+        let mut log = log.into_inner();
+        log.bar.finish_and_clear();
+        let outcome = outcome.with_context(|| format!("step '{}' failed", step.name))?;
+        let code = match outcome {
+            ExecOutcome::Exited(s) => s.shell_code().unwrap_or(1),
+            ExecOutcome::NotFound | ExecOutcome::NotExecutable => 127,
+        };
+        if code != 0 {
+            bail!(
+                "step '{}' failed with exit status {code}; its last output:\n{}\n\
+                 (nothing was written to {})",
+                step.name,
+                log.tail(),
+                out_dir.display()
+            );
+        }
+        if let Some(size) = log
+            .lines
+            .iter()
+            .find_map(|l| l.strip_prefix(script::ISO_SIZE_MARK))
+        {
+            iso_size = Some(size.trim().parse::<u64>().context("the iso step's size")?);
+        }
+        progress.done(&step.name, started.elapsed());
+    }
+    progress.host("power off", || guest.shutdown())?;
+
+    if let Some(size) = iso_size {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&iso_disk)?
+            .set_len(size)?;
+    } else if formats.contains(&Format::Iso) {
+        bail!("the live iso step did not report the iso's size");
+    }
+
+    let conv = output::Converter {
+        out_dir: &out_dir,
+        name: &c.name,
+        temp_prefix: &prefix,
+        epoch,
+        compress: c.recipe.output.compress,
+        qcow2_backing: c.recipe.output.qcow2_backing.as_deref(),
+        disk_size: c.disk_size,
+    };
+    let mut outputs = Vec::new();
+    for f in &formats {
+        let iso = iso_size.map(|_| iso_disk.as_path());
+        let o = progress.host(&format!("write {}", f.ext()), || conv.make(*f, &raw, iso))?;
+        outputs.push(o);
+    }
+    // All complete: now they take their final names.
+    let mut summary = Vec::new();
+    for o in &outputs {
+        let (sum_tmp, sum_final) = output::write_sha256(o, &prefix)?;
+        std::fs::rename(&o.temp, &o.final_path)
+            .with_context(|| format!("writing {}", o.final_path.display()))?;
+        std::fs::rename(&sum_tmp, &sum_final)?;
+        summary.push(OutputSummary {
+            format: o.format.ext().to_string(),
+            path: o.final_path.clone(),
+            size: o.size,
+            sha256: o.sha256.clone(),
+        });
+    }
+    if opts.json {
+        let v = serde_json::json!({
+            "recipe": c.file,
+            "name": c.name,
+            "source_date_epoch": epoch,
+            "outputs": summary,
+            "steps": progress.times,
+        });
+        println!("{v}");
+    } else {
+        for s in &summary {
+            println!("{}  {} ({} bytes)", s.sha256, s.path.display(), s.size);
+        }
+    }
+    Ok(())
+}

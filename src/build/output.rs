@@ -1,0 +1,346 @@
+//! Turning the built raw disk (and live iso) into the formats people
+//! deploy, with qemu-img; the OVA for VirtualBox; compression; a sha256
+//! beside each. Everything is written under a temporary name in the output
+//! directory and renamed into place only when every output is complete.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::backend::qemu::which;
+use crate::recipe::{Compression, Format};
+
+/// One finished output, still under its temporary name.
+pub struct Output {
+    pub format: Format,
+    pub temp: PathBuf,
+    pub final_path: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+}
+
+fn qemu_img() -> Result<PathBuf> {
+    which("qemu-img").ok_or_else(|| {
+        anyhow::anyhow!(
+            "qemu-img not found, needed for the image formats: sudo apt-get install qemu-utils"
+        )
+    })
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("starting {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+pub fn sha256_file(p: &Path) -> Result<String> {
+    let mut f = File::open(p).with_context(|| format!("reading {}", p.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+pub struct Converter<'a> {
+    pub out_dir: &'a Path,
+    pub name: &'a str,
+    /// Temporary names start with this, so a failure can sweep them.
+    pub temp_prefix: &'a str,
+    pub epoch: u64,
+    pub compress: Compression,
+    pub qcow2_backing: Option<&'a Path>,
+    pub disk_size: u64,
+}
+
+impl Converter<'_> {
+    fn temp(&self, ext: &str) -> PathBuf {
+        self.out_dir
+            .join(format!("{}{}.{ext}", self.temp_prefix, self.name))
+    }
+
+    /// Makes `format` from the raw disk (or, for iso, takes the iso).
+    pub fn make(&self, format: Format, raw: &Path, iso: Option<&Path>) -> Result<Output> {
+        let ext = format.ext();
+        let tmp = self.temp(ext);
+        match format {
+            Format::Raw => {
+                // A sparse copy keeps the holes the filesystems left.
+                run(
+                    Command::new("cp").arg("--sparse=always").arg(raw).arg(&tmp),
+                    "copying the raw image",
+                )?;
+            }
+            Format::Iso => {
+                let iso = iso.context("no iso was built")?;
+                std::fs::rename(iso, &tmp).or_else(|_| std::fs::copy(iso, &tmp).map(|_| ()))?;
+            }
+            Format::Qcow2 => {
+                let mut cmd = Command::new(qemu_img()?);
+                cmd.args([
+                    "convert",
+                    "-q",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    "compat=1.1",
+                ]);
+                if let Some(b) = self.qcow2_backing {
+                    let fmt = detect_format(b)?;
+                    cmd.arg("-B").arg(b).arg("-F").arg(fmt);
+                }
+                run(cmd.arg(raw).arg(&tmp), "qemu-img convert to qcow2")?;
+            }
+            Format::Vmdk => run(
+                Command::new(qemu_img()?)
+                    .args(["convert", "-q", "-f", "raw", "-O", "vmdk"])
+                    .args(["-o", "subformat=monolithicSparse"])
+                    .arg(raw)
+                    .arg(&tmp),
+                "qemu-img convert to vmdk",
+            )?,
+            Format::Vhdx => run(
+                Command::new(qemu_img()?)
+                    .args(["convert", "-q", "-f", "raw", "-O", "vhdx"])
+                    .args(["-o", "subformat=dynamic"])
+                    .arg(raw)
+                    .arg(&tmp),
+                "qemu-img convert to vhdx",
+            )?,
+            Format::Vpc => run(
+                // Fixed with the exact size: what clouds (Azure) take.
+                Command::new(qemu_img()?)
+                    .args(["convert", "-q", "-f", "raw", "-O", "vpc"])
+                    .args(["-o", "subformat=fixed,force_size=on"])
+                    .arg(raw)
+                    .arg(&tmp),
+                "qemu-img convert to vpc",
+            )?,
+            Format::Ova => self.ova(raw, &tmp)?,
+        }
+        let (temp, final_name) = self.compress(tmp, format)?;
+        let size = std::fs::metadata(&temp)?.len();
+        let sha256 = sha256_file(&temp)?;
+        Ok(Output {
+            format,
+            final_path: self.out_dir.join(final_name),
+            temp,
+            size,
+            sha256,
+        })
+    }
+
+    fn compress(&self, tmp: PathBuf, format: Format) -> Result<(PathBuf, String)> {
+        let base = format!("{}.{}", self.name, format.ext());
+        let (tool, ext, args): (&str, &str, &[&str]) = match self.compress {
+            // ova is itself an archive that VirtualBox opens as is.
+            _ if format == Format::Ova => return Ok((tmp, base)),
+            Compression::None => return Ok((tmp, base)),
+            Compression::Xz => ("xz", "xz", &["-T0", "-6", "--force", "--quiet"]),
+            Compression::Zstd => ("zstd", "zst", &["-T0", "-19", "--rm", "--force", "--quiet"]),
+        };
+        if which(tool).is_none() {
+            bail!(
+                "{tool} not found, needed for compress = \"{ext}\": sudo apt-get install {}",
+                if tool == "xz" { "xz-utils" } else { "zstd" }
+            );
+        }
+        run(
+            Command::new(tool).args(args).arg(&tmp),
+            &format!("{tool} compression"),
+        )?;
+        let mut done = tmp.into_os_string();
+        done.push(format!(".{ext}"));
+        Ok((PathBuf::from(done), format!("{base}.{ext}")))
+    }
+
+    /// An OVA: the OVF descriptor, a manifest of SHA256 digests and a
+    /// streamOptimized vmdk, in a ustar archive in that order (OVF 1.x).
+    fn ova(&self, raw: &Path, tmp: &Path) -> Result<()> {
+        let dir = tempfile::Builder::new()
+            .prefix(self.temp_prefix)
+            .tempdir_in(self.out_dir)?;
+        let disk_name = format!("{}-disk1.vmdk", self.name);
+        let disk = dir.path().join(&disk_name);
+        run(
+            Command::new(qemu_img()?)
+                .args(["convert", "-q", "-f", "raw", "-O", "vmdk"])
+                .args(["-o", "subformat=streamOptimized"])
+                .arg(raw)
+                .arg(&disk),
+            "qemu-img convert to a streamOptimized vmdk",
+        )?;
+        let disk_bytes = std::fs::metadata(&disk)?.len();
+        let ovf_name = format!("{}.ovf", self.name);
+        let ovf = ovf_descriptor(self.name, &disk_name, disk_bytes, self.disk_size);
+        std::fs::write(dir.path().join(&ovf_name), &ovf)?;
+        let mf_name = format!("{}.mf", self.name);
+        let mut mf = String::new();
+        for f in [&ovf_name, &disk_name] {
+            let _ = writeln!(mf, "SHA256({f})= {}", sha256_file(&dir.path().join(f))?);
+        }
+        std::fs::write(dir.path().join(&mf_name), mf)?;
+        run(
+            Command::new("tar")
+                .args([
+                    "--format=ustar",
+                    "--numeric-owner",
+                    "--owner=0",
+                    "--group=0",
+                ])
+                .arg(format!("--mtime=@{}", self.epoch))
+                .arg("--mode=0644")
+                .arg("-C")
+                .arg(dir.path())
+                .arg("-cf")
+                .arg(tmp)
+                .args([&ovf_name, &mf_name, &disk_name]),
+            "packing the ova",
+        )
+    }
+}
+
+/// The format of an existing image, by its magic (for a qcow2 backing file).
+pub fn detect_format(p: &Path) -> Result<&'static str> {
+    let mut magic = [0u8; 8];
+    let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
+    let n = f.read(&mut magic)?;
+    Ok(match &magic[..n] {
+        [b'Q', b'F', b'I', 0xfb, ..] => "qcow2",
+        [b'K', b'D', b'M', b'V', ..] => "vmdk",
+        b"vhdxfile" => "vhdx",
+        b"conectix" => "vpc",
+        _ => "raw",
+    })
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// An OVF 1.0 descriptor for one 64-bit Debian machine with a SATA disk,
+/// 2 CPUs, 1 GiB of memory and a NAT network card.
+pub fn ovf_descriptor(name: &str, disk_file: &str, file_size: u64, capacity: u64) -> String {
+    let name = xml_escape(name);
+    let disk_file = xml_escape(disk_file);
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<Envelope ovf:version="1.0" xml:lang="en-US" xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+  <References>
+    <File ovf:id="file1" ovf:href="{disk_file}" ovf:size="{file_size}"/>
+  </References>
+  <DiskSection>
+    <Info>Virtual disks</Info>
+    <Disk ovf:diskId="vmdisk1" ovf:capacity="{capacity}" ovf:capacityAllocationUnits="byte" ovf:fileRef="file1" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+  </DiskSection>
+  <NetworkSection>
+    <Info>Logical networks</Info>
+    <Network ovf:name="NAT">
+      <Description>NAT network</Description>
+    </Network>
+  </NetworkSection>
+  <VirtualSystem ovf:id="{name}">
+    <Info>A virtual machine built by kiln</Info>
+    <Name>{name}</Name>
+    <OperatingSystemSection ovf:id="96">
+      <Info>The guest operating system</Info>
+      <Description>Debian_64</Description>
+    </OperatingSystemSection>
+    <VirtualHardwareSection>
+      <Info>Virtual hardware requirements</Info>
+      <System>
+        <vssd:ElementName>Virtual Hardware Family</vssd:ElementName>
+        <vssd:InstanceID>0</vssd:InstanceID>
+        <vssd:VirtualSystemIdentifier>{name}</vssd:VirtualSystemIdentifier>
+        <vssd:VirtualSystemType>virtualbox-2.2</vssd:VirtualSystemType>
+      </System>
+      <Item>
+        <rasd:Caption>2 virtual CPU</rasd:Caption>
+        <rasd:Description>Number of virtual CPUs</rasd:Description>
+        <rasd:ElementName>2 virtual CPU</rasd:ElementName>
+        <rasd:InstanceID>1</rasd:InstanceID>
+        <rasd:ResourceType>3</rasd:ResourceType>
+        <rasd:VirtualQuantity>2</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:AllocationUnits>MegaBytes</rasd:AllocationUnits>
+        <rasd:Caption>1024 MB of memory</rasd:Caption>
+        <rasd:Description>Memory Size</rasd:Description>
+        <rasd:ElementName>1024 MB of memory</rasd:ElementName>
+        <rasd:InstanceID>2</rasd:InstanceID>
+        <rasd:ResourceType>4</rasd:ResourceType>
+        <rasd:VirtualQuantity>1024</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:Address>0</rasd:Address>
+        <rasd:Caption>sataController0</rasd:Caption>
+        <rasd:Description>SATA Controller</rasd:Description>
+        <rasd:ElementName>sataController0</rasd:ElementName>
+        <rasd:InstanceID>3</rasd:InstanceID>
+        <rasd:ResourceSubType>AHCI</rasd:ResourceSubType>
+        <rasd:ResourceType>20</rasd:ResourceType>
+      </Item>
+      <Item>
+        <rasd:AddressOnParent>0</rasd:AddressOnParent>
+        <rasd:Caption>disk1</rasd:Caption>
+        <rasd:Description>Disk Image</rasd:Description>
+        <rasd:ElementName>disk1</rasd:ElementName>
+        <rasd:HostResource>/disk/vmdisk1</rasd:HostResource>
+        <rasd:InstanceID>4</rasd:InstanceID>
+        <rasd:Parent>3</rasd:Parent>
+        <rasd:ResourceType>17</rasd:ResourceType>
+      </Item>
+      <Item>
+        <rasd:AutomaticAllocation>true</rasd:AutomaticAllocation>
+        <rasd:Caption>Ethernet adapter on 'NAT'</rasd:Caption>
+        <rasd:Connection>NAT</rasd:Connection>
+        <rasd:ElementName>Ethernet adapter on 'NAT'</rasd:ElementName>
+        <rasd:InstanceID>5</rasd:InstanceID>
+        <rasd:ResourceSubType>E1000</rasd:ResourceSubType>
+        <rasd:ResourceType>10</rasd:ResourceType>
+      </Item>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"#
+    )
+}
+
+/// Writes `NAME.sha256` beside an output, in sha256sum's format.
+pub fn write_sha256(out: &Output, temp_prefix: &str) -> Result<(PathBuf, PathBuf)> {
+    let file_name = out
+        .final_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = out.final_path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!("{temp_prefix}{file_name}.sha256"));
+    let mut f = File::create(&tmp)?;
+    writeln!(f, "{}  {file_name}", out.sha256)?;
+    f.sync_all()?;
+    Ok((tmp, dir.join(format!("{file_name}.sha256"))))
+}

@@ -1,0 +1,191 @@
+//! The root filesystem as one tar archive on the host, unprivileged: a
+//! Debian bootstrap by mmdebstrap (whose tar keeps ownership without root,
+//! cached by the hash of everything that shapes it), the user's tarball, or
+//! a directory packed with root ownership. The guest reads the archive
+//! straight off a read-only disk, so it must be a whole number of sectors.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::backend::qemu::which;
+use crate::recipe::RootSource;
+use crate::{cache, job};
+
+/// A root archive ready to attach as a disk.
+pub struct RootTar {
+    pub path: PathBuf,
+    /// tar's flag for the archive's compression ("" for none).
+    pub tar_flag: &'static str,
+    pub size: u64,
+}
+
+pub fn prepare(
+    src: &RootSource,
+    epoch: u64,
+    work: &Path,
+    fresh: bool,
+    json: bool,
+) -> Result<RootTar> {
+    match src {
+        RootSource::Debian {
+            suite,
+            variant,
+            packages,
+            mirror,
+            components,
+        } => debian(
+            suite, variant, packages, mirror, components, epoch, fresh, json,
+        ),
+        RootSource::Tarball(p) => tarball(p, work),
+        RootSource::Directory(d) => directory(d, epoch, work),
+    }
+}
+
+fn finish(path: PathBuf, tar_flag: &'static str, work: &Path) -> Result<RootTar> {
+    let size = std::fs::metadata(&path)?.len();
+    if size % 512 == 0 {
+        return Ok(RootTar {
+            path,
+            tar_flag,
+            size,
+        });
+    }
+    // A disk is read in whole sectors: pad a copy with zeros, which tar
+    // and the decompressors ignore after the end of the archive.
+    let padded = work.join("root-padded.tar");
+    std::fs::copy(&path, &padded).with_context(|| format!("copying {}", path.display()))?;
+    let f = std::fs::OpenOptions::new().write(true).open(&padded)?;
+    let len = size.div_ceil(512) * 512;
+    f.set_len(len)?;
+    Ok(RootTar {
+        path: padded,
+        tar_flag,
+        size: len,
+    })
+}
+
+fn tarball(p: &Path, work: &Path) -> Result<RootTar> {
+    let mut magic = [0u8; 6];
+    let n = File::open(p)
+        .and_then(|mut f| f.read(&mut magic))
+        .with_context(|| format!("reading root.tarball {}", p.display()))?;
+    let flag = match &magic[..n] {
+        [0x1f, 0x8b, ..] => "--gzip",
+        [0xfd, b'7', b'z', b'X', b'Z', 0] => "--xz",
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => "--zstd",
+        [b'B', b'Z', b'h', ..] => "--bzip2",
+        _ => "",
+    };
+    finish(p.to_path_buf(), flag, work)
+}
+
+fn directory(d: &Path, epoch: u64, work: &Path) -> Result<RootTar> {
+    let out = work.join("root.tar");
+    let status = Command::new("tar")
+        .args([
+            "--sort=name",
+            "--numeric-owner",
+            "--owner=0",
+            "--group=0",
+            "--format=gnu",
+        ])
+        .arg(format!("--mtime=@{epoch}"))
+        .arg("--clamp-mtime")
+        .arg("-C")
+        .arg(d)
+        .arg("-cf")
+        .arg(&out)
+        .arg(".")
+        .status()
+        .context("running tar")?;
+    if !status.success() {
+        bail!(
+            "packing root.directory {} with tar failed ({status})",
+            d.display()
+        );
+    }
+    finish(out, "", work)
+}
+
+/// mmdebstrap options that shape the tree (part of the cache key).
+const MMDEBSTRAP_OPTIONS: &[&str] = &[
+    "--format=tar",
+    // Locales and documentation stay out of the image.
+    "--dpkgopt=path-exclude=/usr/share/man/*",
+    "--dpkgopt=path-exclude=/usr/share/doc/*",
+    "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+    "--dpkgopt=path-exclude=/usr/share/locale/*",
+    "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+];
+
+#[allow(clippy::too_many_arguments)]
+fn debian(
+    suite: &str,
+    variant: &str,
+    packages: &[String],
+    mirror: &str,
+    components: &[String],
+    epoch: u64,
+    fresh: bool,
+    json: bool,
+) -> Result<RootTar> {
+    let key = cache::hash(&[
+        suite.as_bytes(),
+        variant.as_bytes(),
+        packages.join(",").as_bytes(),
+        mirror.as_bytes(),
+        components.join(",").as_bytes(),
+        epoch.to_string().as_bytes(),
+        MMDEBSTRAP_OPTIONS.join(" ").as_bytes(),
+    ]);
+    let dest = cache::root()?.join("rootfs").join(&key[..16]);
+    let staging = match cache::Staging::begin(&dest, fresh, |d| d.join("root.tar").is_file())? {
+        cache::Begin::Done(dir) => {
+            if !json {
+                eprintln!("root: {suite} bootstrap from the cache ({})", dir.display());
+            }
+            return finish(dir.join("root.tar"), "", &dir);
+        }
+        cache::Begin::Build(s) => s,
+    };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if which("mmdebstrap").is_none() {
+        bail!("mmdebstrap not found, needed for root.suite: sudo apt-get install mmdebstrap");
+    }
+    if !root && which("newuidmap").is_none() {
+        bail!("newuidmap not found, needed for an unprivileged bootstrap: sudo apt-get install uidmap");
+    }
+    let scratch = tempfile::Builder::new().prefix("kiln-rootfs-").tempdir()?;
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.arg(if root {
+        "--mode=root"
+    } else {
+        "--mode=unshare"
+    })
+    .arg(format!("--variant={variant}"))
+    .args(MMDEBSTRAP_OPTIONS)
+    .arg(format!("--components={}", components.join(",")));
+    if !packages.is_empty() {
+        cmd.arg(format!("--include={}", packages.join(",")));
+    }
+    cmd.arg(suite)
+        .arg(staging.path().join("root.tar"))
+        .arg(mirror)
+        .env("SOURCE_DATE_EPOCH", epoch.to_string())
+        .env("TMPDIR", scratch.path());
+    let log = scratch.path().join("bootstrap.log");
+    if let Err(e) = job::run_logged(cmd, &format!("root: bootstrapping {suite}"), &log) {
+        let _ = std::fs::copy(
+            &log,
+            cache::root()?.join("rootfs").join("last-bootstrap.log"),
+        );
+        return Err(e);
+    }
+    let dir = staging.commit()?;
+    finish(dir.join("root.tar"), "", &dir)
+}

@@ -1,0 +1,811 @@
+//! Image recipes: the TOML format users write (documented key by key in
+//! images/README.md), parsed strictly and checked as a whole before any
+//! work starts, so a mistake is reported with the file, the key and what
+//! is allowed, and nothing is built.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+
+pub const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Base name of the outputs (default: the recipe's file name).
+    pub name: Option<String>,
+    /// Size of the disk image: "4G", "2048M".
+    pub size: Option<Size>,
+    #[serde(default)]
+    pub table: Table,
+    /// Seconds since 1970 for every timestamp in the image.
+    pub source_date_epoch: Option<u64>,
+    #[serde(default, rename = "partition")]
+    pub partitions: Vec<Partition>,
+    pub root: Root,
+    #[serde(default)]
+    pub system: System,
+    #[serde(default, rename = "user")]
+    pub users: Vec<User>,
+    #[serde(default, rename = "file")]
+    pub files: Vec<FileEntry>,
+    /// Shell commands run in the image's root (chroot), in order.
+    #[serde(default)]
+    pub commands: Vec<String>,
+    #[serde(default)]
+    pub bootloader: Bootloader,
+    #[serde(default)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Table {
+    #[default]
+    Gpt,
+    Mbr,
+}
+
+/// A size in bytes, written "512M", "4G" (binary units) or "rest".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Size {
+    Bytes(u64),
+    Rest,
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_size(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+pub fn parse_size(s: &str) -> Result<Size, String> {
+    let t = s.trim();
+    if t == "rest" {
+        return Ok(Size::Rest);
+    }
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        Some((i, 'T' | 't')) => (&t[..i], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| {
+        format!(
+            "invalid size '{s}': expected a number with K, M, G or T (e.g. 512M, 4G), or \"rest\""
+        )
+    })?;
+    n.checked_mul(mult)
+        .map(Size::Bytes)
+        .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartType {
+    Esp,
+    BiosGrub,
+    Linux,
+    Swap,
+    Data,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Filesystem {
+    Ext4,
+    Vfat,
+    Xfs,
+    Btrfs,
+}
+
+impl Filesystem {
+    pub fn name(self) -> &'static str {
+        match self {
+            Filesystem::Ext4 => "ext4",
+            Filesystem::Vfat => "vfat",
+            Filesystem::Xfs => "xfs",
+            Filesystem::Btrfs => "btrfs",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    pub label: String,
+    pub size: Size,
+    #[serde(rename = "type")]
+    pub kind: PartType,
+    pub filesystem: Option<Filesystem>,
+    /// Where it is mounted in the image ("/", "/boot/efi", "/srv").
+    pub mount: Option<String>,
+    /// Filesystem UUID (default: derived from the recipe).
+    pub uuid: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Root {
+    /// Debian suite to bootstrap with mmdebstrap ("bookworm").
+    pub suite: Option<String>,
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// mmdebstrap variant (default "minbase").
+    pub variant: Option<String>,
+    pub mirror: Option<String>,
+    #[serde(default)]
+    pub components: Vec<String>,
+    /// A tar archive (optionally gzip, xz, zstd or bzip2 compressed).
+    pub tarball: Option<PathBuf>,
+    /// A directory whose contents become the root (owned by root).
+    pub directory: Option<PathBuf>,
+}
+
+/// Where the root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootSource {
+    Debian {
+        suite: String,
+        variant: String,
+        packages: Vec<String>,
+        mirror: String,
+        components: Vec<String>,
+    },
+    Tarball(PathBuf),
+    Directory(PathBuf),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct System {
+    pub hostname: Option<String>,
+    /// Appended to the kernel command line in grub.cfg.
+    pub kernel_cmdline: Option<String>,
+    #[serde(default)]
+    pub root_ssh_keys: Vec<String>,
+    /// Remove baked-in SSH host keys and generate them at first boot
+    /// (default true).
+    pub ssh_host_keys_at_first_boot: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    pub shell: Option<String>,
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Absolute path in the image.
+    pub path: String,
+    /// The file's text...
+    pub content: Option<String>,
+    /// ...or a host file, relative to the recipe.
+    pub source: Option<PathBuf>,
+    /// Octal, e.g. "0644" (default "0644").
+    pub mode: Option<String>,
+    /// "user:group" as names or numbers (default "root:root").
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootloaderKind {
+    GrubEfi,
+    GrubBios,
+    Both,
+    #[default]
+    None,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootloader {
+    #[serde(default, rename = "type")]
+    pub kind: BootloaderKind,
+    /// Seconds grub's menu waits (default 1).
+    pub timeout: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Raw,
+    Qcow2,
+    Vmdk,
+    Vhdx,
+    Vpc,
+    Ova,
+    Iso,
+}
+
+impl Format {
+    pub const ALL: &'static [&'static str] = &["raw", "qcow2", "vmdk", "vhdx", "vpc", "ova", "iso"];
+
+    pub fn ext(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::Vmdk => "vmdk",
+            Format::Vhdx => "vhdx",
+            Format::Vpc => "vhd",
+            Format::Ova => "ova",
+            Format::Iso => "iso",
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Format::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s))
+            .map_err(|_| format!("unknown format '{s}'; allowed: {}", Format::ALL.join(", ")))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    #[default]
+    None,
+    Xz,
+    Zstd,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Output {
+    #[serde(default)]
+    pub formats: Vec<Format>,
+    #[serde(default)]
+    pub compress: Compression,
+    /// The qcow2 output is an overlay on this image (relative to the recipe).
+    pub qcow2_backing: Option<PathBuf>,
+}
+
+/// A parsed and checked recipe, with paths resolved against its directory.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub file: PathBuf,
+    pub name: String,
+    pub recipe: Recipe,
+    pub root: RootSource,
+    /// The exact text, which keys everything derived from the recipe.
+    pub text: String,
+    /// Partition sizes in bytes, "rest" resolved.
+    pub sizes: Vec<u64>,
+    pub disk_size: u64,
+}
+
+/// Space kept before the first partition and, for GPT, after the last.
+pub const ALIGN: u64 = MIB;
+
+impl Checked {
+    pub fn load(file: &Path) -> Result<Checked> {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading recipe {}", file.display()))?;
+        let recipe: Recipe = toml::from_str(&text)
+            .map_err(|e| anyhow!("{}: {}", file.display(), e.to_string().trim_end()))?;
+        let dir = file.parent().unwrap_or(Path::new("."));
+        check(file, dir, recipe, text)
+    }
+
+    pub fn formats(&self) -> Vec<Format> {
+        if self.recipe.output.formats.is_empty() {
+            vec![Format::Raw]
+        } else {
+            self.recipe.output.formats.clone()
+        }
+    }
+}
+
+fn check(file: &Path, dir: &Path, mut recipe: Recipe, text: String) -> Result<Checked> {
+    let at = |key: &str, msg: String| anyhow!("{}: {key}: {msg}", file.display());
+    let name = match &recipe.name {
+        Some(n) => n.clone(),
+        None => file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into()),
+    };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || name.starts_with('.')
+    {
+        bail!(at(
+            "name",
+            format!("'{name}' may use only letters, digits, '-', '_' and '.'")
+        ));
+    }
+
+    let resolve = |p: &Path| -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            dir.join(p)
+        }
+    };
+    let r = &recipe.root;
+    let root = match (&r.suite, &r.tarball, &r.directory) {
+        (Some(suite), None, None) => RootSource::Debian {
+            suite: suite.clone(),
+            variant: r.variant.clone().unwrap_or_else(|| "minbase".into()),
+            packages: r.packages.clone(),
+            mirror: r.mirror.clone().unwrap_or_else(crate::tools::mirror),
+            components: if r.components.is_empty() {
+                vec!["main".into()]
+            } else {
+                r.components.clone()
+            },
+        },
+        (None, Some(t), None) => {
+            let p = resolve(t);
+            if !p.is_file() {
+                bail!(at(
+                    "root.tarball",
+                    format!("{} does not exist or is not a file", p.display())
+                ));
+            }
+            RootSource::Tarball(p)
+        }
+        (None, None, Some(d)) => {
+            let p = resolve(d);
+            if !p.is_dir() {
+                bail!(at(
+                    "root.directory",
+                    format!("{} does not exist or is not a directory", p.display())
+                ));
+            }
+            RootSource::Directory(p)
+        }
+        _ => bail!(at(
+            "root",
+            "give exactly one of suite (with packages), tarball or directory".into()
+        )),
+    };
+    if !matches!(root, RootSource::Debian { .. })
+        && (!r.packages.is_empty()
+            || r.variant.is_some()
+            || r.mirror.is_some()
+            || !r.components.is_empty())
+    {
+        bail!(at(
+            "root",
+            "packages, variant, mirror and components go only with suite".into()
+        ));
+    }
+
+    for (i, f) in recipe.files.iter_mut().enumerate() {
+        let key = format!("file[{i}]");
+        if !f.path.starts_with('/') || f.path.contains("/../") || f.path.ends_with("/..") {
+            bail!(at(
+                &format!("{key}.path"),
+                format!("'{}' must be an absolute path without '..'", f.path)
+            ));
+        }
+        match (&f.content, &f.source) {
+            (Some(_), None) => {}
+            (None, Some(s)) => {
+                let p = resolve(s);
+                if !p.is_file() {
+                    bail!(at(
+                        &format!("{key}.source"),
+                        format!("{} does not exist or is not a file", p.display())
+                    ));
+                }
+                f.source = Some(p);
+            }
+            _ => bail!(at(&key, "give exactly one of content or source".into())),
+        }
+        if let Some(m) = &f.mode {
+            if u32::from_str_radix(m, 8).map_or(true, |m| m > 0o7777) {
+                bail!(at(
+                    &format!("{key}.mode"),
+                    format!("'{m}' is not an octal mode such as \"0644\"")
+                ));
+            }
+        }
+        if let Some(o) = &f.owner {
+            if !valid_owner(o) {
+                bail!(at(
+                    &format!("{key}.owner"),
+                    format!("'{o}' is not USER:GROUP (names or numbers)")
+                ));
+            }
+        }
+    }
+    if let Some(b) = &recipe.output.qcow2_backing {
+        let p = resolve(b);
+        if !p.is_file() {
+            bail!(at(
+                "output.qcow2_backing",
+                format!("{} does not exist", p.display())
+            ));
+        }
+        recipe.output.qcow2_backing = Some(p);
+    }
+    if let Some(h) = &recipe.system.hostname {
+        if h.is_empty() || h.len() > 63 || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            bail!(at(
+                "system.hostname",
+                format!("'{h}' is not a host name (letters, digits and '-', at most 63)")
+            ));
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for (i, u) in recipe.users.iter().enumerate() {
+        if !valid_name(&u.name) || !seen.insert(u.name.clone()) {
+            bail!(at(
+                &format!("user[{i}].name"),
+                format!("'{}' is not a valid, unique user name", u.name)
+            ));
+        }
+        for g in &u.groups {
+            if !valid_name(g) {
+                bail!(at(
+                    &format!("user[{i}].groups"),
+                    format!("'{g}' is not a valid group name")
+                ));
+            }
+        }
+    }
+    for (i, k) in recipe
+        .system
+        .root_ssh_keys
+        .iter()
+        .chain(recipe.users.iter().flat_map(|u| &u.ssh_keys))
+        .enumerate()
+    {
+        if k.contains('\n') || k.split_whitespace().count() < 2 {
+            bail!(at(
+                "ssh keys",
+                format!("key {i} is not one line of the form 'TYPE BASE64 [COMMENT]'")
+            ));
+        }
+    }
+
+    let formats = if recipe.output.formats.is_empty() {
+        vec![Format::Raw]
+    } else {
+        recipe.output.formats.clone()
+    };
+    let needs_disk = formats.iter().any(|f| *f != Format::Iso);
+    let (sizes, disk_size) = if needs_disk {
+        check_layout(&recipe, &at)?
+    } else {
+        (vec![], 0)
+    };
+    let bl = recipe.bootloader.kind;
+    if bl != BootloaderKind::None {
+        if !recipe
+            .partitions
+            .iter()
+            .any(|p| p.mount.as_deref() == Some("/"))
+        {
+            bail!(at(
+                "bootloader",
+                "grub needs a partition mounted at \"/\"".into()
+            ));
+        }
+        let efi = matches!(bl, BootloaderKind::GrubEfi | BootloaderKind::Both);
+        let bios = matches!(bl, BootloaderKind::GrubBios | BootloaderKind::Both);
+        if efi
+            && !recipe
+                .partitions
+                .iter()
+                .any(|p| p.kind == PartType::Esp && p.filesystem == Some(Filesystem::Vfat))
+        {
+            bail!(at(
+                "bootloader.type",
+                "grub-efi needs a partition of type \"esp\" with filesystem \"vfat\"".into()
+            ));
+        }
+        if bios
+            && recipe.table == Table::Gpt
+            && !recipe
+                .partitions
+                .iter()
+                .any(|p| p.kind == PartType::BiosGrub)
+        {
+            bail!(at(
+                "bootloader.type",
+                "grub-bios on a gpt table needs a partition of type \"bios_grub\" (1M)".into()
+            ));
+        }
+    }
+    Ok(Checked {
+        file: file.to_path_buf(),
+        name,
+        recipe,
+        root,
+        text,
+        sizes,
+        disk_size,
+    })
+}
+
+fn check_layout(
+    recipe: &Recipe,
+    at: &dyn Fn(&str, String) -> anyhow::Error,
+) -> Result<(Vec<u64>, u64)> {
+    let disk = match recipe.size {
+        Some(Size::Bytes(b)) => b,
+        Some(Size::Rest) => bail!(at(
+            "size",
+            "the disk needs a fixed size, e.g. \"4G\"".into()
+        )),
+        None => bail!(at(
+            "size",
+            "missing: the disk image's size, e.g. \"4G\"".into()
+        )),
+    };
+    if disk % MIB != 0 || disk < 4 * MIB {
+        bail!(at(
+            "size",
+            "must be a whole number of MiB, at least 4M".into()
+        ));
+    }
+    if recipe.partitions.is_empty() {
+        bail!(at(
+            "partition",
+            "at least one [[partition]] is needed for a disk image".into()
+        ));
+    }
+    if recipe.table == Table::Mbr && recipe.partitions.len() > 4 {
+        bail!(at(
+            "partition",
+            "an mbr table holds at most 4 partitions here; use table = \"gpt\"".into()
+        ));
+    }
+    let mut labels = BTreeSet::new();
+    let mut mounts = BTreeSet::new();
+    let mut fixed = 0u64;
+    let mut rest = None;
+    for (i, p) in recipe.partitions.iter().enumerate() {
+        let key = |k: &str| format!("partition[{i}].{k}");
+        if p.label.is_empty()
+            || p.label.len() > 11
+            || !p
+                .label
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+            || !labels.insert(p.label.to_ascii_lowercase())
+        {
+            bail!(at(
+                &key("label"),
+                format!(
+                    "'{}' must be unique, 1 to 11 letters, digits, '-' or '_' \
+                     (11 is what vfat allows)",
+                    p.label
+                )
+            ));
+        }
+        match p.size {
+            Size::Rest if rest.is_some() => {
+                bail!(at(
+                    &key("size"),
+                    "only one partition can be \"rest\"".into()
+                ))
+            }
+            Size::Rest => rest = Some(i),
+            Size::Bytes(b) if b == 0 || b % MIB != 0 => {
+                bail!(at(&key("size"), "must be a whole number of MiB".into()))
+            }
+            Size::Bytes(b) => fixed = fixed.saturating_add(b),
+        }
+        let fs_ok = match p.kind {
+            PartType::Esp => p.filesystem == Some(Filesystem::Vfat),
+            PartType::BiosGrub | PartType::Swap => p.filesystem.is_none(),
+            PartType::Linux | PartType::Data => true,
+        };
+        if !fs_ok {
+            bail!(at(
+                &key("filesystem"),
+                match p.kind {
+                    PartType::Esp => "an esp partition needs filesystem = \"vfat\"".into(),
+                    _ => "bios_grub and swap partitions take no filesystem".into(),
+                }
+            ));
+        }
+        if p.kind == PartType::BiosGrub && recipe.table == Table::Mbr {
+            bail!(at(
+                &key("type"),
+                "bios_grub partitions exist only on gpt tables".into()
+            ));
+        }
+        if let Some(m) = &p.mount {
+            if p.filesystem.is_none() {
+                bail!(at(&key("mount"), "a mount point needs a filesystem".into()));
+            }
+            if !m.starts_with('/') || m.contains("..") || (m.len() > 1 && m.ends_with('/')) {
+                bail!(at(
+                    &key("mount"),
+                    format!("'{m}' must be an absolute path such as \"/\" or \"/boot/efi\"")
+                ));
+            }
+            if !mounts.insert(m.clone()) {
+                bail!(at(&key("mount"), format!("'{m}' is used twice")));
+            }
+        }
+        if let Some(u) = &p.uuid {
+            let ok = match p.filesystem {
+                Some(Filesystem::Vfat) => {
+                    u.len() == 9
+                        && u.as_bytes()[4] == b'-'
+                        && u.chars()
+                            .filter(|c| *c != '-')
+                            .all(|c| c.is_ascii_hexdigit())
+                }
+                _ => is_uuid(u),
+            };
+            if !ok {
+                bail!(at(
+                    &key("uuid"),
+                    format!(
+                        "'{u}' is not a {}",
+                        if p.filesystem == Some(Filesystem::Vfat) {
+                            "vfat volume id like \"ABCD-1234\""
+                        } else {
+                            "UUID like \"0b3d1f8e-...\""
+                        }
+                    )
+                ));
+            }
+        }
+    }
+    // 1 MiB before the first partition; GPT keeps its backup at the end.
+    let overhead = ALIGN + if recipe.table == Table::Gpt { ALIGN } else { 0 };
+    let need = fixed.saturating_add(overhead);
+    if need > disk || (rest.is_some() && need + MIB > disk) {
+        bail!(at(
+            "partition",
+            format!(
+                "the partitions need {} MiB (with {} MiB for the partition table) \
+                 but size is {} MiB: grow size or shrink the partitions",
+                need.div_ceil(MIB) + u64::from(rest.is_some()),
+                overhead / MIB,
+                disk / MIB
+            )
+        ));
+    }
+    let sizes = recipe
+        .partitions
+        .iter()
+        .map(|p| match p.size {
+            Size::Bytes(b) => b,
+            Size::Rest => disk - need,
+        })
+        .collect();
+    Ok((sizes, disk))
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 32
+        && n.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_".contains(c))
+}
+
+fn valid_owner(o: &str) -> bool {
+    let ok = |s: &str| valid_name(s) || (!s.is_empty() && s.chars().all(|c| c.is_ascii_digit()));
+    matches!(o.split_once(':'), Some((u, g)) if ok(u) && ok(g))
+}
+
+pub fn is_uuid(u: &str) -> bool {
+    let parts: Vec<&str> = u.split('-').collect();
+    parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
+        && parts
+            .iter()
+            .all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Checked> {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("r.toml");
+        std::fs::write(&f, text).unwrap();
+        Checked::load(&f)
+    }
+
+    const GOOD: &str = r#"
+size = "64M"
+[[partition]]
+label = "ESP"
+size = "8M"
+type = "esp"
+filesystem = "vfat"
+mount = "/boot/efi"
+[[partition]]
+label = "root"
+size = "rest"
+type = "linux"
+filesystem = "ext4"
+mount = "/"
+[root]
+suite = "bookworm"
+[bootloader]
+type = "grub-efi"
+"#;
+
+    #[test]
+    fn sizes_resolve_with_rest() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.disk_size, 64 * MIB);
+        assert_eq!(c.sizes, vec![8 * MIB, 64 * MIB - 8 * MIB - 2 * MIB]);
+        assert_eq!(c.name, "r");
+        assert_eq!(c.formats(), vec![Format::Raw]);
+    }
+
+    #[test]
+    fn unknown_key_names_file_key_and_allowed() {
+        let e = load(&GOOD.replace("type = \"grub-efi\"", "type = \"grub-efi\"\ncolour = 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("r.toml"), "{e}");
+        assert!(e.contains("colour"), "{e}");
+        assert!(e.contains("timeout"), "lists what is allowed: {e}");
+    }
+
+    #[test]
+    fn partitions_too_large_for_the_disk() {
+        let e = load(&GOOD.replace("size = \"8M\"", "size = \"100M\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("partition") && e.contains("64 MiB"), "{e}");
+    }
+
+    #[test]
+    fn missing_input_file() {
+        let e = load(&format!(
+            "{GOOD}\n[[file]]\npath = \"/etc/x\"\nsource = \"nope.txt\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("file[0].source") && e.contains("nope.txt"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (from, to, want) in [
+            ("type = \"esp\"", "type = \"efi\"", "esp"),
+            ("filesystem = \"ext4\"", "filesystem = \"zfs\"", "btrfs"),
+            ("size = \"64M\"", "size = \"64Q\"", "invalid size"),
+            ("suite = \"bookworm\"", "", "exactly one of"),
+            ("type = \"grub-efi\"", "type = \"grub-bios\"", "bios_grub"),
+        ] {
+            let e = load(&GOOD.replacen(from, to, 1)).unwrap_err().to_string();
+            assert!(e.contains(want), "{from} -> {to}: {e}");
+        }
+    }
+
+    #[test]
+    fn size_parsing() {
+        assert_eq!(parse_size("4G"), Ok(Size::Bytes(4 << 30)));
+        assert_eq!(parse_size("512M"), Ok(Size::Bytes(512 << 20)));
+        assert_eq!(parse_size("rest"), Ok(Size::Rest));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}
