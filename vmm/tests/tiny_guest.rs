@@ -300,3 +300,114 @@ fn guest_writes_to_a_read_only_disk_are_refused() {
     assert_eq!(console, "10001 kiln-ro !\n");
     assert!(data.iter().all(|&b| b == 0));
 }
+
+/// A virtio-console driver (one port, no MULTIPORT): it sets up the rx and
+/// tx queues, waits for one rx buffer's worth of host input, and sends it
+/// back prefixed with "got " as a two-descriptor tx chain.
+const CONSOLE_DRIVER: &str = r#"
+    .set BASE,  0xd0000000
+    .set RXD,   0x200000
+    .set RXA,   0x201000
+    .set RXU,   0x202000
+    .set TXD,   0x210000
+    .set TXA,   0x211000
+    .set TXU,   0x212000
+    .set RXBUF, 0x220000
+
+    mov $BASE, %r15
+    movl $1, 0x70(%r15)          # ACKNOWLEDGE
+    movl $3, 0x70(%r15)          # DRIVER
+    movl $1, 0x24(%r15)
+    movl $1, 0x20(%r15)          # VERSION_1
+    movl $0, 0x24(%r15)
+    movl $0, 0x20(%r15)          # no MULTIPORT
+    movl $11, 0x70(%r15)         # FEATURES_OK
+    movl 0x70(%r15), %eax
+    test $8, %eax
+    jz fail
+    movl $0, 0x30(%r15)          # queue 0: port 0 rx
+    movl $8, 0x38(%r15)
+    movl $RXD, 0x80(%r15)
+    movl $0, 0x84(%r15)
+    movl $RXA, 0x90(%r15)
+    movl $0, 0x94(%r15)
+    movl $RXU, 0xa0(%r15)
+    movl $0, 0xa4(%r15)
+    movl $1, 0x44(%r15)
+    movl $1, 0x30(%r15)          # queue 1: port 0 tx
+    movl $8, 0x38(%r15)
+    movl $TXD, 0x80(%r15)
+    movl $0, 0x84(%r15)
+    movl $TXA, 0x90(%r15)
+    movl $0, 0x94(%r15)
+    movl $TXU, 0xa0(%r15)
+    movl $0, 0xa4(%r15)
+    movl $1, 0x44(%r15)
+    movl $15, 0x70(%r15)         # DRIVER_OK
+
+    movq $RXBUF, RXD             # one 64-byte device-writable buffer
+    movl $64, RXD+8
+    movw $2, RXD+12
+    movw $0, RXA+4
+    movw $1, RXA+2
+    mfence
+    movl $0, 0x50(%r15)          # notify queue 0
+1:  movzwl RXU+2, %eax
+    cmp $1, %eax
+    jne 1b
+    movl RXU+8, %ecx             # used[0].len
+
+    lea prefix(%rip), %rax
+    movq %rax, TXD
+    movl $4, TXD+8
+    movw $1, TXD+12              # NEXT
+    movw $1, TXD+14
+    movq $RXBUF, TXD+16
+    movl %ecx, TXD+24
+    movw $0, TXD+28
+    movw $0, TXA+4
+    movw $1, TXA+2
+    mfence
+    movl $1, 0x50(%r15)          # notify queue 1
+2:  movzwl TXU+2, %eax
+    cmp $1, %eax
+    jne 2b
+    mov $0xf4, %dx
+    mov $0, %al
+    outb %al, %dx
+    hlt
+fail:
+    mov $0xf4, %dx
+    mov $1, %al
+    outb %al, %dx
+    hlt
+prefix: .ascii "got "
+"#;
+
+#[test]
+fn guest_driver_echoes_host_bytes_through_virtio_console() {
+    use kiln_vmm::devices::virtio::console::{Console, PortConfig};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    if !kvm_available() {
+        return;
+    }
+    let (vmm_side, mut host) = UnixStream::pair().expect("socket pair");
+    host.write_all(b"ping").expect("host write");
+    let console = Console::new(vec![PortConfig {
+        name: String::new(),
+        console: false,
+        host: Some(vmm_side.into()),
+    }])
+    .expect("console");
+    let mut m = Machine::new(64 << 20, Vec::new()).expect("machine");
+    assert_eq!(m.add_virtio(Box::new(console)).expect("add"), 0xd000_0000);
+    m.load(LOAD, &assemble(CONSOLE_DRIVER)).expect("load");
+    m.start_at(Entry { rip: LOAD, rsi: 0 }).expect("start");
+    let exit = m.run(100_000).expect("run");
+    assert_eq!(exit, Exit::Status(0));
+    drop(m);
+    let mut got = Vec::new();
+    host.read_to_end(&mut got).expect("host read");
+    assert_eq!(got, b"got ping");
+}

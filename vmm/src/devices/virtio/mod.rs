@@ -3,6 +3,7 @@
 //! implements [`VirtioDevice`].
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 pub mod rng;
 
@@ -113,6 +114,14 @@ pub fn serve_queue(
     done
 }
 
+/// A host-side descriptor a device waits on, and for what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostInterest {
+    pub fd: std::os::fd::RawFd,
+    pub read: bool,
+    pub write: bool,
+}
+
 /// What the transport needs from a device.
 pub trait VirtioDevice: Send {
     /// virtio device ID (2 = block, 3 = console, 4 = entropy, 26 = fs).
@@ -138,4 +147,11 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, index: u32);
     /// The driver reset the device: forget the queues and negotiated state.
     fn reset(&mut self);
+    /// Host-side descriptors (sockets, pipes) the event loop should watch
+    /// for this device; asked again after every event the device handles.
+    fn host_interest(&self) -> Vec<HostInterest> {
+        Vec::new()
+    }
+    /// One of the [`Self::host_interest`] descriptors is ready.
+    fn host_ready(&mut self) {}
 }
