@@ -42,6 +42,14 @@ fn assemble(source: &str) -> Vec<u8> {
     std::fs::read(p("g.bin")).expect("read")
 }
 
+/// A machine as the tests run it: seccomp on, so every tiny guest also
+/// checks that the filters allow what the threads need.
+fn machine<W: std::io::Write + Send>(vcpus: u8, console: W) -> Machine<W> {
+    let mut m = Machine::with_vcpus(64 << 20, vcpus, console).expect("machine");
+    m.set_seccomp(true);
+    m
+}
+
 /// Whether this host can run KVM guests at all (a device we may open).
 fn kvm_available() -> bool {
     match kvm_ioctls::Kvm::new() {
@@ -75,13 +83,13 @@ fn guest_prints_on_the_serial_port_and_exits_with_a_status() {
     msg: .asciz "hello from a tiny guest\n"
     "#
     ));
-    let mut m = Machine::new(64 << 20, Vec::new()).expect("machine");
+    let mut m = machine(1, Vec::new());
     m.load(LOAD, &code).expect("load");
     m.start_at(Entry { rip: LOAD, rsi: 0 }).expect("start");
-    let exit = m.run(10_000).expect("run");
+    let exit = m.run().expect("run");
     assert_eq!(exit, Exit::Status(42));
     assert_eq!(
-        String::from_utf8_lossy(m.console()),
+        m.with_console(|c| String::from_utf8_lossy(c).into_owned()),
         "hello from a tiny guest\n"
     );
 }
@@ -264,15 +272,15 @@ fn run_blk_driver(readonly: bool, serial: &str) -> (String, Vec<u8>) {
         .write(!readonly)
         .open(disk.path())
         .expect("open");
-    let mut m = Machine::new(64 << 20, Vec::new()).expect("machine");
+    let mut m = machine(1, Vec::new());
     let base = m
         .add_virtio(Box::new(Block::new(file, readonly, serial).expect("block")))
         .expect("add");
     assert_eq!(base, 0xd000_0000, "the driver expects the first window");
     m.load(LOAD, &assemble(BLK_DRIVER)).expect("load");
     m.start_at(Entry { rip: LOAD, rsi: 0 }).expect("start");
-    let exit = m.run(100_000).expect("run");
-    let console = String::from_utf8_lossy(m.console()).into_owned();
+    let exit = m.run().expect("run");
+    let console = m.with_console(|c| String::from_utf8_lossy(c).into_owned());
     assert_eq!(exit, Exit::Status(0), "console: {console}");
     (console, std::fs::read(disk.path()).expect("read disk"))
 }
@@ -400,14 +408,115 @@ fn guest_driver_echoes_host_bytes_through_virtio_console() {
         host: Some(vmm_side.into()),
     }])
     .expect("console");
-    let mut m = Machine::new(64 << 20, Vec::new()).expect("machine");
+    let mut m = machine(1, Vec::new());
     assert_eq!(m.add_virtio(Box::new(console)).expect("add"), 0xd000_0000);
     m.load(LOAD, &assemble(CONSOLE_DRIVER)).expect("load");
     m.start_at(Entry { rip: LOAD, rsi: 0 }).expect("start");
-    let exit = m.run(100_000).expect("run");
+    let exit = m.run().expect("run");
     assert_eq!(exit, Exit::Status(0));
     drop(m);
     let mut got = Vec::new();
     host.read_to_end(&mut got).expect("host read");
     assert_eq!(got, b"got ping");
+}
+
+#[test]
+fn the_boot_vcpu_starts_a_second_one_with_init_and_sipi() {
+    if !kvm_available() {
+        return;
+    }
+    // vCPU 1 waits in KVM's initial state; vCPU 0 sends it INIT and a
+    // startup IPI for 0x8000 through the local APIC, then waits for it to
+    // set a flag.
+    let bsp = assemble(
+        r#"
+        mov $0xfee00000, %rbx
+        movl $0x01000000, 0x310(%rbx)    # ICR high: APIC ID 1
+        movl $0x00004500, 0x300(%rbx)    # INIT
+        movl $0x01000000, 0x310(%rbx)
+        movl $0x00004608, 0x300(%rbx)    # STARTUP, vector 0x08
+    1:  cmpb $1, 0x6000
+        jne 1b
+        mov $0xf4, %dx
+        mov $7, %al
+        outb %al, %dx
+        hlt
+    "#,
+    );
+    // Real mode: movb $1, 0x6000; 1: hlt; jmp 1b
+    let ap = [0xc6, 0x06, 0x00, 0x60, 0x01, 0xf4, 0xeb, 0xfd];
+    let mut m = machine(2, Vec::new());
+    m.load(LOAD, &bsp).expect("load");
+    m.load(0x8000, &ap).expect("load AP code");
+    m.start_at(Entry { rip: LOAD, rsi: 0 }).expect("start");
+    assert_eq!(m.run().expect("run"), Exit::Status(7));
+}
+
+#[test]
+fn an_i8042_reset_ends_the_run_as_a_shutdown() {
+    if !kvm_available() {
+        return;
+    }
+    let code = assemble(
+        r#"
+        mov $0xfe, %al
+        outb %al, $0x64
+    1:  jmp 1b
+    "#,
+    );
+    let mut m = machine(2, Vec::new());
+    m.load(LOAD, &code).expect("load");
+    m.start_at(Entry { rip: LOAD, rsi: 0 }).expect("start");
+    assert_eq!(m.run().expect("run"), Exit::Shutdown);
+}
+
+/// A console sink the test can read while the machine runs.
+#[derive(Clone, Default)]
+struct SharedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_stopper_ends_a_machine_whose_vcpus_sleep_in_the_kernel() {
+    if !kvm_available() {
+        return;
+    }
+    // Both vCPUs end up blocked inside KVM_RUN: vCPU 0 halted with
+    // interrupts off, vCPU 1 never started.
+    let code = assemble(
+        r#"
+        mov $0x3f8, %dx
+        mov $'z', %al
+        outb %al, %dx
+        cli
+    1:  hlt
+        jmp 1b
+    "#,
+    );
+    let log = SharedLog::default();
+    let mut m = machine(2, log.clone());
+    m.load(LOAD, &code).expect("load");
+    m.start_at(Entry { rip: LOAD, rsi: 0 }).expect("start");
+    let stopper = m.stopper();
+    let watcher = std::thread::spawn(move || {
+        // Wait until the guest has run, then stop it.
+        while log.0.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            std::thread::yield_now();
+        }
+        stopper.stop();
+    });
+    assert_eq!(m.run().expect("run"), Exit::Stopped);
+    watcher.join().expect("watcher");
+    m.with_console(|c| assert_eq!(c.0.lock().expect("log").as_slice(), b"z"));
 }
