@@ -17,3 +17,7 @@ pub mod memory;
 pub mod mptable;
 pub mod seccomp;
 pub mod vcpu;
+pub mod vm;
+
+pub use machine::{Exit, Stopper};
+pub use vm::{run, AgentPort, DiskConfig, FsConfig, Vm, VmConfig, VmError};

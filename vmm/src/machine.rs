@@ -263,8 +263,9 @@ impl<W: Write + Send> Machine<W> {
         self.vm
             .register_irqfd(irq.eventfd(), line)
             .map_err(|e| MachineError::Setup("virtio irqfd", e))?;
-        let transport = MmioTransport::new(device, self.mem.clone(), irq);
-        for queue in 0..transport.queue_count() as u32 {
+        let mut device = device;
+        let mut eventfds = Vec::new();
+        for queue in 0..device.queue_max_sizes().len() as u32 {
             let eventfd = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
             // A 4-byte write of the queue's index to QueueNotify.
             self.vm
@@ -274,12 +275,18 @@ impl<W: Write + Send> Machine<W> {
                     queue,
                 )
                 .map_err(|e| MachineError::Setup("queue ioeventfd", e))?;
-            self.notifiers.push(QueueNotifier {
-                device: index,
-                queue,
-                eventfd,
-            });
+            eventfds.push(eventfd);
         }
+        if !device.take_queue_notifiers(&eventfds) {
+            for (queue, eventfd) in eventfds.into_iter().enumerate() {
+                self.notifiers.push(QueueNotifier {
+                    device: index,
+                    queue: queue as u32,
+                    eventfd,
+                });
+            }
+        }
+        let transport = MmioTransport::new(device, self.mem.clone(), irq);
         self.transports.push(Arc::new(Mutex::new(transport)));
         Ok(base)
     }

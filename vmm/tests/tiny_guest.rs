@@ -11,8 +11,16 @@ use kiln_vmm::machine::{Exit, Machine, EXIT_PORT};
 
 const LOAD: u64 = 0x10_0000;
 
-/// Assembles `source` (AT&T syntax, 64-bit) linked at [`LOAD`].
+/// Assembles `source` (AT&T syntax, 64-bit) linked at [`LOAD`]; returns
+/// the flat binary.
 fn assemble(source: &str) -> Vec<u8> {
+    let (bin, _elf) = assemble_both(source);
+    bin
+}
+
+/// Assembles `source`; returns the flat binary and the ELF (which
+/// kiln-vmm's Linux loader takes as a "vmlinux").
+fn assemble_both(source: &str) -> (Vec<u8>, Vec<u8>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = |n: &str| dir.path().join(n);
     std::fs::write(
@@ -39,7 +47,10 @@ fn assemble(source: &str) -> Vec<u8> {
         &["-Ttext=0x100000", "-e", "_start", "--no-warn-rwx-segments"],
     );
     run("objcopy", &[&p("g.elf"), &p("g.bin")], &["-O", "binary"]);
-    std::fs::read(p("g.bin")).expect("read")
+    (
+        std::fs::read(p("g.bin")).expect("read"),
+        std::fs::read(p("g.elf")).expect("read"),
+    )
 }
 
 /// A machine as the tests run it: seccomp on, so every tiny guest also
@@ -519,4 +530,64 @@ fn a_stopper_ends_a_machine_whose_vcpus_sleep_in_the_kernel() {
     assert_eq!(m.run().expect("run"), Exit::Stopped);
     watcher.join().expect("watcher");
     m.with_console(|c| assert_eq!(c.0.lock().expect("log").as_slice(), b"z"));
+}
+
+#[test]
+fn the_vm_api_boots_an_elf_and_announces_its_devices_on_the_command_line() {
+    use kiln_vmm::{AgentPort, DiskConfig, VmConfig};
+    if !kvm_available() {
+        return;
+    }
+    // A "kernel" that prints the command line the loader wrote (at 0x20000)
+    // and exits with status 3.
+    let (_, elf) = assemble_both(
+        r#"
+        mov $0x20000, %rsi
+        mov $0x3f8, %dx
+    1:  movb (%rsi), %al
+        test %al, %al
+        jz 2f
+        outb %al, %dx
+        inc %rsi
+        jmp 1b
+    2:  mov $0xf4, %dx
+        mov $3, %al
+        outb %al, %dx
+        hlt
+    "#,
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, elf).expect("kernel");
+    let disk = dir.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    let (agent, _host) = std::os::unix::net::UnixStream::pair().expect("pair");
+    let log = SharedLog::default();
+    let exit = kiln_vmm::run(VmConfig {
+        kernel,
+        initrd: None,
+        cmdline: "console=ttyS0 reboot=t".into(),
+        mem_mib: 64,
+        vcpus: 2,
+        disks: vec![DiskConfig {
+            path: disk,
+            read_only: true,
+            serial: "root".into(),
+        }],
+        agent_port: Some(AgentPort {
+            name: "kiln.agent".into(),
+            stream: agent.into(),
+        }),
+        fs: vec![],
+        console: Box::new(log.clone()),
+        seccomp: true,
+    })
+    .expect("run");
+    assert_eq!(exit, Exit::Status(3));
+    let printed = String::from_utf8_lossy(&log.0.lock().expect("log")).into_owned();
+    assert_eq!(
+        printed,
+        "console=ttyS0 reboot=t virtio_mmio.device=4K@0xd0000000:5 \
+         virtio_mmio.device=4K@0xd0001000:6 virtio_mmio.device=4K@0xd0002000:7"
+    );
 }

@@ -4,6 +4,7 @@
 
 pub mod block;
 pub mod console;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 
@@ -72,6 +73,8 @@ pub enum ActivateError {
     InvalidQueue(usize),
     #[error("expected {expected} queues, got {got}")]
     QueueCount { expected: usize, got: usize },
+    #[error("the device's backend refused the queues")]
+    Backend,
 }
 
 /// The one queue of a single-queue device, checked against guest memory.
@@ -154,4 +157,10 @@ pub trait VirtioDevice: Send {
     }
     /// One of the [`Self::host_interest`] descriptors is ready.
     fn host_ready(&mut self) {}
+    /// A device served by another process (vhost-user) may take the
+    /// queues' notification eventfds (one per queue, in order) to hand them
+    /// on; returning true keeps the event loop off them.
+    fn take_queue_notifiers(&mut self, _notifiers: &[EventFd]) -> bool {
+        false
+    }
 }
