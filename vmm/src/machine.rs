@@ -405,7 +405,7 @@ impl<W: Write + Send> Machine<W> {
                         unsafe { libc::pthread_kill(tid, kick_signal()) };
                     }
                 }
-                std::thread::sleep(std::time::Duration::from_millis(1));
+                std::thread::sleep(std::time::Duration::from_micros(50));
             }
             for h in vcpu_threads {
                 let _ = h.join();
