@@ -84,15 +84,24 @@ fn virtiofsd_answers_fuse_init_through_our_rings() {
     let requests = MockSplitQueue::create(&mem, GuestAddress(0x20_0000), 16);
     let irq = Arc::new(IrqLine::new().expect("irq"));
     fs.ack_features(VIRTIO_F_VERSION_1);
-    fs.activate(
-        mem.clone(),
-        vec![
-            hiprio.create_queue().expect("queue"),
-            requests.create_queue().expect("queue"),
-        ],
-        irq.clone(),
-    )
-    .expect("activate: memory table and vrings");
+    let queues = vec![
+        hiprio.create_queue().expect("queue"),
+        requests.create_queue().expect("queue"),
+    ];
+    // The driver starts the device from a vCPU thread: activate under the
+    // vCPU seccomp filter, which kills the process on a system call it
+    // does not allow.
+    let filters = kiln_vmm::seccomp::Filters::new().expect("filters");
+    let (activated, mut fs) = std::thread::scope(|s| {
+        s.spawn(|| {
+            kiln_vmm::seccomp::apply(&filters.vcpu).expect("seccomp");
+            let r = fs.activate(mem.clone(), queues, irq.clone());
+            (r, fs)
+        })
+        .join()
+        .expect("activation thread")
+    });
+    activated.expect("activate: memory table and vrings");
 
     // FUSE_INIT: in header + init_in (device-readable), out header +
     // init_out (device-writable).
