@@ -6,10 +6,18 @@
 //! will carry ([`devices`]).
 
 pub mod boot;
+pub mod bus;
 pub mod devices;
+pub mod event_loop;
 #[doc(hidden)]
 pub mod fuzz_harness;
 pub mod host;
 pub mod machine;
 pub mod memory;
+pub mod mptable;
+pub mod seccomp;
 pub mod vcpu;
+pub mod vm;
+
+pub use machine::{Exit, Stopper};
+pub use vm::{run, AgentPort, DiskConfig, FsConfig, Vm, VmConfig, VmError};

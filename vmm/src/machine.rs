@@ -1,30 +1,32 @@
-//! A machine: a KVM VM with guest memory, one vCPU, the serial console and
-//! virtio-mmio devices, and the loop that runs the vCPU and dispatches its
-//! exits to the devices.
+//! A machine: a KVM VM with guest memory, N vCPUs, the serial console and
+//! virtio-mmio devices. [`Machine::run`] runs one thread per vCPU and one
+//! device thread (the [`EventLoop`]) until the guest stops, then stops and
+//! joins them all.
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::devices::serial::{SerialConsole, COM1, PORTS};
-use crate::devices::virtio::mmio::{MmioTransport, WINDOW};
+use crate::bus::Bus;
+pub use crate::bus::{Exit, EXIT_PORT, MMIO_BASE};
+use crate::devices::serial::SerialConsole;
+use crate::devices::virtio::mmio::{reg, MmioTransport, WINDOW};
 use crate::devices::virtio::{IrqLine, VirtioDevice};
-use crate::{boot, memory, vcpu};
+use crate::event_loop::{EventLoop, QueueNotifier};
+use crate::{boot, memory, mptable, seccomp, vcpu};
 
-/// Where virtio-mmio windows start in guest physical memory.
-pub const MMIO_BASE: u64 = 0xd000_0000;
 /// The first interrupt line given to virtio devices.
 pub const VIRTIO_IRQ_BASE: u32 = 5;
-/// Writing a byte here ends the run with that byte as the guest's status
-/// (like QEMU's isa-debug-exit); used by test guests.
-pub const EXIT_PORT: u16 = 0xf4;
+/// The last line the I/O APIC has; virtio devices get 5..=23.
+const IRQ_MAX: u32 = mptable::IOAPIC_PINS as u32 - 1;
 const TSS_ADDR: usize = 0xfffb_d000;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,43 +41,114 @@ pub enum MachineError {
     Vcpu(#[from] vcpu::VcpuError),
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error("loading guest code at {0:#x}: {1}")]
     Load(u64, vm_memory::GuestMemoryError),
     #[error("creating an eventfd: {0}")]
     EventFd(std::io::Error),
-    #[error("running the vCPU: {0}")]
-    Run(kvm_ioctls::Error),
-    #[error("the guest stopped with an unexpected exit: {0}")]
-    UnexpectedExit(String),
-    #[error("the guest did not stop within {0} exits")]
-    TooManyExits(u64),
+    #[error("{0} vCPUs: kiln-vmm runs 1 to {max}", max = mptable::MAX_CPUS)]
+    VcpuCount(u8),
+    #[error("no interrupt line left for another virtio device")]
+    TooManyDevices,
+    #[error("the device thread: {0}")]
+    EventLoop(std::io::Error),
+    #[error("starting a thread: {0}")]
+    Thread(std::io::Error),
+    #[error("running vCPU {0}: {1}")]
+    Run(usize, kvm_ioctls::Error),
+    #[error("vCPU {0} stopped with an unexpected exit: {1}")]
+    UnexpectedExit(usize, String),
 }
 
-/// How a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    /// The guest wrote its status to [`EXIT_PORT`].
-    Status(u8),
-    /// The guest executed HLT with nothing to wake it.
-    Halted,
-    /// The guest reset or triple-faulted.
-    Shutdown,
+/// Ends a running machine from another thread; [`Machine::run`] then
+/// returns [`Exit::Stopped`].
+#[derive(Clone)]
+pub struct Stopper(Arc<RunState>);
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.0.finish(Ok(Exit::Stopped));
+    }
 }
+
+/// How the threads of a run agree that it is over.
+struct RunState {
+    stopping: AtomicBool,
+    outcome: Mutex<Option<Result<Exit, MachineError>>>,
+    done: Condvar,
+}
+
+impl RunState {
+    fn new() -> RunState {
+        RunState {
+            stopping: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            done: Condvar::new(),
+        }
+    }
+
+    /// Records how the run ended; the first outcome wins.
+    fn finish(&self, outcome: Result<Exit, MachineError>) {
+        let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        if o.is_none() {
+            *o = Some(outcome);
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        self.done.notify_all();
+    }
+
+    fn wait(&self) -> Result<Exit, MachineError> {
+        let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(outcome) = o.take() {
+                return outcome;
+            }
+            o = self.done.wait(o).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN at the end of a run.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 pub struct Machine<W: Write> {
     _kvm: Kvm,
     vm: VmFd,
-    vcpu: VcpuFd,
+    vcpus: Vec<VcpuFd>,
     mem: GuestMemoryMmap,
-    _memfd: File,
-    serial: SerialConsole<W>,
-    virtio: Vec<MmioTransport>,
+    memfd: File,
+    bus: Bus<W>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    notifiers: Vec<QueueNotifier>,
+    wake: EventFd,
+    state: Arc<RunState>,
+    seccomp: bool,
 }
 
-impl<W: Write> Machine<W> {
-    /// A machine with `mem_size` bytes of memory whose serial output goes
-    /// to `console`.
+impl<W: Write + Send> Machine<W> {
+    /// A one-vCPU machine with `mem_size` bytes of memory whose serial
+    /// output goes to `console`.
     pub fn new(mem_size: u64, console: W) -> Result<Self, MachineError> {
+        Self::with_vcpus(mem_size, 1, console)
+    }
+
+    /// A machine with `vcpus` vCPUs. vCPU 0 boots; the others wait in
+    /// KVM's initial state for the guest's INIT/SIPI.
+    pub fn with_vcpus(mem_size: u64, vcpus: u8, console: W) -> Result<Self, MachineError> {
+        if vcpus == 0 || vcpus > mptable::MAX_CPUS {
+            return Err(MachineError::VcpuCount(vcpus));
+        }
         let kvm = Kvm::new().map_err(MachineError::Kvm)?;
         let vm = kvm
             .create_vm()
@@ -100,34 +173,68 @@ impl<W: Write> Machine<W> {
             unsafe { vm.set_user_memory_region(r) }
                 .map_err(|e| MachineError::Setup("guest memory", e))?;
         }
-        let vcpu = vm
-            .create_vcpu(0)
-            .map_err(|e| MachineError::Setup("create vCPU", e))?;
-        let mut cpuid = kvm
+        let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| MachineError::Setup("supported CPUID", e))?;
-        vcpu::filter_cpuid(&mut cpuid, 0, 1);
-        vcpu.set_cpuid2(&cpuid)
-            .map_err(|e| MachineError::Setup("vCPU CPUID", e))?;
-        vcpu::setup_cpu_state(&vcpu)?;
+        let mut fds = Vec::with_capacity(usize::from(vcpus));
+        for index in 0..vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(|e| MachineError::Setup("create vCPU", e))?;
+            let mut cpuid = supported.clone();
+            vcpu::filter_cpuid(&mut cpuid, index, vcpus);
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| MachineError::Setup("vCPU CPUID", e))?;
+            vcpu::setup_cpu_state(&fd)?;
+            fds.push(fd);
+        }
         vm.create_pit2(kvm_bindings::kvm_pit_config::default())
             .map_err(|e| MachineError::Setup("PIT", e))?;
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
         vm.register_irqfd(&serial_irq, 4)
             .map_err(|e| MachineError::Setup("serial irqfd", e))?;
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+        let bus_wake = wake.try_clone().map_err(MachineError::EventFd)?;
         Ok(Machine {
             _kvm: kvm,
             vm,
-            vcpu,
+            vcpus: fds,
             mem,
-            _memfd: memfd,
-            serial: SerialConsole::new(serial_irq, console),
-            virtio: Vec::new(),
+            memfd,
+            bus: Bus::new(
+                SerialConsole::new(serial_irq, console),
+                Vec::new(),
+                bus_wake,
+            ),
+            transports: Vec::new(),
+            notifiers: Vec::new(),
+            wake,
+            state: Arc::new(RunState::new()),
+            seccomp: false,
         })
     }
 
-    pub fn console(&self) -> &W {
-        self.serial.output()
+    /// Runs the vCPU and device threads under seccomp filters.
+    pub fn set_seccomp(&mut self, on: bool) {
+        self.seccomp = on;
+    }
+
+    /// Reads the serial console's output sink.
+    pub fn with_console<R>(&self, f: impl FnOnce(&W) -> R) -> R {
+        f(self.bus.serial().output())
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.state.clone())
+    }
+
+    /// The guest memory and the memfd behind it (vhost-user backends map it).
+    pub fn memory(&self) -> (&GuestMemoryMmap, &File) {
+        (&self.mem, &self.memfd)
+    }
+
+    pub fn vm(&self) -> &VmFd {
+        &self.vm
     }
 
     /// Copies `code` into guest memory at `addr`.
@@ -137,32 +244,64 @@ impl<W: Write> Machine<W> {
             .map_err(|e| MachineError::Load(addr, e))
     }
 
-    /// Adds a virtio-mmio device; returns the base of its register window.
-    pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<u64, MachineError> {
-        let index = self.virtio.len() as u64;
-        let irq = Arc::new(IrqLine::new().map_err(MachineError::EventFd)?);
-        self.vm
-            .register_irqfd(irq.eventfd(), VIRTIO_IRQ_BASE + index as u32)
-            .map_err(|e| MachineError::Setup("virtio irqfd", e))?;
-        self.virtio
-            .push(MmioTransport::new(device, self.mem.clone(), irq));
-        Ok(MMIO_BASE + index * WINDOW)
+    /// The base address and interrupt line the next virtio device gets.
+    pub fn next_virtio_slot(&self) -> (u64, u32) {
+        let index = self.transports.len() as u64;
+        (MMIO_BASE + index * WINDOW, VIRTIO_IRQ_BASE + index as u32)
     }
 
-    /// Puts the vCPU in 64-bit mode at `entry.rip`, with `entry.rsi` in RSI.
+    /// Adds a virtio-mmio device; returns the base of its register window.
+    /// Its queue notifications arrive through ioeventfds, its interrupt
+    /// through an irqfd.
+    pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<u64, MachineError> {
+        let (base, line) = self.next_virtio_slot();
+        if line > IRQ_MAX {
+            return Err(MachineError::TooManyDevices);
+        }
+        let index = self.transports.len();
+        let irq = Arc::new(IrqLine::new().map_err(MachineError::EventFd)?);
+        self.vm
+            .register_irqfd(irq.eventfd(), line)
+            .map_err(|e| MachineError::Setup("virtio irqfd", e))?;
+        let mut device = device;
+        let mut eventfds = Vec::new();
+        for queue in 0..device.queue_max_sizes().len() as u32 {
+            let eventfd = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+            // A 4-byte write of the queue's index to QueueNotify.
+            self.vm
+                .register_ioevent(
+                    &eventfd,
+                    &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY),
+                    queue,
+                )
+                .map_err(|e| MachineError::Setup("queue ioeventfd", e))?;
+            eventfds.push(eventfd);
+        }
+        if !device.take_queue_notifiers(&eventfds) {
+            for (queue, eventfd) in eventfds.into_iter().enumerate() {
+                self.notifiers.push(QueueNotifier {
+                    device: index,
+                    queue: queue as u32,
+                    eventfd,
+                });
+            }
+        }
+        let transport = MmioTransport::new(device, self.mem.clone(), irq);
+        self.transports.push(Arc::new(Mutex::new(transport)));
+        Ok(base)
+    }
+
+    /// Puts vCPU 0 in 64-bit mode at `entry.rip`, with `entry.rsi` in RSI.
     pub fn start_at(&mut self, entry: boot::Entry) -> Result<(), MachineError> {
-        vcpu::setup_long_mode(
-            &self.vcpu,
-            &self.mem,
-            entry.rip,
-            boot::BOOT_STACK,
-            entry.rsi,
-        )?;
+        let Some(bsp) = self.vcpus.first() else {
+            return Err(MachineError::VcpuCount(0));
+        };
+        vcpu::setup_long_mode(bsp, &self.mem, entry.rip, boot::BOOT_STACK, entry.rsi)?;
         Ok(())
     }
 
-    /// Loads a Linux kernel (vmlinux), initramfs and command line, and
-    /// points the vCPU at the kernel's 64-bit entry.
+    /// Loads a Linux kernel (vmlinux), initramfs and command line, writes
+    /// the MP table for the vCPUs, and points vCPU 0 at the kernel's entry.
     pub fn load_linux(
         &mut self,
         kernel: &mut File,
@@ -170,56 +309,153 @@ impl<W: Write> Machine<W> {
         cmdline: &str,
     ) -> Result<(), MachineError> {
         let entry = boot::load_linux(&self.mem, kernel, initrd, cmdline)?;
+        mptable::write(&self.mem, self.vcpus.len() as u8)?;
         self.start_at(entry)
     }
 
-    /// Runs the vCPU until the guest stops, or until `max_exits` exits
-    /// have been handled.
-    pub fn run(&mut self, max_exits: u64) -> Result<Exit, MachineError> {
-        for _ in 0..max_exits {
-            match self.vcpu.run().map_err(MachineError::Run)? {
-                VcpuExit::IoOut(port, data) => {
-                    if port == EXIT_PORT {
-                        return Ok(Exit::Status(data.first().copied().unwrap_or(0)));
-                    }
-                    if (COM1..COM1 + PORTS).contains(&port) {
-                        if let Some(&b) = data.first() {
-                            self.serial.write((port - COM1) as u8, b);
+    /// Runs the machine until the guest stops (or a [`Stopper`] stops it),
+    /// then ends every thread it started.
+    pub fn run(&mut self) -> Result<Exit, MachineError> {
+        static HANDLER: Once = Once::new();
+        let mut handler = Ok(());
+        HANDLER.call_once(|| {
+            handler = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick);
+        });
+        handler.map_err(|e| MachineError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+
+        let filters = if self.seccomp {
+            Some(seccomp::Filters::new()?)
+        } else {
+            None
+        };
+        self.bus.set_virtio(self.transports.clone());
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+        let mut event_loop = EventLoop::new(
+            stop.try_clone().map_err(MachineError::EventFd)?,
+            self.wake.try_clone().map_err(MachineError::EventFd)?,
+            self.transports.clone(),
+            std::mem::take(&mut self.notifiers),
+        )
+        .map_err(MachineError::EventLoop)?;
+        let state = self.state.clone();
+        let bus = &self.bus;
+        let threads: Mutex<Vec<Option<libc::pthread_t>>> = Mutex::new(vec![None; self.vcpus.len()]);
+
+        let result = std::thread::scope(|s| -> Result<Exit, MachineError> {
+            let el_state = state.clone();
+            let el_filter = filters.as_ref().map(|f| f.event_loop.clone());
+            let el = std::thread::Builder::new()
+                .name("kiln-devices".into())
+                .spawn_scoped(s, move || {
+                    if let Some(f) = el_filter {
+                        if let Err(e) = seccomp::apply(&f) {
+                            el_state.finish(Err(e.into()));
+                            return;
                         }
                     }
-                }
-                VcpuExit::IoIn(port, data) => {
-                    let value = if (COM1..COM1 + PORTS).contains(&port) {
-                        self.serial.read((port - COM1) as u8)
-                    } else {
-                        0xff
-                    };
-                    data.fill(0);
-                    if let Some(b) = data.first_mut() {
-                        *b = value;
+                    if let Err(e) = event_loop.run() {
+                        el_state.finish(Err(MachineError::EventLoop(e)));
+                    }
+                })
+                .map_err(MachineError::Thread)?;
+            let mut vcpu_threads = Vec::new();
+            for (index, vcpu) in self.vcpus.iter_mut().enumerate() {
+                let vcpu_state = state.clone();
+                let threads = &threads;
+                let filter = filters.as_ref().map(|f| f.vcpu.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("kiln-vcpu{index}"))
+                    .spawn_scoped(s, move || {
+                        if let Some(slot) = threads
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_mut(index)
+                        {
+                            // SAFETY: pthread_self has no preconditions.
+                            *slot = Some(unsafe { libc::pthread_self() });
+                        }
+                        if let Some(f) = filter {
+                            if let Err(e) = seccomp::apply(&f) {
+                                vcpu_state.finish(Err(e.into()));
+                                return;
+                            }
+                        }
+                        run_vcpu(index, vcpu, bus, &vcpu_state);
+                    });
+                match spawned {
+                    Ok(h) => vcpu_threads.push(h),
+                    Err(e) => {
+                        state.finish(Err(MachineError::Thread(e)));
+                        break;
                     }
                 }
-                VcpuExit::MmioRead(addr, data) => match virtio_at(&mut self.virtio, addr) {
-                    Some((t, off)) => t.read(off, data),
-                    None => data.fill(0xff),
-                },
-                VcpuExit::MmioWrite(addr, data) => {
-                    if let Some((t, off)) = virtio_at(&mut self.virtio, addr) {
-                        t.write(off, data);
-                    }
-                }
-                VcpuExit::Hlt => return Ok(Exit::Halted),
-                VcpuExit::Shutdown => return Ok(Exit::Shutdown),
-                other => return Err(MachineError::UnexpectedExit(format!("{other:?}"))),
             }
-        }
-        Err(MachineError::TooManyExits(max_exits))
+
+            let outcome = state.wait();
+            // Stop the device thread, then kick the vCPUs out of KVM_RUN
+            // until each has seen the stop flag. A kick that lands just
+            // before a thread enters KVM_RUN is lost, hence the repeats.
+            let _ = stop.write(1);
+            while vcpu_threads.iter().any(|h| !h.is_finished()) {
+                let tids = threads.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                for (h, tid) in vcpu_threads.iter().zip(tids) {
+                    if let (false, Some(tid)) = (h.is_finished(), tid) {
+                        // SAFETY: the thread is not joined yet, so its id is
+                        // valid; the signal's handler does nothing.
+                        unsafe { libc::pthread_kill(tid, kick_signal()) };
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+            for h in vcpu_threads {
+                let _ = h.join();
+            }
+            let _ = el.join();
+            outcome
+        });
+        // A machine runs once; a second run reports the first outcome's end.
+        self.state = Arc::new(RunState::new());
+        self.state.stopping.store(false, Ordering::SeqCst);
+        result
     }
 }
 
-/// The virtio device whose register window holds `addr`, and the offset.
-fn virtio_at(devices: &mut [MmioTransport], addr: u64) -> Option<(&mut MmioTransport, u64)> {
-    let offset = addr.checked_sub(MMIO_BASE)?;
-    let index = usize::try_from(offset / WINDOW).ok()?;
-    devices.get_mut(index).map(|t| (t, offset % WINDOW))
+/// One vCPU's loop: run, dispatch the exit, until the run is over.
+fn run_vcpu<W: Write>(index: usize, vcpu: &mut VcpuFd, bus: &Bus<W>, state: &RunState) {
+    while !state.stopping() {
+        let exit = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => bus.pio_out(port, data),
+            Ok(VcpuExit::IoIn(port, data)) => {
+                bus.pio_in(port, data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                bus.mmio_read(addr, data);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                bus.mmio_write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Hlt) => Some(Exit::Halted),
+            Ok(VcpuExit::Shutdown) | Ok(VcpuExit::SystemEvent(..)) => Some(Exit::Shutdown),
+            Ok(other) => {
+                state.finish(Err(MachineError::UnexpectedExit(
+                    index,
+                    format!("{other:?}"),
+                )));
+                return;
+            }
+            // A kick (or any signal): look at the stop flag again.
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => {
+                state.finish(Err(MachineError::Run(index, e)));
+                return;
+            }
+        };
+        if let Some(exit) = exit {
+            state.finish(Ok(exit));
+            return;
+        }
+    }
 }

@@ -88,7 +88,7 @@ fn the_bundled_kernel_prints_its_banner_through_our_serial_device() {
         let mut m = Machine::new(256 << 20, console).expect("machine");
         let mut f = std::fs::File::open(&kernel).expect("open kernel");
         m.load_linux(&mut f, None, CMDLINE).expect("load kernel");
-        m.run(u64::MAX)
+        m.run()
     });
 
     let limit = Duration::from_secs(120);

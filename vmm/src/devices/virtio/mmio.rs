@@ -209,16 +209,32 @@ impl MmioTransport {
                     _ => q.set_used_ring_address(low, high),
                 }
             }
-            reg::QUEUE_NOTIFY
-                if self.status & status::DRIVER_OK != 0
-                    && self.status & status::DEVICE_NEEDS_RESET == 0 =>
-            {
-                self.device.queue_notify(v);
-            }
+            reg::QUEUE_NOTIFY => self.notify_queue(v),
             reg::INTERRUPT_ACK => self.irq.ack(v),
             reg::STATUS => self.write_status(v),
             _ => {}
         }
+    }
+
+    /// The driver notified queue `index`, through the QueueNotify register
+    /// or its ioeventfd. Ignored unless the device is running.
+    pub fn notify_queue(&mut self, index: u32) {
+        if self.status & status::DRIVER_OK != 0 && self.status & status::DEVICE_NEEDS_RESET == 0 {
+            self.device.queue_notify(index);
+        }
+    }
+
+    /// How many queues the device has (each gets an ioeventfd).
+    pub fn queue_count(&self) -> usize {
+        self.device.queue_max_sizes().len()
+    }
+
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
     }
 
     fn write_status(&mut self, v: u32) {

@@ -3,6 +3,8 @@
 //! implements [`VirtioDevice`].
 
 pub mod block;
+pub mod console;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 
@@ -71,6 +73,8 @@ pub enum ActivateError {
     InvalidQueue(usize),
     #[error("expected {expected} queues, got {got}")]
     QueueCount { expected: usize, got: usize },
+    #[error("the device's backend refused the queues")]
+    Backend,
 }
 
 /// The one queue of a single-queue device, checked against guest memory.
@@ -113,6 +117,14 @@ pub fn serve_queue(
     done
 }
 
+/// A host-side descriptor a device waits on, and for what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostInterest {
+    pub fd: std::os::fd::RawFd,
+    pub read: bool,
+    pub write: bool,
+}
+
 /// What the transport needs from a device.
 pub trait VirtioDevice: Send {
     /// virtio device ID (2 = block, 3 = console, 4 = entropy, 26 = fs).
@@ -138,4 +150,17 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, index: u32);
     /// The driver reset the device: forget the queues and negotiated state.
     fn reset(&mut self);
+    /// Host-side descriptors (sockets, pipes) the event loop should watch
+    /// for this device; asked again after every event the device handles.
+    fn host_interest(&self) -> Vec<HostInterest> {
+        Vec::new()
+    }
+    /// One of the [`Self::host_interest`] descriptors is ready.
+    fn host_ready(&mut self) {}
+    /// A device served by another process (vhost-user) may take the
+    /// queues' notification eventfds (one per queue, in order) to hand them
+    /// on; returning true keeps the event loop off them.
+    fn take_queue_notifiers(&mut self, _notifiers: &[EventFd]) -> bool {
+        false
+    }
 }

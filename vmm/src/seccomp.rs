@@ -1,0 +1,180 @@
+//! seccomp filters for the machine's threads (seccompiler): a vCPU thread
+//! and the device thread may make only the system calls their work needs.
+//! Anything else kills the process: a guest that has taken over a thread
+//! cannot open files, start processes or reach the network through it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("building a seccomp filter: {0}")]
+    Build(seccompiler::BackendError),
+    #[error("installing a seccomp filter: {0}")]
+    Apply(seccompiler::Error),
+}
+
+/// What every thread of the machine needs: memory, locks, signals (the
+/// end-of-run kick), reading and writing descriptors it already holds,
+/// thread exit.
+const COMMON: &[libc::c_long] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_close,
+    // Dropping a descriptor checks it is still open (std, debug builds).
+    libc::SYS_fcntl,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_brk,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getrandom,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_tgkill,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_rseq,
+    libc::SYS_sched_getaffinity,
+    // Disk I/O (virtio-blk), which may run on either thread.
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    // vhost-user messages (virtio-fs set-up happens when the driver
+    // starts the device, on a vCPU thread).
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+];
+
+/// A vCPU thread also runs the guest (KVM ioctls on its own fds).
+const VCPU: &[libc::c_long] = &[libc::SYS_ioctl];
+
+/// The device thread waits on its epoll set and changes it.
+const EVENT_LOOP: &[libc::c_long] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_ioctl,
+];
+
+/// The compiled filters, one per kind of thread.
+#[derive(Clone)]
+pub struct Filters {
+    pub vcpu: Arc<BpfProgram>,
+    pub event_loop: Arc<BpfProgram>,
+}
+
+impl Filters {
+    /// Filters that kill the process on any other system call.
+    pub fn new() -> Result<Filters, SeccompError> {
+        Self::with_action(SeccompAction::KillProcess)
+    }
+
+    /// Filters whose answer to other system calls is `action` (tests use
+    /// an errno to observe refusals without dying).
+    pub fn with_action(action: SeccompAction) -> Result<Filters, SeccompError> {
+        Ok(Filters {
+            vcpu: Arc::new(compile(&[COMMON, VCPU], action.clone())?),
+            event_loop: Arc::new(compile(&[COMMON, EVENT_LOOP], action)?),
+        })
+    }
+}
+
+fn compile(lists: &[&[libc::c_long]], action: SeccompAction) -> Result<BpfProgram, SeccompError> {
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = lists
+        .iter()
+        .flat_map(|l| l.iter())
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
+    let filter = SeccompFilter::new(rules, action, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(SeccompError::Build)?;
+    filter.try_into().map_err(SeccompError::Build)
+}
+
+/// Installs `filter` on the calling thread (only).
+pub fn apply(filter: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(filter).map_err(SeccompError::Apply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_filtered_thread_is_refused_what_it_does_not_need() {
+        let filters =
+            Filters::with_action(SeccompAction::Errno(libc::EPERM as u32)).expect("filters");
+        let (r, w) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let (open_errno, write_ok) = std::thread::spawn(move || {
+            apply(&filters.vcpu).expect("apply");
+            let path = c"/etc/hostname";
+            // SAFETY: a valid NUL-terminated path; the result is checked.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            let ok = std::io::Write::write(&mut &w, b"x").is_ok();
+            (if fd < 0 { errno } else { Some(0) }, ok)
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(open_errno, Some(libc::EPERM), "open was allowed");
+        assert!(write_ok, "write on a held descriptor was refused");
+        drop(r);
+        // The filter is the thread's: this thread may still open files.
+        let f = std::fs::File::open("/etc/hostname")
+            .or_else(|_| std::fs::File::open("/proc/self/stat"));
+        assert!(f.is_ok_and(|f| f.as_raw_fd() >= 0));
+    }
+
+    /// Run by [`the_production_filter_kills_the_process`] in a child: it
+    /// must die of SIGSYS at the open.
+    #[test]
+    fn production_filter_child() {
+        if std::env::var_os("KILN_SECCOMP_CHILD").is_none() {
+            return;
+        }
+        let filters = Filters::new().expect("filters");
+        apply(&filters.event_loop).expect("apply");
+        let _ = std::fs::File::open("/proc/self/stat");
+        std::process::exit(0);
+    }
+
+    #[test]
+    fn the_production_filter_kills_the_process() {
+        use std::os::unix::process::ExitStatusExt;
+        let exe = std::env::current_exe().expect("test binary");
+        let status = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "seccomp::tests::production_filter_child",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env("KILN_SECCOMP_CHILD", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("child");
+        assert_eq!(status.signal(), Some(libc::SIGSYS), "child: {status:?}");
+    }
+}
