@@ -11,6 +11,9 @@ use serde::Deserialize;
 
 pub const MIB: u64 = 1 << 20;
 
+/// Keys that live at the top of a recipe, before any table.
+const TOP_LEVEL_KEYS: &[&str] = &["name", "size", "table", "source_date_epoch", "commands"];
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
@@ -296,8 +299,20 @@ impl Checked {
     pub fn load(file: &Path) -> Result<Checked> {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("reading recipe {}", file.display()))?;
-        let recipe: Recipe = toml::from_str(&text)
-            .map_err(|e| anyhow!("{}: {}", file.display(), e.to_string().trim_end()))?;
+        let recipe: Recipe = toml::from_str(&text).map_err(|e| {
+            let msg = e.to_string();
+            let top = TOP_LEVEL_KEYS
+                .iter()
+                .find(|k| msg.contains(&format!("unknown field `{k}`")));
+            let hint = match top {
+                Some(k) => format!(
+                    "\nhint: `{k}` is a top-level key; in TOML it must come before the \
+                     first [table] or [[table]] header"
+                ),
+                None => String::new(),
+            };
+            anyhow!("{}: {}{hint}", file.display(), msg.trim_end())
+        })?;
         let dir = file.parent().unwrap_or(Path::new("."));
         check(file, dir, recipe, text)
     }

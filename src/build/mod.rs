@@ -429,7 +429,10 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         disk_size: c.disk_size,
     };
     let mut outputs = Vec::new();
-    for f in &formats {
+    // raw last: it is the built disk itself, moved, once the others are made.
+    let mut order = formats.clone();
+    order.sort_by_key(|f| *f == Format::Raw);
+    for f in &order {
         let iso = iso_size.map(|_| iso_disk.as_path());
         let o = progress.host(&format!("write {}", f.ext()), || conv.make(*f, &raw, iso))?;
         outputs.push(o);

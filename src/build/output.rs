@@ -83,13 +83,8 @@ impl Converter<'_> {
         let ext = format.ext();
         let tmp = self.temp(ext);
         match format {
-            Format::Raw => {
-                // A sparse copy keeps the holes the filesystems left.
-                run(
-                    Command::new("cp").arg("--sparse=always").arg(raw).arg(&tmp),
-                    "copying the raw image",
-                )?;
-            }
+            // The caller makes raw last: the built disk itself becomes it.
+            Format::Raw => std::fs::rename(raw, &tmp)?,
             Format::Iso => {
                 let iso = iso.context("no iso was built")?;
                 std::fs::rename(iso, &tmp).or_else(|_| std::fs::copy(iso, &tmp).map(|_| ()))?;

@@ -197,7 +197,7 @@ find "$R" -depth -newermt "@$SOURCE_DATE_EPOCH" -exec touch --no-dereference --d
             format!(
                 r#"T=$(disk {TARGET_SERIAL})
 echo "(hd0) $T" > /build/grub-i386/device.map
-grub-bios-setup --directory=/build/grub-i386 --device-map=/build/grub-i386/device.map "$T"
+/usr/lib/grub/i386-pc/grub-bios-setup --directory=/build/grub-i386 --device-map=/build/grub-i386/device.map "$T"
 "#
             ),
         );
