@@ -2,6 +2,7 @@
 //! backends boot the same kernel and initramfs with the same virtio-mmio
 //! devices, so the guest (and the agent) cannot tell them apart.
 
+pub mod kvm;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
@@ -88,31 +89,26 @@ pub fn kvm_device() -> PathBuf {
 pub fn select(choice: BackendChoice) -> Result<(Box<dyn Backend>, Option<String>)> {
     let device = kvm_device();
     let kvm = host::probe(&device, Path::new("/sys/module"));
-    match choice {
-        BackendChoice::Kvm => {
-            if !kvm.is_usable() {
-                bail!(
-                    "the kvm backend cannot run here: {}; use '--backend qemu' \
-                     (software emulation) instead",
-                    kvm.explain(&device)
-                );
-            }
-            bail!(
-                "the kvm backend (kiln-vmm) cannot run kiln's guest yet in this version \
-                 of kiln (it has no agent console port); use '--backend qemu', which uses \
-                 KVM acceleration here"
-            );
-        }
-        BackendChoice::Auto | BackendChoice::Qemu => {
-            let qemu = qemu::Qemu::find(kvm.is_usable())?;
-            let note = match &kvm {
-                KvmSupport::Usable => None,
-                other => Some(format!(
-                    "kiln: using QEMU with TCG software emulation (slower): {}",
-                    other.explain(&device)
-                )),
-            };
-            Ok((Box::new(qemu), note))
-        }
+    let kiln_vmm = match choice {
+        BackendChoice::Kvm if !kvm.is_usable() => bail!(
+            "the kvm backend cannot run here: {}; use '--backend qemu' \
+             (software emulation) instead",
+            kvm.explain(&device)
+        ),
+        BackendChoice::Kvm => true,
+        BackendChoice::Auto => kvm.is_usable(),
+        BackendChoice::Qemu => false,
+    };
+    if kiln_vmm {
+        return Ok((Box::new(kvm::Kvm::new()?), None));
     }
+    let qemu = qemu::Qemu::find(kvm.is_usable())?;
+    let note = match &kvm {
+        KvmSupport::Usable => None,
+        other => Some(format!(
+            "kiln: using QEMU with TCG software emulation (slower): {}",
+            other.explain(&device)
+        )),
+    };
+    Ok((Box::new(qemu), note))
 }
