@@ -368,6 +368,49 @@ mod tests {
         assert!(format!("{e:#}").contains("nobody-listens.sock"), "{e:#}");
     }
 
+    /// The parent's side with a stand-in for `kiln __vmm`: the arguments
+    /// it is given, its stdout kept as the console, its stderr as the
+    /// diagnostics, its exit status as the VM's.
+    #[test]
+    fn the_parent_captures_the_child_console_and_status() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let exe = dir.path().join("fake-kiln");
+        std::fs::write(
+            &exe,
+            "#!/bin/sh\n\
+             [ \"$1\" = __vmm ] || exit 9\n\
+             case \"$2\" in *'\"agent_socket\":\"/run/agent.sock\"'*) ;; *) exit 8;; esac\n\
+             echo 'Linux version 6.1'; printf 'no newline'\n\
+             echo 'kiln-vmm: the guest halted' >&2\n\
+             exit 2\n",
+        )
+        .expect("script");
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let backend = Kvm { exe, seccomp: true };
+        let mut vm = backend.launch(&spec()).expect("launch");
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = vm.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(start.elapsed().as_secs() < 10, "the child did not end");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(status.code(), Some(2));
+        // The readers finish once the pipes close.
+        while start.elapsed().as_secs() < 10
+            && (vm.console().tail(5).len() < 2 || vm.diagnostics().is_empty())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(
+            vm.console().tail(5),
+            vec!["Linux version 6.1", "no newline"]
+        );
+        assert_eq!(vm.diagnostics(), vec!["kiln-vmm: the guest halted"]);
+    }
+
     #[test]
     fn qcow2_disks_and_oversized_machines_are_refused() {
         let mut s = spec();
