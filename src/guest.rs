@@ -116,7 +116,7 @@ impl Guest {
         };
         let tools_image = tools::locate(cfg.tools.as_deref())?;
         let initramfs = initramfs::path()?;
-        let (backend, note) = backend::select(cfg.backend)?;
+        let (backend, note) = backend::select(cfg.backend, &cfg.disks)?;
         if let Some(n) = note {
             eprintln!("{n}");
         }
