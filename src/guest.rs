@@ -116,7 +116,7 @@ impl Guest {
         };
         let tools_image = tools::locate(cfg.tools.as_deref())?;
         let initramfs = initramfs::path()?;
-        let (backend, note) = backend::select(cfg.backend)?;
+        let (backend, note) = backend::select(cfg.backend, &cfg.disks)?;
         if let Some(n) = note {
             eprintln!("{n}");
         }
@@ -181,7 +181,8 @@ impl Guest {
             timeout: cfg.timeout.unwrap_or(0),
         };
         let boot_deadline = started + Duration::from_secs_f64(cfg.boot_timeout);
-        // QEMU connects the channel as it starts, before the guest boots.
+        // The hypervisor (QEMU, or the kiln-vmm child) connects the channel
+        // as it starts, before the guest boots.
         let stream = accept(&listener, &mut watch, started + Duration::from_secs(10))?;
         let mut session = Session::new(stream)?;
         session.handshake(&mut watch, boot_deadline, cfg.boot_timeout)?;

@@ -60,6 +60,16 @@ enum Cmd {
         #[command(subcommand)]
         action: ArtifactAction,
     },
+    /// Internal: runs kiln-vmm in the child process the kvm backend starts.
+    #[command(name = "__vmm", hide = true)]
+    Vmm {
+        /// The VM, as JSON (written by the parent kiln).
+        spec: String,
+        /// Run kiln-vmm's threads without seccomp filters (debugging; also
+        /// KILN_VMM_NO_SECCOMP=1).
+        #[arg(long)]
+        no_seccomp: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -245,6 +255,11 @@ fn artifact(kind: &str, action: ArtifactAction) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The VMM child is stopped by its parent (a process-group SIGKILL), not
+    // by terminal signals, and reports on its own streams.
+    if let Cmd::Vmm { spec, no_seccomp } = &cli.command {
+        return ExitCode::from(backend::kvm::child_main(spec, *no_seccomp));
+    }
     if let Err(e) = interrupt::install() {
         eprintln!("kiln: cannot install signal handlers: {e}");
         return ExitCode::from(EXIT_KILN_ERROR);
@@ -284,6 +299,7 @@ fn main() -> ExitCode {
         Cmd::Boot(a) => boot::boot(*a),
         Cmd::Kernel { action } => artifact("kernel", action).map(|()| 0),
         Cmd::Tools { action } => artifact("tools", action).map(|()| 0),
+        Cmd::Vmm { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(code) => ExitCode::from(code),

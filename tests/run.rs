@@ -645,6 +645,54 @@ fn missing_kvm_is_explained() {
     assert!(note[0].contains("/no/such/kvm does not exist"), "{note:?}");
 }
 
+/// `--backend kvm` runs kiln-vmm where KVM runs unmodified guests; on a host
+/// whose KVM cannot (this machine class: kvm_pvm) it fails at once, saying
+/// why and what to use instead. The test decides from the host and says
+/// which it checked.
+#[test]
+fn kvm_backend_runs_true_where_kvm_is_usable() {
+    use kiln_vmm::host::{probe, KvmSupport};
+    let support = probe(Path::new("/dev/kvm"), Path::new("/sys/module"));
+    let k = Kiln::new();
+    let started = Instant::now();
+    let out = k.run(&["run", "--backend", "kvm", "--", "true"]);
+    let err = text(&out.stderr);
+    match support {
+        KvmSupport::Usable => {
+            eprintln!("KVM runs unmodified guests here: checked 'kiln run --backend kvm -- true'");
+            assert_eq!(code(&out), 0, "{err}");
+            let out = k.run(&[
+                "run",
+                "--backend",
+                "kvm",
+                "--",
+                "sh",
+                "-c",
+                "echo out; echo err >&2; exit 3",
+            ]);
+            assert_eq!(code(&out), 3, "{}", text(&out.stderr));
+            assert_eq!(text(&out.stdout), "out\n");
+            assert!(text(&out.stderr).contains("err"), "{}", text(&out.stderr));
+        }
+        other => {
+            eprintln!(
+                "KVM here cannot run unmodified guests ({other:?}): checked the fast failure"
+            );
+            assert_eq!(code(&out), 125, "{err}");
+            assert!(err.contains("the kvm backend cannot run here"), "{err}");
+            assert!(err.contains("use '--backend qemu'"), "{err}");
+            if let KvmSupport::Restricted(why) = other {
+                assert!(err.contains(&why), "{err}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "took {:?}",
+                started.elapsed()
+            );
+        }
+    }
+}
+
 #[test]
 fn guest_kernel_panic_is_reported_with_the_console() {
     let k = Kiln::new();

@@ -2,6 +2,7 @@
 //! backends boot the same kernel and initramfs with the same virtio-mmio
 //! devices, so the guest (and the agent) cannot tell them apart.
 
+pub mod kvm;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
@@ -83,36 +84,106 @@ pub fn kvm_device() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
 }
 
-/// Picks the backend. The note, if any, is the one line kiln prints to say
-/// it is falling back to something slower.
-pub fn select(choice: BackendChoice) -> Result<(Box<dyn Backend>, Option<String>)> {
+/// Picks the backend for a VM with `disks`. The note, if any, is the one
+/// line kiln prints to say it is falling back to something slower.
+pub fn select(
+    choice: BackendChoice,
+    disks: &[DiskSpec],
+) -> Result<(Box<dyn Backend>, Option<String>)> {
     let device = kvm_device();
     let kvm = host::probe(&device, Path::new("/sys/module"));
-    match choice {
-        BackendChoice::Kvm => {
-            if !kvm.is_usable() {
-                bail!(
-                    "the kvm backend cannot run here: {}; use '--backend qemu' \
-                     (software emulation) instead",
-                    kvm.explain(&device)
-                );
+    match pick(choice, &kvm, &device, disks)? {
+        Pick::KilnVmm => Ok((Box::new(kvm::Kvm::new()?), None)),
+        Pick::Qemu(note) => Ok((Box::new(qemu::Qemu::find(kvm.is_usable())?), note)),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Pick {
+    KilnVmm,
+    /// QEMU, with the line that says why if it is a fallback.
+    Qemu(Option<String>),
+}
+
+fn pick(
+    choice: BackendChoice,
+    kvm: &KvmSupport,
+    device: &Path,
+    disks: &[DiskSpec],
+) -> Result<Pick> {
+    let qcow2 = disks.iter().find(|d| d.format == DiskFormat::Qcow2);
+    match (choice, kvm) {
+        (BackendChoice::Kvm, KvmSupport::Usable) => Ok(Pick::KilnVmm),
+        (BackendChoice::Kvm, _) => bail!(
+            "the kvm backend cannot run here: {}; use '--backend qemu' \
+             (software emulation) instead",
+            kvm.explain(device)
+        ),
+        (BackendChoice::Auto, KvmSupport::Usable) => match qcow2 {
+            None => Ok(Pick::KilnVmm),
+            // kiln-vmm takes raw images only; QEMU with KVM reads qcow2.
+            Some(d) => Ok(Pick::Qemu(Some(format!(
+                "kiln: using QEMU with KVM: kiln-vmm takes raw disks only and {} is qcow2",
+                d.path.display()
+            )))),
+        },
+        (_, KvmSupport::Usable) => Ok(Pick::Qemu(None)),
+        (_, other) => Ok(Pick::Qemu(Some(format!(
+            "kiln: using QEMU with TCG software emulation (slower): {}",
+            other.explain(device)
+        )))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(format: DiskFormat) -> DiskSpec {
+        DiskSpec {
+            path: PathBuf::from("/d/disk.img"),
+            format,
+            readonly: false,
+            serial: "kiln0".into(),
+        }
+    }
+
+    #[test]
+    fn auto_picks_kiln_vmm_where_kvm_runs_unmodified_guests() {
+        let dev = Path::new("/dev/kvm");
+        let usable = KvmSupport::Usable;
+        let raw = [disk(DiskFormat::Raw)];
+        let pick = |c, k: &KvmSupport, d: &[DiskSpec]| pick(c, k, dev, d).expect("pick");
+        assert_eq!(pick(BackendChoice::Auto, &usable, &raw), Pick::KilnVmm);
+        assert_eq!(pick(BackendChoice::Kvm, &usable, &raw), Pick::KilnVmm);
+        assert_eq!(pick(BackendChoice::Qemu, &usable, &raw), Pick::Qemu(None));
+
+        // A qcow2 disk: auto says in one line why it takes QEMU; an explicit
+        // kvm leaves it to kiln-vmm's error, which names the conversion.
+        let qcow2 = [disk(DiskFormat::Raw), disk(DiskFormat::Qcow2)];
+        match pick(BackendChoice::Auto, &usable, &qcow2) {
+            Pick::Qemu(Some(note)) => {
+                assert!(note.contains("/d/disk.img is qcow2"), "{note}");
+                assert!(note.contains("QEMU with KVM"), "{note}");
             }
-            bail!(
-                "the kvm backend (kiln-vmm) cannot run kiln's guest yet in this version \
-                 of kiln (it has no agent console port); use '--backend qemu', which uses \
-                 KVM acceleration here"
-            );
+            other => panic!("{other:?}"),
         }
-        BackendChoice::Auto | BackendChoice::Qemu => {
-            let qemu = qemu::Qemu::find(kvm.is_usable())?;
-            let note = match &kvm {
-                KvmSupport::Usable => None,
-                other => Some(format!(
-                    "kiln: using QEMU with TCG software emulation (slower): {}",
-                    other.explain(&device)
-                )),
-            };
-            Ok((Box::new(qemu), note))
+        assert_eq!(pick(BackendChoice::Kvm, &usable, &qcow2), Pick::KilnVmm);
+
+        let pvm = KvmSupport::Restricted("it is provided by kvm_pvm".into());
+        for c in [BackendChoice::Auto, BackendChoice::Qemu] {
+            match pick(c, &pvm, &raw) {
+                Pick::Qemu(Some(note)) => {
+                    assert!(note.contains("TCG"), "{note}");
+                    assert!(note.contains("kvm_pvm"), "{note}");
+                }
+                other => panic!("{other:?}"),
+            }
         }
+        let e = super::pick(BackendChoice::Kvm, &pvm, dev, &raw).expect_err("kvm on pvm");
+        let msg = e.to_string();
+        assert!(msg.contains("the kvm backend cannot run here"), "{msg}");
+        assert!(msg.contains("kvm_pvm"), "{msg}");
+        assert!(msg.contains("use '--backend qemu'"), "{msg}");
     }
 }

@@ -2,7 +2,10 @@
 //! our serial device. On a PVM host (this machine class) an unmodified
 //! kernel stops in early boot, so only the banner and the command line are
 //! asserted there; where KVM runs unmodified guests the kernel must get all
-//! the way to looking for its root filesystem.
+//! the way to looking for its root filesystem. The agent handshake and
+//! `kiln run --backend kvm -- true` need the `kiln` binary, so they are
+//! checked by the root crate's `kvm_backend_runs_true_where_kvm_is_usable`
+//! (tests/run.rs), which likewise decides from the host and says which it ran.
 
 use std::io::Write;
 use std::path::PathBuf;
