@@ -221,6 +221,16 @@ pub fn detect_format(p: &Path) -> Result<&'static str> {
     let mut magic = [0u8; 8];
     let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
     let n = f.read(&mut magic)?;
+    // A fixed VHD has its "conectix" footer only in the last sector.
+    let len = f.metadata()?.len();
+    if len >= 512 && n == 8 && !magic.starts_with(b"QFI") {
+        use std::io::{Seek, SeekFrom};
+        let mut footer = [0u8; 8];
+        f.seek(SeekFrom::Start(len - 512))?;
+        if f.read_exact(&mut footer).is_ok() && &footer == b"conectix" {
+            return Ok("vpc");
+        }
+    }
     Ok(match &magic[..n] {
         [b'Q', b'F', b'I', 0xfb, ..] => "qcow2",
         [b'K', b'D', b'M', b'V', ..] => "vmdk",

@@ -1,0 +1,464 @@
+//! `kiln build` and `kiln boot` end to end: the real binary, the real
+//! kernel and tools image, real QEMU (TCG here), real mkfs and grub. Images
+//! are inspected from the host without root (sgdisk, debugfs, mtools,
+//! qemu-img), and booted as whole machines under OVMF and SeaBIOS.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn kiln(dir: &Path, args: &[&str]) -> Output {
+    let runtime = dir.join("runtime");
+    fs::create_dir_all(&runtime).expect("runtime dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("TMPDIR", &runtime)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .stdin(Stdio::null())
+        .current_dir(dir)
+        .output()
+        .expect("run kiln");
+    let left: Vec<_> = fs::read_dir(&runtime)
+        .expect("read runtime")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "kiln left runtime files behind: {left:?}");
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn host(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn sha256_of(p: &Path) -> String {
+    host("sha256sum", &[p.to_str().expect("utf-8 path")])
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A tiny root: busybox (static) and the files chown and chroot need.
+fn busybox_root(dir: &Path) -> PathBuf {
+    let root = dir.join("rootdir");
+    fs::create_dir_all(root.join("bin")).expect("mkdir");
+    fs::create_dir_all(root.join("etc")).expect("mkdir");
+    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
+    for applet in ["sh", "chown", "true", "false", "ls", "cat", "echo"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
+    }
+    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").expect("passwd");
+    fs::write(root.join("etc/group"), "root:x:0:\n").expect("group");
+    root
+}
+
+const SMALL: &str = r#"
+name = "small"
+size = "64M"
+source_date_epoch = 1700000000
+commands = ["echo built-in-chroot > /etc/built"]
+
+[[partition]]
+label = "ESP"
+size = "16M"
+type = "esp"
+filesystem = "vfat"
+mount = "/boot/efi"
+
+[[partition]]
+label = "root"
+size = "rest"
+type = "linux"
+filesystem = "ext4"
+mount = "/"
+
+[root]
+directory = "rootdir"
+
+[system]
+hostname = "tiny"
+
+[[file]]
+path = "/etc/motd"
+content = "hello from kiln\n"
+mode = "0640"
+
+[[file]]
+path = "/boot/efi/hello.txt"
+source = "hello.txt"
+"#;
+
+fn small_recipe(dir: &Path, text: &str) -> PathBuf {
+    busybox_root(dir);
+    fs::write(dir.join("hello.txt"), "on the esp\n").expect("write");
+    let p = dir.join("small.toml");
+    fs::write(&p, text).expect("write recipe");
+    p
+}
+
+const ROOT_OFFSET: u64 = 17 << 20;
+
+#[test]
+fn small_image_in_every_format_is_inspectable_and_reproducible() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    small_recipe(dir, SMALL);
+    let out = kiln(
+        dir,
+        &[
+            "build",
+            "small.toml",
+            "-o",
+            "out",
+            "--json",
+            "--format",
+            "raw",
+            "--format",
+            "qcow2",
+            "--format",
+            "vmdk",
+            "--format",
+            "vhdx",
+            "--format",
+            "vpc",
+            "--format",
+            "ova",
+        ],
+    );
+    assert!(out.status.success(), "build failed: {}", text(&out.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("--json prints one JSON document");
+    let outputs = summary["outputs"].as_array().expect("outputs");
+    assert_eq!(outputs.len(), 6, "{summary}");
+    let steps: Vec<&str> = summary["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter_map(|s| s["step"].as_str())
+        .collect();
+    for want in [
+        "root filesystem",
+        "unpack root",
+        "command 1",
+        "partition",
+        "filesystems",
+    ] {
+        assert!(steps.contains(&want), "no step {want} in {steps:?}");
+    }
+    let out_dir = dir.join("out");
+    assert_eq!(
+        files_in(&out_dir),
+        [
+            "small.ova",
+            "small.ova.sha256",
+            "small.qcow2",
+            "small.qcow2.sha256",
+            "small.raw",
+            "small.raw.sha256",
+            "small.vhd",
+            "small.vhd.sha256",
+            "small.vhdx",
+            "small.vhdx.sha256",
+            "small.vmdk",
+            "small.vmdk.sha256"
+        ]
+    );
+    // Every reported hash is the file's, and the .sha256 file says so too.
+    for o in outputs {
+        let path = PathBuf::from(o["path"].as_str().expect("path"));
+        let sum = sha256_of(&path);
+        assert_eq!(o["sha256"].as_str(), Some(sum.as_str()));
+        let line = fs::read_to_string(format!("{}.sha256", path.display())).expect("sha file");
+        assert!(line.starts_with(&sum), "{line}");
+    }
+
+    // qemu-img reads every format back with the disk's size and finds no
+    // errors.
+    for (file, fmt) in [
+        ("small.raw", "raw"),
+        ("small.qcow2", "qcow2"),
+        ("small.vmdk", "vmdk"),
+        ("small.vhdx", "vhdx"),
+        ("small.vhd", "vpc"),
+    ] {
+        let p = out_dir.join(file);
+        let info: serde_json::Value = serde_json::from_str(&host(
+            "qemu-img",
+            // A fixed VHD is raw data with a footer: qemu-img is told
+            // the format rather than guessing it.
+            &["info", "-f", fmt, "--output=json", p.to_str().expect("path")],
+        ))
+        .expect("qemu-img json");
+        assert_eq!(info["format"], fmt, "{file}: {info}");
+        assert_eq!(info["virtual-size"], 64 << 20, "{file}: {info}");
+        if matches!(fmt, "qcow2" | "vmdk" | "vhdx") {
+            host("qemu-img", &["check", p.to_str().expect("path")]);
+        }
+        // The converted image holds the same disk.
+        host(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                fmt,
+                "-F",
+                "raw",
+                p.to_str().expect("path"),
+                out_dir.join("small.raw").to_str().expect("path"),
+            ],
+        );
+    }
+
+    // The ova: descriptor first, then the manifest, then the disk, with
+    // digests that match and an OVF that names the disk.
+    let ova = out_dir.join("small.ova");
+    let listing = host("tar", &["tf", ova.to_str().expect("path")]);
+    assert_eq!(
+        listing.lines().collect::<Vec<_>>(),
+        ["small.ovf", "small.mf", "small-disk1.vmdk"]
+    );
+    let unpacked = dir.join("ova");
+    fs::create_dir_all(&unpacked).expect("mkdir");
+    host(
+        "tar",
+        &[
+            "xf",
+            ova.to_str().expect("path"),
+            "-C",
+            unpacked.to_str().expect("path"),
+        ],
+    );
+    let ovf = fs::read_to_string(unpacked.join("small.ovf")).expect("ovf");
+    assert!(ovf.contains("ovf:href=\"small-disk1.vmdk\""), "{ovf}");
+    assert!(
+        ovf.contains(&format!("ovf:capacity=\"{}\"", 64u64 << 20)),
+        "{ovf}"
+    );
+    assert!(ovf.contains("vmdk.html#streamOptimized"), "{ovf}");
+    let mf = fs::read_to_string(unpacked.join("small.mf")).expect("mf");
+    for f in ["small.ovf", "small-disk1.vmdk"] {
+        let want = format!("SHA256({f})= {}", sha256_of(&unpacked.join(f)));
+        assert!(mf.contains(&want), "{mf} lacks {want}");
+    }
+    let vmdk_info = host(
+        "qemu-img",
+        &[
+            "info",
+            unpacked.join("small-disk1.vmdk").to_str().expect("path"),
+        ],
+    );
+    assert!(vmdk_info.contains("streamOptimized"), "{vmdk_info}");
+
+    // The raw image from the host, without root: the partition table...
+    let raw = out_dir.join("small.raw");
+    let raw_s = raw.to_str().expect("path");
+    let table = host("sgdisk", &["-p", raw_s]);
+    assert!(table.contains("EF00") && table.contains("ESP"), "{table}");
+    assert!(table.contains("8304") && table.contains("root"), "{table}");
+    // ...the root filesystem...
+    let ext4 = format!("{raw_s}?offset={ROOT_OFFSET}");
+    let cat = |path: &str| host("debugfs", &["-R", &format!("cat {path}"), &ext4]);
+    assert_eq!(cat("/etc/motd"), "hello from kiln\n");
+    assert_eq!(cat("/etc/hostname"), "tiny\n");
+    assert_eq!(cat("/etc/built"), "built-in-chroot\n");
+    let fstab = cat("/etc/fstab");
+    assert!(
+        fstab.contains(" /boot/efi vfat ") && fstab.contains(" / ext4 "),
+        "{fstab}"
+    );
+    let stat = host("debugfs", &["-R", "stat /etc/motd", &ext4]);
+    assert!(stat.contains("Mode:  0640"), "{stat}");
+    assert!(stat.contains("User:     0"), "{stat}");
+    // ...and the ESP, cut out of the root's tree.
+    let esp = format!("{raw_s}@@1M");
+    let hello = host("mtype", &["-i", &esp, "::/hello.txt"]);
+    assert_eq!(hello, "on the esp\n");
+    let root_ls = host("debugfs", &["-R", "ls /boot/efi", &ext4]);
+    assert!(!root_ls.contains("hello.txt"), "{root_ls}");
+
+    // The same recipe again gives the same raw image, byte for byte.
+    let again = kiln(
+        dir,
+        &["build", "small.toml", "-o", "again", "--format", "raw"],
+    );
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(sha256_of(&raw), sha256_of(&dir.join("again/small.raw")));
+}
+
+#[test]
+fn a_failing_command_names_its_step_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    small_recipe(
+        dir,
+        &SMALL.replace(
+            r#"commands = ["echo built-in-chroot > /etc/built"]"#,
+            r#"commands = ["true", "echo going wrong; false"]"#,
+        ),
+    );
+    fs::create_dir_all(dir.join("out")).expect("mkdir");
+    fs::write(dir.join("out/keep.txt"), "mine").expect("write");
+    let out = kiln(dir, &["build", "small.toml", "-o", "out"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(err.contains("step 'command 2' failed"), "{err}");
+    assert!(
+        err.contains("going wrong"),
+        "shows the command's output: {err}"
+    );
+    assert_eq!(files_in(&dir.join("out")), ["keep.txt"]);
+}
+
+#[test]
+fn recipe_errors_are_clear_and_build_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    small_recipe(dir, SMALL);
+    for (name, recipe, wants) in [
+        (
+            "unknown key",
+            SMALL.replace(
+                "hostname = \"tiny\"",
+                "hostname = \"tiny\"\nhostnme = \"x\"",
+            ),
+            vec!["bad.toml", "hostnme", "kernel_cmdline"],
+        ),
+        (
+            "partition too large",
+            SMALL.replace("size = \"16M\"", "size = \"100M\""),
+            vec!["bad.toml", "partition", "64 MiB"],
+        ),
+        (
+            "missing input",
+            SMALL.replace("source = \"hello.txt\"", "source = \"missing.txt\""),
+            vec!["bad.toml", "file[1].source", "missing.txt"],
+        ),
+    ] {
+        fs::write(dir.join("bad.toml"), recipe).expect("write");
+        let out = kiln(dir, &["build", "bad.toml", "-o", "bad-out"]);
+        assert_eq!(out.status.code(), Some(125), "{name}");
+        let err = text(&out.stderr);
+        for w in wants {
+            assert!(err.contains(w), "{name}: '{w}' not in: {err}");
+        }
+        assert!(
+            !dir.join("bad-out").exists(),
+            "{name}: output directory made"
+        );
+    }
+}
+
+#[test]
+fn boot_reports_a_machine_that_never_matches() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    // A disk with nothing to boot: the serial console never shows a login
+    // prompt, so the wait ends at the timeout with exit 124.
+    let img = dir.join("empty.raw");
+    fs::File::create(&img)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("image");
+    let out = kiln(
+        dir,
+        &[
+            "boot",
+            "empty.raw",
+            "--firmware",
+            "bios",
+            "--timeout",
+            "3",
+            "--expect",
+            "login:",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("did not match 'login:'"));
+    let bad = kiln(dir, &["boot", "empty.raw", "--expect", "("]);
+    assert_eq!(bad.status.code(), Some(125));
+    assert!(text(&bad.stderr).contains("not a valid regular expression"));
+}
+
+/// The shipped minimal recipe: built, booted to a login prompt under UEFI
+/// (OVMF) and BIOS (SeaBIOS), inspected, and built again to the same bytes.
+#[test]
+fn debian_minimal_boots_under_uefi_and_bios_and_rebuilds_identically() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/debian-bookworm-minimal.toml");
+    let recipe_s = recipe.to_str().expect("path");
+    let out = kiln(dir, &["build", recipe_s, "-o", "one", "--format", "raw"]);
+    assert!(out.status.success(), "build failed: {}", text(&out.stderr));
+    let raw = dir.join("one/debian-bookworm-minimal.raw");
+    let raw_s = raw.to_str().expect("path");
+
+    let table = host("sgdisk", &["-p", raw_s]);
+    assert!(table.contains("EF00") && table.contains("EF02"), "{table}");
+    let esp = format!("{raw_s}@@1M");
+    host("mdir", &["-i", &esp, "::/EFI/BOOT/BOOTX64.EFI"]);
+    let root = format!("{raw_s}?offset={}", (1 + 128 + 1) << 20);
+    let cfg = host("debugfs", &["-R", "cat /boot/grub/grub.cfg", &root]);
+    assert!(cfg.contains("console=ttyS0"), "{cfg}");
+    let keys = host("debugfs", &["-R", "cat /root/.ssh/authorized_keys", &root]);
+    assert!(keys.contains("kiln-example"), "{keys}");
+    let ssh = host("debugfs", &["-R", "ls /etc/ssh", &root]);
+    assert!(
+        !ssh.contains("ssh_host_ed25519_key"),
+        "host keys are baked in: {ssh}"
+    );
+
+    for fw in ["uefi", "bios"] {
+        let out = kiln(
+            dir,
+            &[
+                "boot",
+                raw_s,
+                "--firmware",
+                fw,
+                "--expect",
+                "login:",
+                "--timeout",
+                "600",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{fw} boot failed: {}",
+            text(&out.stderr)
+        );
+    }
+
+    let again = kiln(dir, &["build", recipe_s, "-o", "two", "--format", "raw"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(
+        sha256_of(&raw),
+        sha256_of(&dir.join("two/debian-bookworm-minimal.raw")),
+        "two builds of one recipe differ"
+    );
+}
