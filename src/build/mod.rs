@@ -456,6 +456,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
             "recipe": c.file,
             "name": c.name,
             "source_date_epoch": epoch,
+            "root_archive": root.path,
             "outputs": summary,
             "steps": progress.times,
         });

@@ -1,9 +1,11 @@
 //! kiln-vmm: kiln's KVM microVM.
 //!
-//! This crate knows nothing of recipes or of the agent protocol. So far it
-//! holds what the backend seam needs to decide whether KVM can run kiln's
-//! guest on this host ([`host::probe`]) and the virtio devices the VMM
-//! will carry ([`devices`]).
+//! It boots a kernel and initramfs directly (no firmware) with memfd-backed
+//! memory, one thread per vCPU and one epoll thread for the virtio-mmio
+//! devices (block, console with named ports, rng, vhost-user fs), each
+//! thread under its own seccomp filter. [`run`] with a [`VmConfig`] is the
+//! whole interface. It knows nothing of recipes or of the agent protocol:
+//! the agent's port is a named byte stream to it.
 
 pub mod boot;
 pub mod bus;

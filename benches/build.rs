@@ -1,0 +1,153 @@
+//! Build benchmark: `cargo bench --bench build [-- RUNS]` (default 3).
+//!
+//! 1. `kiln build images/debian-bookworm-minimal.toml`, with a fresh
+//!    bootstrap each run: median wall time, split into the host bootstrap
+//!    and the steps in the VM (and the conversions after).
+//! 2. The same root tarball turned into a GPT disk with one ext4 partition,
+//!    by `virt-make-fs` (libguestfs, from Debian's libguestfs-tools) and by
+//!    `kiln build` of a recipe with only that step, interleaved in the same
+//!    run: both medians and the ratio.
+//!
+//! Figures, not tests: nothing here fails on speed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("build bench: {msg}");
+    std::process::exit(1);
+}
+
+fn kiln_build(recipe: &Path, out: &Path, extra: &[&str]) -> (Duration, serde_json::Value) {
+    let _ = std::fs::remove_dir_all(out);
+    let started = Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("build")
+        .arg(recipe)
+        .arg("-o")
+        .arg(out)
+        .arg("--json")
+        .args(extra)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| fail(&format!("kiln: {e}")));
+    let took = started.elapsed();
+    if !o.status.success() {
+        fail("kiln build failed");
+    }
+    let v = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| fail(&format!("json: {e}")));
+    (took, v)
+}
+
+fn step_seconds(v: &serde_json::Value, pred: impl Fn(&str) -> bool) -> f64 {
+    v["steps"]
+        .as_array()
+        .map(|steps| {
+            steps
+                .iter()
+                .filter(|s| s["step"].as_str().is_some_and(&pred))
+                .filter_map(|s| s["seconds"].as_f64())
+                .sum()
+        })
+        .unwrap_or(0.0)
+}
+
+fn main() {
+    let runs: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let work = tempfile::Builder::new()
+        .prefix("kiln-build-bench-")
+        .tempdir_in(repo.join("target"))
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let minimal = repo.join("images/debian-bookworm-minimal.toml");
+
+    // 1. The whole minimal image.
+    let (mut total, mut host, mut vm, mut convert) = (vec![], vec![], vec![], vec![]);
+    let mut archive = None;
+    for i in 0..runs {
+        let (took, v) = kiln_build(&minimal, &work.path().join("minimal"), &["--fresh"]);
+        total.push(took.as_secs_f64());
+        host.push(step_seconds(&v, |s| s == "root filesystem"));
+        convert.push(step_seconds(&v, |s| s.starts_with("write ")));
+        vm.push(took.as_secs_f64() - host[i] - convert[i]);
+        archive = v["root_archive"].as_str().map(PathBuf::from);
+        eprintln!("run {}: {:.1} s", i + 1, took.as_secs_f64());
+    }
+    println!("kiln build images/debian-bookworm-minimal.toml, {runs} runs (medians):");
+    println!("  total                          {:>7.1} s", median(&mut total));
+    println!("  host bootstrap (mmdebstrap)    {:>7.1} s", median(&mut host));
+    println!("  build VM (boot + steps + off)  {:>7.1} s", median(&mut vm));
+    println!("  format conversions + sha256    {:>7.1} s", median(&mut convert));
+
+    // 2. Tarball to ext4 disk: virt-make-fs against kiln.
+    let Some(archive) = archive else {
+        fail("kiln did not report its root archive")
+    };
+    let recipe = work.path().join("tar-to-ext4.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "name = \"tar-to-ext4\"\nsize = \"2G\"\n\n[[partition]]\nlabel = \"root\"\n\
+             size = \"rest\"\ntype = \"linux\"\nfilesystem = \"ext4\"\nmount = \"/\"\n\n\
+             [root]\ntarball = \"{}\"\n",
+            archive.display()
+        ),
+    )
+    .unwrap_or_else(|e| fail(&e.to_string()));
+    let have_vmf = Command::new("virt-make-fs")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let (mut kiln_t, mut vmf_t) = (vec![], vec![]);
+    for _ in 0..runs {
+        let (took, _) = kiln_build(&recipe, &work.path().join("tar"), &[]);
+        kiln_t.push(took.as_secs_f64());
+        if have_vmf {
+            let out = work.path().join("vmf.img");
+            let _ = std::fs::remove_file(&out);
+            let started = Instant::now();
+            let st = Command::new("virt-make-fs")
+                .args(["--format=raw", "--type=ext4", "--partition=gpt", "--size=2G"])
+                .arg(&archive)
+                .arg(&out)
+                .stdin(Stdio::null())
+                .status()
+                .unwrap_or_else(|e| fail(&format!("virt-make-fs: {e}")));
+            if !st.success() {
+                fail("virt-make-fs failed");
+            }
+            vmf_t.push(started.elapsed().as_secs_f64());
+        }
+    }
+    println!("root tarball -> 2 GiB GPT disk with ext4, {runs} runs (medians):");
+    let k = median(&mut kiln_t);
+    println!("  kiln build                     {k:>7.1} s");
+    if have_vmf {
+        let b = median(&mut vmf_t);
+        println!("  virt-make-fs (libguestfs)      {b:>7.1} s");
+        println!("  ratio kiln / virt-make-fs      {:>7.2}", k / b);
+    } else {
+        println!(
+            "  virt-make-fs: not installed, no baseline \
+             (bash .ci/setup --bench installs libguestfs-tools)"
+        );
+    }
+}
