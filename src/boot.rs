@@ -192,24 +192,24 @@ pub fn boot(a: BootArgs) -> Result<u8> {
         std::fs::copy(&vars_src, &vars)?;
         cmd.arg("-drive").arg(format!(
             "if=pflash,format=raw,unit=0,readonly=on,file={}",
-            code.display()
+            qemu_path(&code)
         ));
         cmd.arg("-drive").arg(format!(
             "if=pflash,format=raw,unit=1,file={}",
-            vars.display()
+            qemu_path(&vars)
         ));
     }
     if is_iso(&image) {
         cmd.arg("-drive").arg(format!(
             "file={},media=cdrom,readonly=on,if=ide",
-            image.display()
+            qemu_path(&image)
         ));
     } else {
         let fmt = detect_format(&image)?;
         // snapshot: writes go to a temporary overlay, never to the image.
         cmd.arg("-drive").arg(format!(
             "file={},format={fmt},if=virtio,snapshot=on",
-            image.display()
+            qemu_path(&image)
         ));
     }
     cmd.stdin(Stdio::null())
@@ -241,6 +241,7 @@ pub fn boot(a: BootArgs) -> Result<u8> {
     // Matching restarts a little before the new text, so a match split
     // across two reads is still found.
     let mut searched = 0usize;
+    let mut pending: Vec<u8> = Vec::new();
     let result = loop {
         if interrupt::requested() {
             break Err(anyhow::anyhow!(RunError::Interrupted));
@@ -251,7 +252,10 @@ pub fn boot(a: BootArgs) -> Result<u8> {
                     use std::io::Write;
                     let _ = std::io::stderr().write_all(&data);
                 }
-                strip_escapes(&data, &mut text);
+                pending.extend_from_slice(&data);
+                let rest = split_incomplete(&mut pending);
+                strip_escapes(&pending, &mut text);
+                pending = rest;
                 let from = text.floor_char_boundary_compat(searched.saturating_sub(4096));
                 if let Some(m) = re.find(&text[from..]) {
                     break Ok(m.as_str().to_string());
@@ -306,6 +310,34 @@ pub fn boot(a: BootArgs) -> Result<u8> {
     Ok(0)
 }
 
+/// A path inside a QEMU option list, where a comma is written twice.
+fn qemu_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// Splits off an incomplete escape sequence or UTF-8 character at the end
+/// of `buf`, to be completed by the next read.
+fn split_incomplete(buf: &mut Vec<u8>) -> Vec<u8> {
+    let mut keep = buf.len();
+    if let Some(esc) = buf.iter().rposition(|b| *b == 0x1b) {
+        let rest = &buf[esc + 1..];
+        let complete = match rest.first() {
+            None => false,
+            Some(b'[') => rest[1..].iter().any(|b| (0x40..=0x7e).contains(b)),
+            Some(_) => true,
+        };
+        if !complete && buf.len() - esc < 64 {
+            keep = esc;
+        }
+    }
+    if let Err(e) = std::str::from_utf8(&buf[..keep]) {
+        if e.error_len().is_none() {
+            keep = e.valid_up_to();
+        }
+    }
+    buf.split_off(keep)
+}
+
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -328,6 +360,28 @@ impl CharBoundary for String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_sequences_wait_for_the_next_read() {
+        let mut text = String::new();
+        let mut pending = Vec::new();
+        for chunk in [
+            &b"Reached \x1b"[..],
+            b"[0;1;39mtarget \xc3",
+            b"\xa9\x1b[0m done",
+        ] {
+            pending.extend_from_slice(chunk);
+            let rest = split_incomplete(&mut pending);
+            strip_escapes(&pending, &mut text);
+            pending = rest;
+        }
+        assert_eq!(text, "Reached target \u{e9} done");
+    }
+
+    #[test]
+    fn commas_are_doubled_for_qemu() {
+        assert_eq!(qemu_path(Path::new("/a,b/c.raw")), "/a,,b/c.raw");
+    }
 
     #[test]
     fn escapes_are_stripped() {

@@ -451,14 +451,30 @@ fn check(file: &Path, dir: &Path, mut recipe: Recipe, text: String) -> Result<Ch
                 format!("{} does not exist", p.display())
             ));
         }
-        recipe.output.qcow2_backing = Some(p);
+        // qemu-img resolves a relative backing path against the overlay's
+        // directory, not ours.
+        recipe.output.qcow2_backing = Some(p.canonicalize()?);
     }
     if let Some(h) = &recipe.system.hostname {
-        if h.is_empty() || h.len() > 63 || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        if h.is_empty()
+            || h.len() > 63
+            || h.starts_with('-')
+            || h.ends_with('-')
+            || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         {
             bail!(at(
                 "system.hostname",
                 format!("'{h}' is not a host name (letters, digits and '-', at most 63)")
+            ));
+        }
+    }
+    if let Some(k) = &recipe.system.kernel_cmdline {
+        if k.chars()
+            .any(|c| c.is_control() || "\"'$`\\;{}".contains(c))
+        {
+            bail!(at(
+                "system.kernel_cmdline",
+                "may not contain quotes, '$', '`', '\\', ';', braces or control characters".into()
             ));
         }
     }
@@ -520,14 +536,28 @@ fn check(file: &Path, dir: &Path, mut recipe: Recipe, text: String) -> Result<Ch
         let efi = matches!(bl, BootloaderKind::GrubEfi | BootloaderKind::Both);
         let bios = matches!(bl, BootloaderKind::GrubBios | BootloaderKind::Both);
         if efi
-            && !recipe
-                .partitions
-                .iter()
-                .any(|p| p.kind == PartType::Esp && p.filesystem == Some(Filesystem::Vfat))
+            && !recipe.partitions.iter().any(|p| {
+                p.kind == PartType::Esp
+                    && p.filesystem == Some(Filesystem::Vfat)
+                    && p.mount.is_some()
+            })
         {
             bail!(at(
                 "bootloader.type",
-                "grub-efi needs a partition of type \"esp\" with filesystem \"vfat\"".into()
+                "grub-efi needs a partition of type \"esp\" with filesystem \"vfat\" and a \
+                 mount (e.g. \"/boot/efi\")"
+                    .into()
+            ));
+        }
+        if let Some(i) = recipe.partitions.iter().position(|p| {
+            p.mount
+                .as_deref()
+                .is_some_and(|m| m == "/boot" || m == "/boot/grub")
+        }) {
+            bail!(at(
+                &format!("partition[{i}].mount"),
+                "a separate /boot is not supported with a bootloader: keep /boot on the root"
+                    .into()
             ));
         }
         if bios
@@ -589,6 +619,13 @@ fn check_layout(
     }
     let mut labels = BTreeSet::new();
     let mut mounts = BTreeSet::new();
+    let mut uuids = BTreeSet::new();
+    if recipe.table == Table::Mbr && disk > (u64::from(u32::MAX) + 1) * 512 {
+        bail!(at(
+            "size",
+            "an mbr table addresses at most 2T; use table = \"gpt\"".into()
+        ));
+    }
     let mut fixed = 0u64;
     let mut rest = None;
     for (i, p) in recipe.partitions.iter().enumerate() {
@@ -647,27 +684,55 @@ fn check_layout(
             if p.filesystem.is_none() {
                 bail!(at(&key("mount"), "a mount point needs a filesystem".into()));
             }
-            if !m.starts_with('/') || m.contains("..") || (m.len() > 1 && m.ends_with('/')) {
+            let bad_part = m
+                .split('/')
+                .skip(1)
+                .any(|c| (c.is_empty() && m != "/") || c == "." || c == "..");
+            if !m.starts_with('/')
+                || bad_part
+                || m.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
                 bail!(at(
                     &key("mount"),
-                    format!("'{m}' must be an absolute path such as \"/\" or \"/boot/efi\"")
+                    format!(
+                        "'{m}' must be a plain absolute path such as \"/\" or \"/boot/efi\" \
+                         (no spaces, '.', '..' or '//')"
+                    )
                 ));
             }
             if !mounts.insert(m.clone()) {
                 bail!(at(&key("mount"), format!("'{m}' is used twice")));
             }
         }
+        let min_mib = match p.filesystem {
+            Some(Filesystem::Btrfs) => 128,
+            Some(Filesystem::Xfs) => 300,
+            _ => 0,
+        };
+        if matches!(p.size, Size::Bytes(b) if b < min_mib * MIB) {
+            bail!(at(
+                &key("size"),
+                format!(
+                    "{} needs at least {min_mib}M",
+                    p.filesystem.map_or("", |f| f.name())
+                )
+            ));
+        }
         if let Some(u) = &p.uuid {
             let ok = match p.filesystem {
                 Some(Filesystem::Vfat) => {
-                    u.len() == 9
-                        && u.as_bytes()[4] == b'-'
-                        && u.chars()
-                            .filter(|c| *c != '-')
-                            .all(|c| c.is_ascii_hexdigit())
+                    let b = u.as_bytes();
+                    b.len() == 9
+                        && b[4] == b'-'
+                        && b.iter()
+                            .enumerate()
+                            .all(|(i, c)| i == 4 || c.is_ascii_hexdigit())
                 }
                 _ => is_uuid(u),
             };
+            if ok && !uuids.insert(u.to_ascii_lowercase()) {
+                bail!(at(&key("uuid"), format!("'{u}' is used twice")));
+            }
             if !ok {
                 bail!(at(
                     &key("uuid"),

@@ -310,7 +310,10 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     });
     let scratch = work.path().join("scratch.img");
     let gib = 1u64 << 30;
-    let scratch_size = (root.size.saturating_mul(4) + 2 * gib).max(c.disk_size + gib);
+    // The tree, its frozen squashfs copy and an iso: generous, as the file
+    // is sparse; a compressed archive unpacks to several times its size.
+    let factor = if root.tar_flag.is_empty() { 4 } else { 16 };
+    let scratch_size = (root.size.saturating_mul(factor) + 4 * gib).max(c.disk_size * 2 + gib);
     std::fs::File::create(&scratch)?.set_len(scratch_size.div_ceil(gib) * gib)?;
     disks.push(DiskSpec {
         path: scratch,
@@ -433,14 +436,23 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     let mut order = formats.clone();
     order.sort_by_key(|f| *f == Format::Raw);
     for f in &order {
+        if crate::interrupt::requested() {
+            bail!(crate::run::RunError::Interrupted);
+        }
         let iso = iso_size.map(|_| iso_disk.as_path());
         let o = progress.host(&format!("write {}", f.ext()), || conv.make(*f, &raw, iso))?;
         outputs.push(o);
     }
     // All complete: now they take their final names.
+    let sums = outputs
+        .iter()
+        .map(|o| output::write_sha256(o, &prefix))
+        .collect::<Result<Vec<_>>>()?;
+    if crate::interrupt::requested() {
+        bail!(crate::run::RunError::Interrupted);
+    }
     let mut summary = Vec::new();
-    for o in &outputs {
-        let (sum_tmp, sum_final) = output::write_sha256(o, &prefix)?;
+    for (o, (sum_tmp, sum_final)) in outputs.iter().zip(sums) {
         std::fs::rename(&o.temp, &o.final_path)
             .with_context(|| format!("writing {}", o.final_path.display()))?;
         std::fs::rename(&sum_tmp, &sum_final)?;

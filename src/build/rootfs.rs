@@ -80,7 +80,27 @@ fn tarball(p: &Path, work: &Path) -> Result<RootTar> {
         [b'B', b'Z', b'h', ..] => "--bzip2",
         _ => "",
     };
-    finish(p.to_path_buf(), flag, work)
+    let len = std::fs::metadata(p)?.len();
+    if flag.is_empty() || len % 512 == 0 {
+        return finish(p.to_path_buf(), flag, work);
+    }
+    // Padding a compressed stream to whole sectors is not safe for every
+    // decompressor (zstd rejects trailing zeros): decompress it here.
+    let tool = &flag[2..];
+    let out = work.join("root.tar");
+    let status = Command::new(tool)
+        .arg("-dc")
+        .arg(p)
+        .stdout(File::create(&out)?)
+        .status()
+        .with_context(|| format!("running {tool} (sudo apt-get install {tool})"))?;
+    if !status.success() {
+        bail!(
+            "decompressing root.tarball {} with {tool} failed ({status})",
+            p.display()
+        );
+    }
+    finish(out, "", work)
 }
 
 fn directory(d: &Path, epoch: u64, work: &Path) -> Result<RootTar> {

@@ -56,8 +56,11 @@ pub fn plan_partitions(c: &Checked, ids: &Ids) -> Vec<PartPlan> {
         .enumerate()
         .map(|(i, (p, &size))| {
             let name = format!("partition-{}", p.label);
+            // blkid reports vfat ids in upper case and UUIDs in lower
+            // case; fstab and root= must match it exactly.
             let fs_uuid = match (&p.uuid, p.filesystem) {
-                (Some(u), _) => u.clone(),
+                (Some(u), Some(Filesystem::Vfat)) => u.to_ascii_uppercase(),
+                (Some(u), _) => u.to_ascii_lowercase(),
                 (None, Some(Filesystem::Vfat)) => ids.vfat_id(&name),
                 (None, _) => ids.uuid(&format!("{name}-fs")),
             };
@@ -105,10 +108,12 @@ for d in proc sys dev; do mkdir -p "$R/$d"; done
 mount -t proc proc "$R/proc"
 mount -t sysfs sys "$R/sys"
 mount --bind /dev "$R/dev"
-trap 'umount -l "$R/dev" "$R/sys" "$R/proc" 2>/dev/null || true; rm -f "$R/usr/sbin/policy-rc.d"' EXIT
+KILN_POLICY=
+trap 'umount -l "$R/dev" "$R/sys" "$R/proc" 2>/dev/null || true; [ -z "$KILN_POLICY" ] || rm -f "$R/usr/sbin/policy-rc.d"' EXIT
 # No service starts while packages are configured in the chroot.
 if [ -d "$R/usr/sbin" ] && [ ! -e "$R/usr/sbin/policy-rc.d" ]; then
     printf '#!/bin/sh\nexit 101\n' > "$R/usr/sbin/policy-rc.d"; chmod 755 "$R/usr/sbin/policy-rc.d"
+    KILN_POLICY=1
 fi
 export DEBIAN_FRONTEND=noninteractive HOME=/root
 "#;
@@ -169,7 +174,7 @@ echo "unpacked $(du -sh --apparent-size "$R" | cut -f1)"
         r#"# What would differ between two builds: caches, logs, seeds.
 rm -f "$R/var/cache/ldconfig/aux-cache" "$R/var/lib/systemd/random-seed" \
       "$R"/var/cache/apt/*.bin "$R"/var/cache/debconf/*-old "$R"/var/lib/dpkg/*-old \
-      "$R/etc/ssh/ssh_host_"*_key* 2>/dev/null || true
+      2>/dev/null || true
 [ ! -d "$R/var/log" ] || find "$R/var/log" -type f -exec truncate -s 0 {} +
 find "$R" -depth -newermt "@$SOURCE_DATE_EPOCH" -exec touch --no-dereference --date="@$SOURCE_DATE_EPOCH" {} +
 "#
@@ -211,7 +216,7 @@ fn configure(c: &Checked, parts: &[PartPlan]) -> String {
     if let Some(h) = &r.system.hostname {
         let _ = write!(
             s,
-            "echo {h} > \"$R/etc/hostname\"\n\
+            "printf '%s\\n' {h} > \"$R/etc/hostname\"\n\
              printf '127.0.0.1\\tlocalhost\\n127.0.1.1\\t%s\\n::1\\tlocalhost ip6-localhost ip6-loopback\\n' {h} > \"$R/etc/hosts\"\n",
             h = sq(h)
         );
@@ -638,8 +643,8 @@ I=/build/iso-tree
 rm -rf "$I" && mkdir -p "$I/live" "$I/boot/grub"
 cp "$R/boot/$K" "$I/live/vmlinuz"
 cp "$R/boot/initrd.img-$V" "$I/live/initrd.img"
-mksquashfs "$R" "$I/live/filesystem.squashfs" -noappend -no-progress -comp xz \
-    -mkfs-time "$SOURCE_DATE_EPOCH" -all-time "$SOURCE_DATE_EPOCH" -e boot/efi >/dev/null
+# mksquashfs takes its times from SOURCE_DATE_EPOCH.
+mksquashfs "$R" "$I/live/filesystem.squashfs" -noappend -no-progress -comp xz -e boot/efi >/dev/null
 cat > "$I/boot/grub/grub.cfg" <<'CFG'
 set default=0
 set timeout={timeout}
