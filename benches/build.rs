@@ -90,10 +90,22 @@ fn main() {
         eprintln!("run {}: {:.1} s", i + 1, took.as_secs_f64());
     }
     println!("kiln build images/debian-bookworm-minimal.toml, {runs} runs (medians):");
-    println!("  total                          {:>7.1} s", median(&mut total));
-    println!("  host bootstrap (mmdebstrap)    {:>7.1} s", median(&mut host));
-    println!("  build VM (boot + steps + off)  {:>7.1} s", median(&mut vm));
-    println!("  format conversions + sha256    {:>7.1} s", median(&mut convert));
+    println!(
+        "  total                          {:>7.1} s",
+        median(&mut total)
+    );
+    println!(
+        "  host bootstrap (mmdebstrap)    {:>7.1} s",
+        median(&mut host)
+    );
+    println!(
+        "  build VM (boot + steps + off)  {:>7.1} s",
+        median(&mut vm)
+    );
+    println!(
+        "  format conversions + sha256    {:>7.1} s",
+        median(&mut convert)
+    );
 
     // 2. Tarball to ext4 disk: virt-make-fs against kiln.
     let Some(archive) = archive else {
@@ -125,7 +137,12 @@ fn main() {
             let _ = std::fs::remove_file(&out);
             let started = Instant::now();
             let st = Command::new("virt-make-fs")
-                .args(["--format=raw", "--type=ext4", "--partition=gpt", "--size=2G"])
+                .args([
+                    "--format=raw",
+                    "--type=ext4",
+                    "--partition=gpt",
+                    "--size=2G",
+                ])
                 .arg(&archive)
                 .arg(&out)
                 .stdin(Stdio::null())

@@ -213,7 +213,13 @@ fn small_image_in_every_format_is_inspectable_and_reproducible() {
             "qemu-img",
             // A fixed VHD is raw data with a footer: qemu-img is told
             // the format rather than guessing it.
-            &["info", "-f", fmt, "--output=json", p.to_str().expect("path")],
+            &[
+                "info",
+                "-f",
+                fmt,
+                "--output=json",
+                p.to_str().expect("path"),
+            ],
         ))
         .expect("qemu-img json");
         assert_eq!(info["format"], fmt, "{file}: {info}");
