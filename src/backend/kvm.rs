@@ -8,17 +8,15 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use kiln_agent::AGENT_PORT_NAME;
 use kiln_vmm::{AgentPort, DiskConfig, Exit, FsConfig, VmConfig, VmError};
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, Vm, VmSpec};
-use crate::console::Console;
+use super::{spawn_child, Backend, Vm, VmSpec};
 use crate::disk::DiskFormat;
-use crate::process::{detach_and_tie, Guarded};
 
 /// Set to `1` to run kiln-vmm's threads without their seccomp filters
 /// (to debug a filter that kills the VMM).
@@ -215,48 +213,9 @@ impl Backend for Kvm {
         let args = VmmArgs::from_spec(spec, self.seccomp)?;
         let json = serde_json::to_string(&args).context("describing the VM for kiln-vmm")?;
         let mut cmd = Command::new(&self.exe);
-        cmd.arg(SUBCOMMAND)
-            .arg(json)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        detach_and_tie(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting kiln-vmm ({} {SUBCOMMAND})", self.exe.display()))?;
-        let console = Console::new();
-        let diagnostics = Console::new();
-        if let Some(out) = child.stdout.take() {
-            console.capture(out, spec.echo_console);
-        }
-        if let Some(err) = child.stderr.take() {
-            diagnostics.capture(err, false);
-        }
-        Ok(Box::new(KvmVm {
-            process: Guarded::new(child),
-            console,
-            diagnostics,
-        }))
-    }
-}
-
-struct KvmVm {
-    process: Guarded,
-    console: Console,
-    diagnostics: Console,
-}
-
-impl Vm for KvmVm {
-    fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        Ok(self.process.try_wait()?)
-    }
-
-    fn console(&self) -> &Console {
-        &self.console
-    }
-
-    fn diagnostics(&self) -> Vec<String> {
-        self.diagnostics.tail(20)
+        cmd.arg(SUBCOMMAND).arg(json);
+        let what = format!("kiln-vmm ({} {SUBCOMMAND})", self.exe.display());
+        spawn_child(cmd, &what, spec.echo_console)
     }
 }
 

@@ -6,13 +6,14 @@ pub mod kvm;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
+use std::process::{Command, ExitStatus, Stdio};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use kiln_vmm::host::{self, KvmSupport};
 
 use crate::console::Console;
 use crate::disk::DiskFormat;
+use crate::process::{detach_and_tie, Guarded};
 
 /// Everything a backend needs to start the build VM.
 #[derive(Debug, Clone)]
@@ -58,6 +59,52 @@ pub trait Vm {
     fn console(&self) -> &Console;
     /// What the hypervisor itself reported on its error stream, if anything.
     fn diagnostics(&self) -> Vec<String>;
+}
+
+/// A hypervisor running as kiln's child process (QEMU, or kiln-vmm in
+/// `kiln __vmm`): its stdout is the guest's serial console, its stderr what
+/// it says about itself, and it is killed with its process group on drop.
+struct ChildVm {
+    process: Guarded,
+    console: Console,
+    diagnostics: Console,
+}
+
+impl Vm for ChildVm {
+    fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        Ok(self.process.try_wait()?)
+    }
+
+    fn console(&self) -> &Console {
+        &self.console
+    }
+
+    fn diagnostics(&self) -> Vec<String> {
+        self.diagnostics.tail(20)
+    }
+}
+
+/// Starts `cmd` as a [`ChildVm`]; `what` names it in the error if it
+/// cannot start.
+fn spawn_child(mut cmd: Command, what: &str, echo_console: bool) -> Result<Box<dyn Vm>> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    detach_and_tie(&mut cmd);
+    let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    let console = Console::new();
+    let diagnostics = Console::new();
+    if let Some(out) = child.stdout.take() {
+        console.capture(out, echo_console);
+    }
+    if let Some(err) = child.stderr.take() {
+        diagnostics.capture(err, false);
+    }
+    Ok(Box::new(ChildVm {
+        process: Guarded::new(child),
+        console,
+        diagnostics,
+    }))
 }
 
 pub trait Backend {

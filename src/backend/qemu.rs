@@ -2,14 +2,12 @@
 //! through the PVH entry (no firmware), virtio-mmio devices only.
 
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Command;
 
 use anyhow::{Context, Result};
 use kiln_agent::AGENT_PORT_NAME;
 
-use super::{Backend, Vm, VmSpec};
-use crate::console::Console;
-use crate::process::{detach_and_tie, Guarded};
+use super::{spawn_child, Backend, Vm, VmSpec};
 
 pub struct Qemu {
     binary: PathBuf,
@@ -126,46 +124,7 @@ impl Backend for Qemu {
 
     fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
         let mut cmd = Command::new(&self.binary);
-        cmd.args(self.args(spec))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        detach_and_tie(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", self.binary.display()))?;
-        let console = Console::new();
-        let diagnostics = Console::new();
-        if let Some(out) = child.stdout.take() {
-            console.capture(out, spec.echo_console);
-        }
-        if let Some(err) = child.stderr.take() {
-            diagnostics.capture(err, false);
-        }
-        Ok(Box::new(QemuVm {
-            process: Guarded::new(child),
-            console,
-            diagnostics,
-        }))
-    }
-}
-
-struct QemuVm {
-    process: Guarded,
-    console: Console,
-    diagnostics: Console,
-}
-
-impl Vm for QemuVm {
-    fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        Ok(self.process.try_wait()?)
-    }
-
-    fn console(&self) -> &Console {
-        &self.console
-    }
-
-    fn diagnostics(&self) -> Vec<String> {
-        self.diagnostics.tail(20)
+        cmd.args(self.args(spec));
+        spawn_child(cmd, &self.binary.display().to_string(), spec.echo_console)
     }
 }
