@@ -17,7 +17,10 @@ use virtio_bindings::virtio_blk::*;
 use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
-use super::{serve_queue, single_queue, ActivateError, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, serve_queue, single_queue, ActivateError, IrqLine, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
 
 pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
@@ -159,14 +162,7 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.config();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn activate(

@@ -20,7 +20,10 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
-use super::{ActivateError, HostInterest, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, ActivateError, HostInterest, IrqLine, VirtioDevice, INT_VRING,
+    VIRTIO_F_VERSION_1,
+};
 
 pub const DEVICE_TYPE: u32 = 3;
 pub const QUEUE_SIZE: u16 = 128;
@@ -568,14 +571,7 @@ impl VirtioDevice for Console {
         // cols, rows (u16 each), max_nr_ports (u32), emerg_wr (u32).
         let mut config = [0u8; 12];
         config[4..8].copy_from_slice(&(self.ports.len() as u32).to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn activate(

@@ -21,7 +21,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivateError, HostInterest, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, ActivateError, HostInterest, IrqLine, VirtioDevice, INT_VRING,
+    VIRTIO_F_VERSION_1,
+};
 
 pub const DEVICE_TYPE: u32 = 26;
 /// One high-priority queue and one request queue.
@@ -232,14 +235,7 @@ impl VirtioDevice for Fs {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.config();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn activate(

@@ -125,6 +125,19 @@ pub struct HostInterest {
     pub write: bool,
 }
 
+/// Copies the driver's read window `offset..offset + data.len()` of a
+/// device's configuration space `config`; bytes beyond it read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// What the transport needs from a device.
 pub trait VirtioDevice: Send {
     /// virtio device ID (2 = block, 3 = console, 4 = entropy, 26 = fs).
