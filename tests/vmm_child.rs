@@ -8,40 +8,15 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-/// Assembles `source` (AT&T, 64-bit) into an ELF linked at 1 MiB.
+#[path = "../vmm/tests/support/asm.rs"]
+mod asm;
+
+/// Assembles `source` (AT&T, 64-bit) into an ELF linked at 1 MiB, written
+/// to `dir/vmlinux`.
 fn tiny_kernel(dir: &Path, source: &str) -> PathBuf {
-    let p = |n: &str| dir.join(n);
-    std::fs::write(
-        p("g.s"),
-        format!(".code64\n.globl _start\n_start:\n{source}\n"),
-    )
-    .expect("write");
-    let run = |cmd: &str, args: &[&str]| {
-        let out = Command::new(cmd)
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap_or_else(|e| panic!("{cmd}: {e} (install binutils)"));
-        assert!(
-            out.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run("as", &["--64", "g.s", "-o", "g.o"]);
-    run(
-        "ld",
-        &[
-            "-Ttext=0x100000",
-            "-e",
-            "_start",
-            "--no-warn-rwx-segments",
-            "g.o",
-            "-o",
-            "vmlinux",
-        ],
-    );
-    p("vmlinux")
+    let path = dir.join("vmlinux");
+    std::fs::write(&path, asm::assemble_both(source).1).expect("write vmlinux");
+    path
 }
 
 /// Prints a line on the serial port, then resets through the i8042 (what

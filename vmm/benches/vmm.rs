@@ -12,7 +12,6 @@
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln_vmm::boot::Entry;
@@ -23,31 +22,11 @@ const LOAD: u64 = 0x10_0000;
 const DISK_MIB: u64 = 64;
 const REQUEST: u32 = 512 * 1024;
 
+#[path = "../tests/support/asm.rs"]
+mod asm;
+
 fn assemble(source: &str) -> Vec<u8> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let p = |n: &str| dir.path().join(n);
-    std::fs::write(
-        p("g.s"),
-        format!(".code64\n.globl _start\n_start:\n{source}\n"),
-    )
-    .expect("write");
-    let run = |cmd: &str, args: &[&Path], extra: &[&str]| {
-        let ok = Command::new(cmd)
-            .args(extra)
-            .args(args)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "{cmd} failed (install binutils)");
-    };
-    run("as", &[&p("g.s"), Path::new("-o"), &p("g.o")], &["--64"]);
-    run(
-        "ld",
-        &[&p("g.o"), Path::new("-o"), &p("g.elf")],
-        &["-Ttext=0x100000", "-e", "_start", "--no-warn-rwx-segments"],
-    );
-    run("objcopy", &[&p("g.elf"), &p("g.bin")], &["-O", "binary"]);
-    std::fs::read(p("g.bin")).expect("read")
+    asm::assemble_both(source).0
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

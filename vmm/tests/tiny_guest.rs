@@ -3,54 +3,20 @@
 //! hosts whose KVM is a PVM hypervisor these guests still run, through its
 //! instruction emulator.
 
-use std::path::Path;
-use std::process::Command;
-
 use kiln_vmm::boot::Entry;
 use kiln_vmm::machine::{Exit, Machine, EXIT_PORT};
 
 const LOAD: u64 = 0x10_0000;
+
+#[path = "support/asm.rs"]
+mod asm;
+use asm::assemble_both;
 
 /// Assembles `source` (AT&T syntax, 64-bit) linked at [`LOAD`]; returns
 /// the flat binary.
 fn assemble(source: &str) -> Vec<u8> {
     let (bin, _elf) = assemble_both(source);
     bin
-}
-
-/// Assembles `source`; returns the flat binary and the ELF (which
-/// kiln-vmm's Linux loader takes as a "vmlinux").
-fn assemble_both(source: &str) -> (Vec<u8>, Vec<u8>) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let p = |n: &str| dir.path().join(n);
-    std::fs::write(
-        p("g.s"),
-        format!(".code64\n.globl _start\n_start:\n{source}\n"),
-    )
-    .expect("write");
-    let run = |cmd: &str, args: &[&Path], extra: &[&str]| {
-        let out = Command::new(cmd)
-            .args(extra)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("{cmd}: {e} (install binutils)"));
-        assert!(
-            out.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run("as", &[&p("g.s"), Path::new("-o"), &p("g.o")], &["--64"]);
-    run(
-        "ld",
-        &[&p("g.o"), Path::new("-o"), &p("g.elf")],
-        &["-Ttext=0x100000", "-e", "_start", "--no-warn-rwx-segments"],
-    );
-    run("objcopy", &[&p("g.elf"), &p("g.bin")], &["-O", "binary"]);
-    (
-        std::fs::read(p("g.bin")).expect("read"),
-        std::fs::read(p("g.elf")).expect("read"),
-    )
 }
 
 /// A machine as the tests run it: seccomp on, so every tiny guest also
