@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use kiln_vmm::host::{self, KvmSupport};
 
-use crate::backend::qemu::which;
 use crate::build::detect_format;
 use crate::interrupt;
 use crate::process::{detach_and_tie, Guarded};
@@ -152,10 +151,7 @@ pub fn boot(a: BootArgs) -> Result<u8> {
     if !a.image.is_file() {
         bail!("image {} does not exist", a.image.display());
     }
-    let qemu = std::env::var_os("KILN_QEMU")
-        .map(PathBuf::from)
-        .or_else(|| which("qemu-system-x86_64"))
-        .context("qemu-system-x86_64 not found: sudo apt-get install qemu-system-x86")?;
+    let qemu = crate::backend::qemu::binary()?;
     let work = tempfile::Builder::new().prefix("kiln-boot-").tempdir()?;
     let image = unpack(&a.image, work.path())?;
 

@@ -29,13 +29,7 @@ pub fn run_logged(mut cmd: Command, what: &str, log: &Path) -> Result<()> {
     }
     let mut child = Guarded::new(child);
 
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {prefix} [{elapsed_precise}] {wide_msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    bar.set_prefix(what.to_string());
-    bar.enable_steady_tick(Duration::from_millis(200));
+    let bar = spinner(what, false);
     let status = loop {
         if interrupt::requested() {
             child.kill();
@@ -63,6 +57,22 @@ pub fn run_logged(mut cmd: Command, what: &str, log: &Path) -> Result<()> {
         indicatif::HumanDuration(bar.elapsed())
     );
     Ok(())
+}
+
+/// kiln's spinner for long work: what, elapsed time, and a message (the
+/// latest output line); hidden when `quiet` (e.g. under --json).
+pub fn spinner(what: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{elapsed_precise}] {wide_msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_prefix(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
 }
 
 fn last_lines(path: &Path, n: usize) -> Vec<String> {

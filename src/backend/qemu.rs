@@ -9,6 +9,16 @@ use kiln_agent::AGENT_PORT_NAME;
 
 use super::{spawn_child, Backend, Vm, VmSpec};
 
+/// qemu-system-x86_64: `$KILN_QEMU`, else from PATH.
+pub fn binary() -> Result<PathBuf> {
+    match std::env::var_os("KILN_QEMU").filter(|v| !v.is_empty()) {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => which("qemu-system-x86_64").context(
+            "qemu-system-x86_64 not found: install it with 'sudo apt-get install qemu-system-x86'",
+        ),
+    }
+}
+
 pub struct Qemu {
     binary: PathBuf,
     kvm: bool,
@@ -17,13 +27,10 @@ pub struct Qemu {
 impl Qemu {
     /// Finds qemu-system-x86_64 (or `$KILN_QEMU`).
     pub fn find(kvm: bool) -> Result<Qemu> {
-        let binary = match std::env::var_os("KILN_QEMU").filter(|v| !v.is_empty()) {
-            Some(p) => PathBuf::from(p),
-            None => which("qemu-system-x86_64").context(
-                "qemu-system-x86_64 not found: install it with 'sudo apt-get install qemu-system-x86'",
-            )?,
-        };
-        Ok(Qemu { binary, kvm })
+        Ok(Qemu {
+            binary: binary()?,
+            kvm,
+        })
     }
 
     /// The full QEMU command line for `spec`.

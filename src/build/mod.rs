@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use kiln_agent::ExecRequest;
 
 use crate::backend::{BackendChoice, DiskSpec};
@@ -108,18 +108,7 @@ struct StepLog {
 
 impl StepLog {
     fn new(name: &str, quiet: bool) -> StepLog {
-        let bar = if quiet {
-            ProgressBar::hidden()
-        } else {
-            let b = ProgressBar::new_spinner();
-            b.set_style(
-                ProgressStyle::with_template("{spinner} {prefix} [{elapsed}] {wide_msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            );
-            b.enable_steady_tick(Duration::from_millis(200));
-            b
-        };
-        bar.set_prefix(name.to_string());
+        let bar = crate::job::spinner(name, quiet);
         StepLog {
             bar,
             lines: VecDeque::new(),
@@ -181,18 +170,7 @@ struct Progress {
 impl Progress {
     fn host<T>(&mut self, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let started = Instant::now();
-        let bar = if self.json {
-            ProgressBar::hidden()
-        } else {
-            let b = ProgressBar::new_spinner();
-            b.set_style(
-                ProgressStyle::with_template("{spinner} {prefix} [{elapsed}]")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            );
-            b.enable_steady_tick(Duration::from_millis(200));
-            b
-        };
-        bar.set_prefix(name.to_string());
+        let bar = crate::job::spinner(name, self.json);
         let r = f();
         bar.finish_and_clear();
         let r = r.with_context(|| format!("step '{name}' failed"))?;
