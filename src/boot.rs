@@ -38,6 +38,14 @@ pub struct BootArgs {
     /// Guest memory.
     #[arg(long, default_value = "1G", value_parser = crate::parse_mem)]
     mem: u64,
+    /// Boot with the disk enlarged to SIZE (e.g. 8G), in a throwaway
+    /// overlay, as a cloud gives a bigger disk: tests growing the root.
+    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size)]
+    disk_size: Option<u64>,
+    /// Attach a cloud-init NoCloud seed (a CIDATA disk, like cloud-localds
+    /// makes) from DIR/user-data, DIR/meta-data and DIR/network-config.
+    #[arg(long, value_name = "DIR")]
+    cloud_init: Option<PathBuf>,
     /// Show the console on stderr as it comes.
     #[arg(long)]
     console: bool,
@@ -133,6 +141,115 @@ fn unpack(image: &Path, work: &Path) -> Result<PathBuf> {
     Ok(image.to_path_buf())
 }
 
+fn parse_disk_size(s: &str) -> Result<u64, String> {
+    match crate::recipe::parse_size(s)? {
+        crate::recipe::Size::Bytes(n) if n > 0 => Ok(n),
+        _ => Err(format!("invalid disk size '{s}': give a size such as 8G")),
+    }
+}
+
+/// The size of the disk an image holds, from qemu-img.
+fn virtual_size(image: &Path, fmt: &str) -> Result<u64> {
+    let out = Command::new(crate::build::qemu_img()?)
+        .args(["info", "--output=json", "-f", fmt])
+        .arg(image)
+        .output()
+        .context("running qemu-img info")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img info {} failed: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["virtual-size"]
+        .as_u64()
+        .context("qemu-img info gave no virtual-size")
+}
+
+/// A qcow2 overlay on `image`, `size` bytes large, that takes the guest's
+/// writes; the image itself stays as it is.
+fn grown_overlay(image: &Path, fmt: &str, size: u64, work: &Path) -> Result<PathBuf> {
+    let have = virtual_size(image, fmt)?;
+    if size < have {
+        bail!(
+            "--disk-size {size} is smaller than the image's disk ({have} bytes): \
+             give at least {} MiB",
+            have.div_ceil(1 << 20)
+        );
+    }
+    let overlay = work.join("grown.qcow2");
+    let out = Command::new(crate::build::qemu_img()?)
+        .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
+        .arg(std::path::absolute(image)?)
+        .arg(&overlay)
+        .arg(size.to_string())
+        .output()
+        .context("running qemu-img create")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img create of an overlay failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(overlay)
+}
+
+/// A NoCloud seed disk: a FAT filesystem labelled CIDATA holding the
+/// user's user-data, meta-data and network-config, made with mtools.
+fn cloud_init_seed(dir: &Path, work: &Path) -> Result<PathBuf> {
+    if !dir.join("user-data").is_file() {
+        bail!(
+            "--cloud-init {}: no user-data file there; a NoCloud seed needs \
+             user-data (for example '#cloud-config') and may have meta-data and network-config",
+            dir.display()
+        );
+    }
+    let seed_dir = work.join("cidata");
+    std::fs::create_dir_all(&seed_dir)?;
+    for name in ["user-data", "meta-data", "network-config"] {
+        let src = dir.join(name);
+        if src.is_file() {
+            std::fs::copy(&src, seed_dir.join(name))
+                .with_context(|| format!("reading {}", src.display()))?;
+        }
+    }
+    if !seed_dir.join("meta-data").exists() {
+        std::fs::write(
+            seed_dir.join("meta-data"),
+            "instance-id: kiln-boot\nlocal-hostname: debian\n",
+        )?;
+    }
+    let img = work.join("cidata.img");
+    let run = |cmd: &mut Command, what: &str| -> Result<()> {
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {what} (sudo apt-get install dosfstools mtools)"))?;
+        if !out.status.success() {
+            bail!(
+                "{what} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    run(
+        Command::new("mkfs.fat")
+            .args(["-C", "-n", "CIDATA"])
+            .arg(&img)
+            .arg("2048"),
+        "mkfs.fat",
+    )?;
+    let mut mcopy = Command::new("mcopy");
+    mcopy.arg("-i").arg(&img);
+    for e in std::fs::read_dir(&seed_dir)? {
+        mcopy.arg(e?.path());
+    }
+    run(mcopy.arg("::/"), "mcopy")?;
+    Ok(img)
+}
+
 fn is_iso(p: &Path) -> bool {
     let mut buf = [0u8; 5];
     std::fs::File::open(p)
@@ -200,12 +317,30 @@ pub fn boot(a: BootArgs) -> Result<u8> {
             "file={},media=cdrom,readonly=on,if=ide",
             qemu_path(&image)
         ));
+        if a.disk_size.is_some() {
+            bail!("--disk-size applies to disk images, not to an iso");
+        }
     } else {
         let fmt = detect_format(&image)?;
-        // snapshot: writes go to a temporary overlay, never to the image.
+        if let Some(size) = a.disk_size {
+            let overlay = grown_overlay(&image, fmt, size, work.path())?;
+            cmd.arg("-drive").arg(format!(
+                "file={},format=qcow2,if=virtio",
+                qemu_path(&overlay)
+            ));
+        } else {
+            // snapshot: writes go to a temporary overlay, never to the image.
+            cmd.arg("-drive").arg(format!(
+                "file={},format={fmt},if=virtio,snapshot=on",
+                qemu_path(&image)
+            ));
+        }
+    }
+    if let Some(dir) = &a.cloud_init {
+        let seed = cloud_init_seed(dir, work.path())?;
         cmd.arg("-drive").arg(format!(
-            "file={},format={fmt},if=virtio,snapshot=on",
-            qemu_path(&image)
+            "file={},format=raw,if=virtio,readonly=on",
+            qemu_path(&seed)
         ));
     }
     cmd.stdin(Stdio::null())

@@ -468,3 +468,57 @@ fn debian_minimal_boots_under_uefi_and_bios_and_rebuilds_identically() {
         "two builds of one recipe differ"
     );
 }
+
+#[test]
+fn live_iso_boots_from_cd_and_usb_under_both_firmwares_and_rebuilds_identically() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/live-iso.toml");
+    let recipe_s = recipe.to_str().expect("path");
+    let out = kiln(dir, &["build", recipe_s, "-o", "one"]);
+    assert!(out.status.success(), "build failed: {}", text(&out.stderr));
+    let iso = dir.join("one/debian-bookworm-live.iso");
+    assert_eq!(
+        files_in(&dir.join("one")),
+        [
+            "debian-bookworm-live.iso",
+            "debian-bookworm-live.iso.sha256"
+        ]
+    );
+
+    // The same bytes as a CD and as a USB stick (a plain disk: the hybrid
+    // MBR for BIOS, the GPT EFI partition for UEFI).
+    let usb = dir.join("usb.raw");
+    std::fs::copy(&iso, &usb).expect("copy iso");
+    for image in [&iso, &usb] {
+        for fw in ["bios", "uefi"] {
+            let out = kiln(
+                dir,
+                &[
+                    "boot",
+                    image.to_str().expect("path"),
+                    "--firmware",
+                    fw,
+                    "--expect",
+                    "debian login:",
+                    "--timeout",
+                    "600",
+                ],
+            );
+            assert!(
+                out.status.success(),
+                "{} under {fw} did not boot: {}",
+                image.display(),
+                text(&out.stderr)
+            );
+        }
+    }
+
+    let again = kiln(dir, &["build", recipe_s, "-o", "two"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(
+        sha256_of(&iso),
+        sha256_of(&dir.join("two/debian-bookworm-live.iso")),
+        "two builds of the live iso differ"
+    );
+}

@@ -23,7 +23,7 @@ use crate::guest::{Guest, GuestConfig};
 use crate::recipe::{Checked, Format};
 use crate::session::ExecOutcome;
 
-pub use output::detect_format;
+pub use output::{detect_format, qemu_img};
 
 pub struct BuildOptions {
     pub recipe: PathBuf,
@@ -265,6 +265,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         parts: &parts,
         root_tar_flag: root.tar_flag,
         formats: &formats,
+        iso_id: &ids.uuid("iso"),
     });
 
     // The disks: the image being built, the root archive, scratch space

@@ -24,7 +24,7 @@ pub struct Output {
     pub sha256: String,
 }
 
-fn qemu_img() -> Result<PathBuf> {
+pub fn qemu_img() -> Result<PathBuf> {
     which("qemu-img").ok_or_else(|| {
         anyhow::anyhow!(
             "qemu-img not found, needed for the image formats: sudo apt-get install qemu-utils"
