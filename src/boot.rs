@@ -174,8 +174,9 @@ fn grown_overlay(image: &Path, fmt: &str, size: u64, work: &Path) -> Result<Path
     let have = virtual_size(image, fmt)?;
     if size < have {
         bail!(
-            "--disk-size {size} is smaller than the image's disk ({have} bytes): \
-             give at least {} MiB",
+            "--disk-size ({} MiB) is smaller than the image's disk ({} MiB): \
+             give at least that",
+            size >> 20,
             have.div_ceil(1 << 20)
         );
     }

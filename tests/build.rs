@@ -522,3 +522,55 @@ fn live_iso_boots_from_cd_and_usb_under_both_firmwares_and_rebuilds_identically(
         "two builds of the live iso differ"
     );
 }
+
+#[test]
+fn cloud_image_grows_its_root_on_first_boot_under_cloud_init() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/debian-bookworm-cloud.toml");
+    let out = kiln(dir, &["build", recipe.to_str().expect("path"), "-o", "out"]);
+    assert!(out.status.success(), "build failed: {}", text(&out.stderr));
+    let qcow2 = dir.join("out/debian-bookworm-cloud.qcow2");
+    let qcow2_s = qcow2.to_str().expect("path");
+    let info = host("qemu-img", &["info", "-f", "qcow2", qcow2_s]);
+    assert!(info.contains("virtual size: 2 GiB"), "{info}");
+    let before = sha256_of(&qcow2);
+
+    // A NoCloud seed whose runcmd reports the root's size, on a disk the
+    // "cloud" made 4 GiB: growpart and resize_rootfs must have run.
+    let seed = dir.join("seed");
+    fs::create_dir(&seed).expect("mkdir");
+    fs::write(
+        seed.join("user-data"),
+        "#cloud-config\nruncmd:\n  - echo \"KILN_ROOT_MIB=$(df -BM --output=size / | tail -n 1 | tr -d ' M')\" > /dev/ttyS0\n",
+    )
+    .expect("user-data");
+    let out = kiln(
+        dir,
+        &[
+            "boot",
+            qcow2_s,
+            "--disk-size",
+            "4G",
+            "--cloud-init",
+            seed.to_str().expect("path"),
+            "--expect",
+            "KILN_ROOT_MIB=[0-9]+",
+            "--timeout",
+            "900",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "boot failed: {}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let mib: u64 = v["matched"]
+        .as_str()
+        .and_then(|m| m.strip_prefix("KILN_ROOT_MIB="))
+        .and_then(|n| n.parse().ok())
+        .expect("a size");
+    assert!(
+        mib > 3500,
+        "the root was not grown to the 4 GiB disk: {mib} MiB"
+    );
+    assert_eq!(sha256_of(&qcow2), before, "booting wrote to the image");
+}
