@@ -30,6 +30,7 @@ pub struct BootArgs {
     #[arg(long, value_enum, default_value_t = Firmware::Uefi)]
     firmware: Firmware,
     /// Succeed once the serial console matches this regular expression.
+    /// It is tried as text arrives: end it with \n to wait for a whole line.
     #[arg(long, value_name = "REGEX", default_value = "login:")]
     expect: String,
     /// Give up (exit 124) after SECS seconds.
