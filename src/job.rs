@@ -32,7 +32,9 @@ pub fn run_logged(mut cmd: Command, what: &str, log: &Path) -> Result<()> {
     let bar = spinner(what, false);
     let status = loop {
         if interrupt::requested() {
-            child.kill();
+            // A grace period: mmdebstrap removes its temporary root on
+            // SIGTERM, which a SIGKILL would leave behind.
+            child.terminate(Duration::from_secs(10));
             bar.finish_and_clear();
             bail!(crate::run::RunError::Interrupted);
         }

@@ -58,6 +58,45 @@ impl Guarded {
         r
     }
 
+    /// Asks the child's process group to stop with SIGTERM, so tools that
+    /// clean up after themselves (mmdebstrap's temporary root) can, then
+    /// SIGKILLs what is left after `grace` and reaps the child.
+    pub fn terminate(&mut self, grace: std::time::Duration) {
+        if self.reaped {
+            return;
+        }
+        let pgid = self.child.id() as libc::pid_t;
+        // SAFETY: plain syscall; the child is not reaped, so the group id
+        // is still ours.
+        unsafe {
+            libc::kill(-pgid, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline && !self.has_exited() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        self.kill();
+    }
+
+    /// Whether the child has exited, leaving it unreaped (a zombie keeps
+    /// its pid, and so the group id, from being reused before `kill`).
+    fn has_exited(&self) -> bool {
+        // SAFETY: an all-zero siginfo_t is a valid value to be overwritten.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes only into `info`; WNOWAIT leaves the child
+        // waitable for the reap in `kill`.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.child.id(),
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: waitid filled `info` (si_pid is 0 if nothing has exited).
+        r == 0 && unsafe { info.si_pid() } != 0
+    }
+
     /// SIGKILLs the child's process group and reaps the child.
     pub fn kill(&mut self) {
         if self.reaped {

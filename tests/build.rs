@@ -316,6 +316,54 @@ fn small_image_in_every_format_is_inspectable_and_reproducible() {
     );
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert_eq!(sha256_of(&raw), sha256_of(&dir.join("again/small.raw")));
+
+    // A changed recipe as a qcow2 overlay on that image: it names its
+    // backing file and reads back as the changed disk.
+    let layered = SMALL.replace("hostname = \"tiny\"", "hostname = \"layered\"")
+        + "\n[output]\nqcow2_backing = \"again/small.raw\"\n";
+    assert!(layered.contains("layered"));
+    fs::write(dir.join("layered.toml"), layered).expect("write recipe");
+    let out = kiln(
+        dir,
+        &[
+            "build",
+            "layered.toml",
+            "-o",
+            "layered",
+            "--format",
+            "qcow2",
+            "--format",
+            "raw",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let qcow2 = dir.join("layered/small.qcow2");
+    let qcow2_s = qcow2.to_str().expect("path");
+    let info = host("qemu-img", &["info", "-f", "qcow2", qcow2_s]);
+    let base = dir.join("again/small.raw").canonicalize().expect("base");
+    assert!(
+        info.contains(&format!("backing file: {}", base.display()))
+            && info.contains("backing file format: raw"),
+        "{info}"
+    );
+    let layered_raw = dir.join("layered/small.raw");
+    host(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            qcow2_s,
+            layered_raw.to_str().expect("path"),
+        ],
+    );
+    let ext4 = format!("{}?offset={ROOT_OFFSET}", layered_raw.display());
+    assert_eq!(
+        host("debugfs", &["-R", "cat /etc/hostname", &ext4]),
+        "layered\n"
+    );
 }
 
 #[test]
@@ -340,6 +388,11 @@ fn a_failing_command_names_its_step_and_leaves_nothing() {
         "shows the command's output: {err}"
     );
     assert_eq!(files_in(&dir.join("out")), ["keep.txt"]);
+
+    // An output directory kiln made itself does not stay behind, empty.
+    let out = kiln(dir, &["build", "small.toml", "-o", "new/out"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(!dir.join("new/out").exists(), "kiln left new/out behind");
 }
 
 #[test]

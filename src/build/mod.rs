@@ -64,6 +64,9 @@ fn epoch(c: &Checked) -> Result<u64> {
 struct Sweep {
     dir: PathBuf,
     prefix: String,
+    /// kiln made the directory: a build that ends with nothing in it
+    /// removes it too.
+    created: bool,
 }
 
 impl Drop for Sweep {
@@ -80,6 +83,10 @@ impl Drop for Sweep {
                     std::fs::remove_file(&p)
                 };
             }
+        }
+        if self.created {
+            // Fails, as it should, unless the directory is empty.
+            let _ = std::fs::remove_dir(&self.dir);
         }
     }
 }
@@ -216,6 +223,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         );
     }
     let epoch = epoch(&c)?;
+    let created = !opts.out_dir.exists();
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("creating output directory {}", opts.out_dir.display()))?;
     let out_dir = opts
@@ -226,6 +234,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     let _sweep = Sweep {
         dir: out_dir.clone(),
         prefix: prefix.clone(),
+        created,
     };
     // Scratch space beside the outputs: /tmp may be a small tmpfs.
     let work = tempfile::Builder::new()
