@@ -273,6 +273,9 @@ pub fn boot(a: BootArgs) -> Result<u8> {
     let qemu = crate::backend::qemu::binary()?;
     let work = tempfile::Builder::new().prefix("kiln-boot-").tempdir()?;
     let image = unpack(&a.image, work.path())?;
+    if a.disk_size.is_some() && is_iso(&image) {
+        bail!("--disk-size applies to disk images, not to an iso");
+    }
 
     let mut cmd = Command::new(&qemu);
     cmd.args(["-nodefaults", "-no-user-config", "-display", "none"])
@@ -319,9 +322,6 @@ pub fn boot(a: BootArgs) -> Result<u8> {
             "file={},media=cdrom,readonly=on,if=ide",
             qemu_path(&image)
         ));
-        if a.disk_size.is_some() {
-            bail!("--disk-size applies to disk images, not to an iso");
-        }
     } else {
         let fmt = detect_format(&image)?;
         if let Some(size) = a.disk_size {
