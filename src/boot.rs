@@ -14,7 +14,7 @@ use kiln_vmm::host::{self, KvmSupport};
 
 use crate::build::detect_format;
 use crate::interrupt;
-use crate::process::{detach_and_tie, Guarded};
+use crate::process::{detach_and_tie, run_tool, Guarded};
 use crate::run::RunError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -151,19 +151,13 @@ fn parse_disk_size(s: &str) -> Result<u64, String> {
 
 /// The size of the disk an image holds, from qemu-img.
 fn virtual_size(image: &Path, fmt: &str) -> Result<u64> {
-    let out = Command::new(crate::build::qemu_img()?)
-        .args(["info", "--output=json", "-f", fmt])
-        .arg(image)
-        .output()
-        .context("running qemu-img info")?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img info {} failed: {}",
-            image.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let out = run_tool(
+        Command::new(crate::build::qemu_img()?)
+            .args(["info", "--output=json", "-f", fmt])
+            .arg(image),
+        "qemu-img info",
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&out)?;
     v["virtual-size"]
         .as_u64()
         .context("qemu-img info gave no virtual-size")
@@ -182,19 +176,14 @@ fn grown_overlay(image: &Path, fmt: &str, size: u64, work: &Path) -> Result<Path
         );
     }
     let overlay = work.join("grown.qcow2");
-    let out = Command::new(crate::build::qemu_img()?)
-        .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
-        .arg(std::path::absolute(image)?)
-        .arg(&overlay)
-        .arg(size.to_string())
-        .output()
-        .context("running qemu-img create")?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img create of an overlay failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    run_tool(
+        Command::new(crate::build::qemu_img()?)
+            .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
+            .arg(std::path::absolute(image)?)
+            .arg(&overlay)
+            .arg(size.to_string()),
+        "qemu-img create of an overlay",
+    )?;
     Ok(overlay)
 }
 
@@ -224,31 +213,22 @@ fn cloud_init_seed(dir: &Path, work: &Path) -> Result<PathBuf> {
         )?;
     }
     let img = work.join("cidata.img");
-    let run = |cmd: &mut Command, what: &str| -> Result<()> {
-        let out = cmd
-            .output()
-            .with_context(|| format!("running {what} (sudo apt-get install dosfstools mtools)"))?;
-        if !out.status.success() {
-            bail!(
-                "{what} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    };
-    run(
+    let tools = "making the cloud-init seed needs mkfs.fat and mcopy: \
+                 sudo apt-get install dosfstools mtools";
+    run_tool(
         Command::new("mkfs.fat")
             .args(["-C", "-n", "CIDATA"])
             .arg(&img)
             .arg("2048"),
         "mkfs.fat",
-    )?;
+    )
+    .context(tools)?;
     let mut mcopy = Command::new("mcopy");
     mcopy.arg("-i").arg(&img);
     for e in std::fs::read_dir(&seed_dir)? {
         mcopy.arg(e?.path());
     }
-    run(mcopy.arg("::/"), "mcopy")?;
+    run_tool(mcopy.arg("::/"), "mcopy").context(tools)?;
     Ok(img)
 }
 

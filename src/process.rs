@@ -7,6 +7,24 @@ use std::process::{Child, Command};
 
 use std::os::unix::process::CommandExt;
 
+/// Runs a short host tool (qemu-img, mkfs.fat, tar…) to completion with no
+/// input and returns its stdout; a failure carries the tool's stderr.
+pub fn run_tool(cmd: &mut Command, what: &str) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("starting {what}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
 /// Makes `cmd` start in its own process group and receive SIGKILL when the
 /// thread that spawned it (kiln's main thread) ends.
 pub fn detach_and_tie(cmd: &mut Command) -> &mut Command {
