@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::backend::qemu::which;
+use crate::process::run_tool;
 use crate::recipe::{Compression, Format};
 
 /// One finished output, still under its temporary name.
@@ -30,21 +31,6 @@ pub fn qemu_img() -> Result<PathBuf> {
             "qemu-img not found, needed for the image formats: sudo apt-get install qemu-utils"
         )
     })
-}
-
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd
-        .stdin(std::process::Stdio::null())
-        .output()
-        .with_context(|| format!("starting {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 pub fn sha256_file(p: &Path) -> Result<String> {
@@ -90,48 +76,16 @@ impl Converter<'_> {
                 std::fs::rename(iso, &tmp).or_else(|_| std::fs::copy(iso, &tmp).map(|_| ()))?;
             }
             Format::Qcow2 => {
-                let mut cmd = Command::new(qemu_img()?);
-                cmd.args([
-                    "convert",
-                    "-q",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "qcow2",
-                    "-o",
-                    "compat=1.1",
-                ]);
-                if let Some(b) = self.qcow2_backing {
-                    let fmt = detect_format(b)?;
-                    cmd.arg("-B").arg(b).arg("-F").arg(fmt);
-                }
-                run(cmd.arg(raw).arg(&tmp), "qemu-img convert to qcow2")?;
+                let backing = match self.qcow2_backing {
+                    Some(b) => Some((b, detect_format(b)?)),
+                    None => None,
+                };
+                convert(raw, &tmp, "qcow2", "compat=1.1", backing)?;
             }
-            Format::Vmdk => run(
-                Command::new(qemu_img()?)
-                    .args(["convert", "-q", "-f", "raw", "-O", "vmdk"])
-                    .args(["-o", "subformat=monolithicSparse"])
-                    .arg(raw)
-                    .arg(&tmp),
-                "qemu-img convert to vmdk",
-            )?,
-            Format::Vhdx => run(
-                Command::new(qemu_img()?)
-                    .args(["convert", "-q", "-f", "raw", "-O", "vhdx"])
-                    .args(["-o", "subformat=dynamic"])
-                    .arg(raw)
-                    .arg(&tmp),
-                "qemu-img convert to vhdx",
-            )?,
-            Format::Vpc => run(
-                // Fixed with the exact size: what clouds (Azure) take.
-                Command::new(qemu_img()?)
-                    .args(["convert", "-q", "-f", "raw", "-O", "vpc"])
-                    .args(["-o", "subformat=fixed,force_size=on"])
-                    .arg(raw)
-                    .arg(&tmp),
-                "qemu-img convert to vpc",
-            )?,
+            Format::Vmdk => convert(raw, &tmp, "vmdk", "subformat=monolithicSparse", None)?,
+            Format::Vhdx => convert(raw, &tmp, "vhdx", "subformat=dynamic", None)?,
+            // Fixed with the exact size: what clouds (Azure) take.
+            Format::Vpc => convert(raw, &tmp, "vpc", "subformat=fixed,force_size=on", None)?,
             Format::Ova => self.ova(raw, &tmp)?,
         }
         let (temp, final_name) = self.compress(tmp, format)?;
@@ -161,7 +115,7 @@ impl Converter<'_> {
                 if tool == "xz" { "xz-utils" } else { "zstd" }
             );
         }
-        run(
+        run_tool(
             Command::new(tool).args(args).arg(&tmp),
             &format!("{tool} compression"),
         )?;
@@ -178,14 +132,7 @@ impl Converter<'_> {
             .tempdir_in(self.out_dir)?;
         let disk_name = format!("{}-disk1.vmdk", self.name);
         let disk = dir.path().join(&disk_name);
-        run(
-            Command::new(qemu_img()?)
-                .args(["convert", "-q", "-f", "raw", "-O", "vmdk"])
-                .args(["-o", "subformat=streamOptimized"])
-                .arg(raw)
-                .arg(&disk),
-            "qemu-img convert to a streamOptimized vmdk",
-        )?;
+        convert(raw, &disk, "vmdk", "subformat=streamOptimized", None)?;
         let disk_bytes = std::fs::metadata(&disk)?.len();
         let ovf_name = format!("{}.ovf", self.name);
         let ovf = ovf_descriptor(self.name, &disk_name, disk_bytes, self.disk_size);
@@ -196,7 +143,7 @@ impl Converter<'_> {
             let _ = writeln!(mf, "SHA256({f})= {}", sha256_file(&dir.path().join(f))?);
         }
         std::fs::write(dir.path().join(&mf_name), mf)?;
-        run(
+        run_tool(
             Command::new("tar")
                 .args([
                     "--format=ustar",
@@ -212,8 +159,30 @@ impl Converter<'_> {
                 .arg(tmp)
                 .args([&ovf_name, &mf_name, &disk_name]),
             "packing the ova",
-        )
+        )?;
+        Ok(())
     }
+}
+
+/// `qemu-img convert` of the raw disk to `format` with creation `options`,
+/// optionally as an overlay on `backing` (a path and its format).
+fn convert(
+    raw: &Path,
+    dest: &Path,
+    format: &str,
+    options: &str,
+    backing: Option<(&Path, &str)>,
+) -> Result<()> {
+    let mut cmd = Command::new(qemu_img()?);
+    cmd.args(["convert", "-q", "-f", "raw", "-O", format, "-o", options]);
+    if let Some((b, b_format)) = backing {
+        cmd.arg("-B").arg(b).arg("-F").arg(b_format);
+    }
+    run_tool(
+        cmd.arg(raw).arg(dest),
+        &format!("qemu-img convert to {format} ({options})"),
+    )?;
+    Ok(())
 }
 
 /// The format of an existing image, by its magic (for a qcow2 backing file).
