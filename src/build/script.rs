@@ -415,6 +415,24 @@ fn cmdline(c: &Checked) -> String {
 
 /// grub.cfg on the root filesystem, the EFI binary on the ESP, and the
 /// BIOS core image; all with the root found by its (fixed) UUID.
+/// Sets K and V to the newest kernel in the tree's /boot and its version.
+const FIND_KERNEL: &str = r#"K=$(cd "$R/boot" && ls vmlinuz-* 2>/dev/null | sort -V | tail -n 1)
+[ -n "$K" ] || { echo "no kernel in /boot of the image: add a kernel package (linux-image-amd64) to root.packages" >&2; exit 1; }
+V=${K#vmlinuz-}
+"#;
+
+/// grub.cfg lines that put grub's menu on the serial console too.
+const GRUB_SERIAL: &str =
+    "serial --unit=0 --speed=115200\nterminal_input console serial\nterminal_output console serial\n";
+
+/// Modules every grub image kiln makes needs for its menu and a kernel.
+const GRUB_MENU_MODULES: &str = "normal configfile linux echo test gzio serial terminal";
+
+/// Copies grub's modules for `platform` (i386-pc, x86_64-efi) to `dest`.
+fn copy_grub_modules(platform: &str, dest: &str) -> String {
+    format!("cp /usr/lib/grub/{platform}/*.mod /usr/lib/grub/{platform}/*.lst {dest}/\n")
+}
+
 fn bootloader_files(c: &Checked, parts: &[PartPlan]) -> String {
     let Some(root) = root_part(parts) else {
         return "echo 'no root partition' >&2; exit 1\n".into();
@@ -433,17 +451,15 @@ fn bootloader_files(c: &Checked, parts: &[PartPlan]) -> String {
         "part_msdos"
     };
     let title = c.name.clone();
-    let mut s = format!(
-        r#"K=$(cd "$R/boot" && ls vmlinuz-* 2>/dev/null | sort -V | tail -n 1)
-[ -n "$K" ] || {{ echo "no kernel in /boot of the image: add a kernel package (linux-image-amd64) to root.packages" >&2; exit 1; }}
-V=${{K#vmlinuz-}}
-[ -e "$R/boot/initrd.img-$V" ] || {{ echo "no /boot/initrd.img-$V in the image: add initramfs-tools" >&2; exit 1; }}
+    let mut s = FIND_KERNEL.to_string();
+    let _ = write!(
+        s,
+        r#"[ -e "$R/boot/initrd.img-$V" ] || {{ echo "no /boot/initrd.img-$V in the image: add initramfs-tools" >&2; exit 1; }}
 mkdir -p "$R/boot/grub"
 {{
 echo 'set default=0'
 echo 'set timeout={timeout}'
-{serial_cfg}
-echo 'insmod {part_mod}'
+{serial_cfg}echo 'insmod {part_mod}'
 echo 'insmod {fs_mod}'
 echo 'search --no-floppy --fs-uuid --set=root {uuid}'
 echo "menuentry {title} {{"
@@ -457,12 +473,13 @@ printf 'search --no-floppy --fs-uuid --set=root {uuid}\nset prefix=($root)/boot/
         title = sq(&title),
         cmdline = cmdline(c).replace(['"', '$', '`', '\\'], ""),
         serial_cfg = if serial {
-            "echo 'serial --unit=0 --speed=115200'\necho 'terminal_input console serial'\necho 'terminal_output console serial'"
+            format!("printf '%s' {}\n", sq(GRUB_SERIAL))
         } else {
-            ""
+            String::new()
         },
     );
-    let common = format!("{part_mod} part_msdos {fs_mod} fat search search_fs_uuid normal configfile linux echo test gzio serial terminal");
+    let common =
+        format!("{part_mod} part_msdos {fs_mod} fat search search_fs_uuid {GRUB_MENU_MODULES}");
     if matches!(kind, BootloaderKind::GrubEfi | BootloaderKind::Both) {
         let esp = parts
             .iter()
@@ -475,20 +492,20 @@ printf 'search --no-floppy --fs-uuid --set=root {uuid}\nset prefix=($root)/boot/
         let _ = write!(
             s,
             r#"mkdir -p {esp_dir}/EFI/BOOT "$R/boot/grub/x86_64-efi"
-cp /usr/lib/grub/x86_64-efi/*.mod /usr/lib/grub/x86_64-efi/*.lst "$R/boot/grub/x86_64-efi/"
-# The removable-media path: firmware finds it without NVRAM entries.
+{copy}# The removable-media path: firmware finds it without NVRAM entries.
 grub-mkimage -O x86_64-efi -o {esp_dir}/EFI/BOOT/BOOTX64.EFI -p /boot/grub -c /build/early.cfg {common} efi_gop all_video
-"#
+"#,
+            copy = copy_grub_modules("x86_64-efi", "\"$R/boot/grub/x86_64-efi\""),
         );
     }
     if matches!(kind, BootloaderKind::GrubBios | BootloaderKind::Both) {
         let _ = write!(
             s,
             r#"mkdir -p /build/grub-i386 "$R/boot/grub/i386-pc"
-cp /usr/lib/grub/i386-pc/*.mod /usr/lib/grub/i386-pc/*.lst "$R/boot/grub/i386-pc/"
-cp /usr/lib/grub/i386-pc/boot.img /build/grub-i386/
+{copy}cp /usr/lib/grub/i386-pc/boot.img /build/grub-i386/
 grub-mkimage -O i386-pc -o /build/grub-i386/core.img -p /boot/grub -c /build/early.cfg biosdisk {common}
-"#
+"#,
+            copy = copy_grub_modules("i386-pc", "\"$R/boot/grub/i386-pc\""),
         );
     }
     s.push_str(
@@ -635,17 +652,17 @@ fn live_iso(c: &Checked, iso_id: &str) -> String {
     let cmdline = cmdline(c).replace(['"', '$', '`', '\\'], "");
     let timeout = c.recipe.bootloader.timeout.unwrap_or(1);
     let serial = if cmdline.contains("console=ttyS") {
-        "serial --unit=0 --speed=115200\nterminal_input console serial\nterminal_output console serial\n"
+        GRUB_SERIAL
     } else {
         ""
     };
     let marker = format!("/.kiln-{}", iso_id.replace('-', ""));
-    let common = "iso9660 part_gpt part_msdos fat search search_fs_file normal configfile linux echo test gzio serial terminal";
+    let common =
+        format!("iso9660 part_gpt part_msdos fat search search_fs_file {GRUB_MENU_MODULES}");
+    let copy_bios = copy_grub_modules("i386-pc", "\"$I/boot/grub/i386-pc\"");
+    let copy_efi = copy_grub_modules("x86_64-efi", "\"$I/boot/grub/x86_64-efi\"");
     format!(
-        r#"K=$(cd "$R/boot" && ls vmlinuz-* 2>/dev/null | sort -V | tail -n 1)
-[ -n "$K" ] || {{ echo "no kernel in /boot of the image: add linux-image-amd64 to root.packages" >&2; exit 1; }}
-V=${{K#vmlinuz-}}
-[ -e "$R/usr/share/initramfs-tools/scripts/live" ] || \
+        r#"{FIND_KERNEL}[ -e "$R/usr/share/initramfs-tools/scripts/live" ] || \
     {{ echo "the root has no live-boot: add live-boot to root.packages" >&2; exit 1; }}
 I=/build/iso-tree
 rm -rf "$I" /build/efi-tree && mkdir -p "$I/live" "$I/boot/grub/i386-pc" "$I/boot/grub/x86_64-efi" /build/efi-tree/EFI/BOOT
@@ -669,9 +686,7 @@ CFG
 # grub finds the iso by a file only it has, whether it booted from CD or USB.
 echo {label} > "$I{marker}"
 printf 'search --no-floppy --file --set=root {marker}\nset prefix=($root)/boot/grub\n' > /build/iso-early.cfg
-cp /usr/lib/grub/i386-pc/*.mod /usr/lib/grub/i386-pc/*.lst "$I/boot/grub/i386-pc/"
-cp /usr/lib/grub/x86_64-efi/*.mod /usr/lib/grub/x86_64-efi/*.lst "$I/boot/grub/x86_64-efi/"
-grub-mkimage -O i386-pc-eltorito -o "$I/boot/grub/i386-pc/eltorito.img" -p /boot/grub -c /build/iso-early.cfg biosdisk {common}
+{copy_bios}{copy_efi}grub-mkimage -O i386-pc-eltorito -o "$I/boot/grub/i386-pc/eltorito.img" -p /boot/grub -c /build/iso-early.cfg biosdisk {common}
 grub-mkimage -O x86_64-efi -o /build/efi-tree/EFI/BOOT/BOOTX64.EFI -p /boot/grub -c /build/iso-early.cfg {common} efi_gop all_video
 find "$I" /build/efi-tree -exec touch --no-dereference --date="@$SOURCE_DATE_EPOCH" {{}} +
 # The EFI system image: FAT with fixed times and volume id, filled by mtools.
