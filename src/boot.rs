@@ -253,7 +253,8 @@ pub fn boot(a: BootArgs) -> Result<u8> {
     let qemu = crate::backend::qemu::binary()?;
     let work = tempfile::Builder::new().prefix("kiln-boot-").tempdir()?;
     let image = unpack(&a.image, work.path())?;
-    if a.disk_size.is_some() && is_iso(&image) {
+    let iso = is_iso(&image);
+    if a.disk_size.is_some() && iso {
         bail!("--disk-size applies to disk images, not to an iso");
     }
 
@@ -297,7 +298,7 @@ pub fn boot(a: BootArgs) -> Result<u8> {
             qemu_path(&vars)
         ));
     }
-    if is_iso(&image) {
+    if iso {
         cmd.arg("-drive").arg(format!(
             "file={},media=cdrom,readonly=on,if=ide",
             qemu_path(&image)
