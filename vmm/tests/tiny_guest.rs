@@ -71,6 +71,30 @@ fn guest_prints_on_the_serial_port_and_exits_with_a_status() {
     );
 }
 
+#[test]
+fn start_up_is_recorded_step_by_step_up_to_the_first_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let code = assemble(&format!(
+        "mov ${EXIT_PORT}, %dx\nmov $0, %al\noutb %al, %dx\nhlt"
+    ));
+    let mut m = machine(2, Vec::new());
+    m.load(LOAD, &code).expect("load");
+    m.start_at(Entry { rip: LOAD, rsi: 0 }).expect("start");
+    assert_eq!(m.run().expect("run"), Exit::Status(0));
+    let names: Vec<&str> = m.startup_times().steps().iter().map(|s| s.0).collect();
+    // Memory goes in before the irqchip (see Machine::with_vcpus); each
+    // vCPU's steps are summed under one name.
+    let at = |step| names.iter().position(|n| *n == step);
+    assert!(at("memory: KVM memory slot") < at("irqchip"), "{names:?}");
+    assert_eq!(names.iter().filter(|n| **n == "vCPU: create").count(), 1);
+    for step in ["KVM_CREATE_VM", "PIT", "run: seccomp install"] {
+        assert!(at(step).is_some(), "no {step} in {names:?}");
+    }
+    assert_eq!(names.last(), Some(&"run: KVM_RUN to first exit"));
+}
+
 /// A virtio-blk driver in a few dozen instructions: it initializes the
 /// device through the mmio registers, writes a sector, flushes, reads it
 /// back, asks for the serial, and tries a sector past the end. It prints
