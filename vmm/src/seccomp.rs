@@ -1,12 +1,16 @@
 //! seccomp filters for the machine's threads (seccompiler): a vCPU thread
-//! and the device thread may make only the system calls their work needs.
-//! Anything else kills the process: a guest that has taken over a thread
-//! cannot open files, start processes or reach the network through it.
+//! and the device thread may make only the system calls their work needs,
+//! and `ioctl` only with the request numbers they use. Anything else kills
+//! the process: a guest that has taken over a thread cannot open files,
+//! start processes, reach the network or reconfigure the VM through it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -66,16 +70,21 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_recvfrom,
 ];
 
-/// A vCPU thread also runs the guest (KVM ioctls on its own fds).
-const VCPU: &[libc::c_long] = &[libc::SYS_ioctl];
+/// `_IO(KVMIO, 0x80)`: enter the guest. Everything else KVM offers (memory
+/// slots, registers, irqfds, ioeventfds) is set up before the threads start.
+pub const KVM_RUN: u64 = 0xae80;
 
-/// The device thread waits on its epoll set and changes it.
+/// A vCPU thread needs [`COMMON`] and one ioctl, to run the guest.
+const VCPU_IOCTLS: &[u64] = &[KVM_RUN];
+
+/// The device thread waits on its epoll set and changes it; it makes no
+/// ioctl at all (interrupts go out through irqfds, which are writes).
 const EVENT_LOOP: &[libc::c_long] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
-    libc::SYS_ioctl,
 ];
+const EVENT_LOOP_IOCTLS: &[u64] = &[];
 
 /// The compiled filters, one per kind of thread.
 #[derive(Clone)]
@@ -94,18 +103,37 @@ impl Filters {
     /// an errno to observe refusals without dying).
     pub fn with_action(action: SeccompAction) -> Result<Filters, SeccompError> {
         Ok(Filters {
-            vcpu: Arc::new(compile(&[COMMON, VCPU], action.clone())?),
-            event_loop: Arc::new(compile(&[COMMON, EVENT_LOOP], action)?),
+            vcpu: Arc::new(compile(&[COMMON], VCPU_IOCTLS, action.clone())?),
+            event_loop: Arc::new(compile(&[COMMON, EVENT_LOOP], EVENT_LOOP_IOCTLS, action)?),
         })
     }
 }
 
-fn compile(lists: &[&[libc::c_long]], action: SeccompAction) -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = lists
+/// A filter allowing the system calls in `lists` with any arguments, and
+/// `ioctl` with the requests in `ioctls` only (none: no ioctl).
+fn compile(
+    lists: &[&[libc::c_long]],
+    ioctls: &[u64],
+    action: SeccompAction,
+) -> Result<BpfProgram, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = lists
         .iter()
         .flat_map(|l| l.iter())
         .map(|&nr| (nr, Vec::new()))
         .collect();
+    if !ioctls.is_empty() {
+        // The request is an unsigned int in the kernel's ioctl(2): compare
+        // the low 32 bits of the second argument.
+        let by_request = ioctls
+            .iter()
+            .map(|&request| {
+                SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
+                    .and_then(|c| SeccompRule::new(vec![c]))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(SeccompError::Build)?;
+        rules.insert(libc::SYS_ioctl, by_request);
+    }
     let filter = SeccompFilter::new(rules, action, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(SeccompError::Build)?;
     filter.try_into().map_err(SeccompError::Build)
@@ -146,35 +174,80 @@ mod tests {
         assert!(f.is_ok_and(|f| f.as_raw_fd() >= 0));
     }
 
-    /// Run by [`the_production_filter_kills_the_process`] in a child: it
-    /// must die of SIGSYS at the open.
+    /// Run by the tests below in a child, which must die of SIGSYS at the
+    /// forbidden call.
     #[test]
     fn production_filter_child() {
-        if std::env::var_os("KILN_SECCOMP_CHILD").is_none() {
+        let Some(what) = std::env::var_os("KILN_SECCOMP_CHILD") else {
             return;
-        }
+        };
         let filters = Filters::new().expect("filters");
-        apply(&filters.event_loop).expect("apply");
-        let _ = std::fs::File::open("/proc/self/stat");
+        match what.to_str() {
+            Some("open") => {
+                apply(&filters.event_loop).expect("apply");
+                let _ = std::fs::File::open("/proc/self/stat");
+            }
+            Some("ioctl") => {
+                apply(&filters.vcpu).expect("apply");
+                // KVM_RUN is on the list: on a descriptor that is not a
+                // vCPU it fails, and the thread goes on.
+                // SAFETY: an ioctl with no argument; the result is checked.
+                let r = unsafe { libc::ioctl(0, KVM_RUN as libc::c_ulong) };
+                if r == -1 {
+                    let _ = std::io::Write::write_all(&mut std::io::stdout(), b"KVM_RUN allowed\n");
+                }
+                // TCGETS is not.
+                let mut t = std::mem::MaybeUninit::<libc::termios>::uninit();
+                // SAFETY: TCGETS writes one termios into `t`.
+                let _ = unsafe { libc::ioctl(0, libc::TCGETS, t.as_mut_ptr()) };
+            }
+            _ => {}
+        }
         std::process::exit(0);
     }
 
-    #[test]
-    fn the_production_filter_kills_the_process() {
-        use std::os::unix::process::ExitStatusExt;
+    /// Runs [`production_filter_child`] doing `what`; its status and stdout.
+    fn filtered_child(what: &str) -> std::process::Output {
         let exe = std::env::current_exe().expect("test binary");
-        let status = std::process::Command::new(exe)
+        std::process::Command::new(exe)
             .args([
                 "--exact",
                 "seccomp::tests::production_filter_child",
                 "--test-threads=1",
                 "--nocapture",
+                "--quiet",
             ])
-            .env("KILN_SECCOMP_CHILD", "1")
-            .stdout(std::process::Stdio::null())
+            .env("KILN_SECCOMP_CHILD", what)
+            .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .status()
-            .expect("child");
-        assert_eq!(status.signal(), Some(libc::SIGSYS), "child: {status:?}");
+            .output()
+            .expect("child")
+    }
+
+    #[test]
+    fn the_production_filter_kills_the_process() {
+        use std::os::unix::process::ExitStatusExt;
+        let out = filtered_child("open");
+        assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{:?}", out.status);
+    }
+
+    #[test]
+    fn an_ioctl_outside_the_list_kills_the_process() {
+        use std::os::unix::process::ExitStatusExt;
+        let out = filtered_child("ioctl");
+        assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{:?}", out.status);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("KVM_RUN allowed"),
+            "KVM_RUN was refused: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    #[test]
+    fn kvm_run_is_the_request_kvm_ioctls_uses() {
+        // _IO(KVMIO, 0x80), as the kernel's uapi defines it.
+        use vmm_sys_util::{ioctl_io_nr, ioctl_ioc_nr};
+        ioctl_io_nr!(kvm_run, 0xae, 0x80);
+        assert_eq!(kvm_run(), KVM_RUN);
     }
 }
