@@ -4,6 +4,7 @@
 
 pub mod kvm;
 pub mod qemu;
+mod tsc;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};

@@ -22,6 +22,9 @@ pub fn binary() -> Result<PathBuf> {
 pub struct Qemu {
     binary: PathBuf,
     kvm: bool,
+    /// Under TCG, the host's TSC rate for the guest's `tsc_early_khz=`
+    /// (see tsc.rs); `None` with KVM (kvmclock) or a TSC of unknown rate.
+    tsc_khz: Option<u32>,
 }
 
 impl Qemu {
@@ -30,6 +33,11 @@ impl Qemu {
         Ok(Qemu {
             binary: binary()?,
             kvm,
+            tsc_khz: if kvm {
+                None
+            } else {
+                super::tsc::host_tsc_khz()
+            },
         })
     }
 
@@ -66,7 +74,11 @@ impl Qemu {
         push(&["-serial", "stdio"]);
         push(&["-kernel", &spec.kernel.to_string_lossy()]);
         push(&["-initrd", &spec.initramfs.to_string_lossy()]);
-        push(&["-append", &spec.cmdline]);
+        let cmdline = match self.tsc_khz {
+            Some(khz) => format!("{} tsc_early_khz={khz}", spec.cmdline),
+            None => spec.cmdline.clone(),
+        };
+        push(&["-append", &cmdline]);
         for (i, d) in spec.disks.iter().enumerate() {
             let mut drive = format!(
                 "file={},if=none,id=disk{i},format={},cache=writeback,discard=unmap",
@@ -133,5 +145,48 @@ impl Backend for Qemu {
         let mut cmd = Command::new(&self.binary);
         cmd.args(self.args(spec));
         spawn_child(cmd, &self.binary.display().to_string(), spec.echo_console)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            kernel: PathBuf::from("/k"),
+            initramfs: PathBuf::from("/i"),
+            cmdline: "console=ttyS0".into(),
+            mem_mib: 512,
+            cpus: 1,
+            disks: Vec::new(),
+            shares: Vec::new(),
+            agent_socket: PathBuf::from("/s"),
+            echo_console: false,
+        }
+    }
+
+    fn append(q: &Qemu) -> String {
+        let args = q.args(&spec());
+        let i = args.iter().position(|a| a == "-append").expect("-append");
+        args[i + 1].clone()
+    }
+
+    #[test]
+    fn tcg_guests_get_the_host_tsc_rate_and_kvm_guests_do_not() {
+        let tcg = Qemu {
+            binary: PathBuf::from("qemu"),
+            kvm: false,
+            tsc_khz: Some(2_100_000),
+        };
+        assert_eq!(append(&tcg), "console=ttyS0 tsc_early_khz=2100000");
+        let kvm = Qemu {
+            binary: PathBuf::from("qemu"),
+            kvm: true,
+            tsc_khz: None,
+        };
+        assert_eq!(append(&kvm), "console=ttyS0");
+        let unknown = Qemu { kvm: false, ..kvm };
+        assert_eq!(append(&unknown), "console=ttyS0");
     }
 }
