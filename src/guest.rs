@@ -3,6 +3,7 @@
 //! them all on every exit path (they are dropped with the [`Guest`]).
 
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,15 @@ impl VmWatch {
         }
         let console = lines[lines.len().saturating_sub(25)..].join("\n");
         let diag = self.vm.diagnostics().join("\n");
+        if status.and_then(|s| s.signal()) == Some(libc::SIGSYS) {
+            return anyhow::anyhow!(
+                "the hypervisor was killed by its seccomp filter: it made a system call \
+                 outside its allow list. This is a bug in kiln; please report it with \
+                 these lines ({} runs without the filters, to confirm).\n\
+                 hypervisor said:\n{diag}\nlast console lines:\n{console}",
+                format_args!("{}=1", crate::backend::kvm::NO_SECCOMP_ENV)
+            );
+        }
         let status = status
             .map(|s| s.to_string())
             .unwrap_or_else(|| "still running".into());
@@ -114,7 +124,7 @@ impl Guest {
             Some(p) => bail!("kernel {} does not exist", p.display()),
             None => kernel::locate()?.vmlinux(),
         };
-        let tools_image = tools::locate(cfg.tools.as_deref())?;
+        let tools_image = tools::locate(cfg.tools.as_deref(), &tools::Extra::default())?;
         let initramfs = initramfs::path()?;
         let (backend, note) = backend::select(cfg.backend, &cfg.disks)?;
         if let Some(n) = note {
@@ -260,5 +270,56 @@ fn accept(listener: &UnixListener, watch: &mut VmWatch, deadline: Instant) -> Re
             bail!("the hypervisor did not connect the agent channel within 10 s of starting");
         }
         std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::Console;
+
+    /// A VM that has already ended with `status`.
+    struct Ended {
+        status: std::process::ExitStatus,
+        console: Console,
+    }
+
+    impl Vm for Ended {
+        fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+            Ok(Some(self.status))
+        }
+        fn console(&self) -> &Console {
+            &self.console
+        }
+        fn diagnostics(&self) -> Vec<String> {
+            Vec::new()
+        }
+    }
+
+    fn report(raw_status: i32) -> String {
+        let status = std::process::ExitStatus::from_raw(raw_status);
+        let mut watch = VmWatch {
+            vm: Box::new(Ended {
+                status,
+                console: Console::new(),
+            }),
+            deadline: None,
+            timeout: 0,
+        };
+        format!("{:#}", watch.connection_lost("eof"))
+    }
+
+    #[test]
+    fn a_seccomp_kill_is_reported_as_such() {
+        // A wait status of "killed by SIGSYS".
+        let msg = report(libc::SIGSYS);
+        assert!(msg.contains("killed by its seccomp filter"), "{msg}");
+        assert!(msg.contains("KILN_VMM_NO_SECCOMP=1"), "{msg}");
+        let msg = report(1 << 8);
+        assert!(!msg.contains("seccomp"), "{msg}");
+        assert!(
+            msg.contains("before the guest powered off cleanly"),
+            "{msg}"
+        );
     }
 }

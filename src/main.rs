@@ -58,7 +58,7 @@ enum Cmd {
     /// The tools image (the guest's userland).
     Tools {
         #[command(subcommand)]
-        action: ArtifactAction,
+        action: ToolsAction,
     },
     /// Internal: runs kiln-vmm in the child process the kvm backend starts.
     #[command(name = "__vmm", hide = true)]
@@ -87,6 +87,31 @@ enum ArtifactAction {
     Path {
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ToolsAction {
+    /// Build it into the cache (nothing to do if it is there already).
+    Build {
+        /// Build again even if cached.
+        #[arg(long)]
+        force: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Add this Debian package to the image (repeatable): an image of
+        /// its own, cached beside the standard one.
+        #[arg(long = "package", value_name = "PACKAGE")]
+        packages: Vec<String>,
+    },
+    /// Print where the cached copy is (fails if it is not built).
+    Path {
+        #[arg(long)]
+        json: bool,
+        /// The image with these added packages (repeatable).
+        #[arg(long = "package", value_name = "PACKAGE")]
+        packages: Vec<String>,
     },
 }
 
@@ -140,6 +165,14 @@ struct RunArgs {
     /// Use this squashfs as the guest's userland instead of the cached tools image.
     #[arg(long, value_name = "IMAGE")]
     tools: Option<PathBuf>,
+    /// Use the tools image with this Debian package added (repeatable);
+    /// built into the cache the first time.
+    #[arg(
+        long = "tools-package",
+        value_name = "PACKAGE",
+        conflicts_with = "tools"
+    )]
+    tools_packages: Vec<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -228,19 +261,31 @@ pub(crate) fn parse_mem(s: &str) -> Result<u64, String> {
     Ok(mib)
 }
 
-fn artifact(kind: &str, action: ArtifactAction) -> Result<()> {
-    let (path, release, json) = match (kind, action) {
-        ("kernel", ArtifactAction::Build { force, json }) => {
-            let k = kernel::build(force)?;
-            (k.vmlinux(), Some(k.release()), json)
-        }
-        ("kernel", ArtifactAction::Path { json }) => {
-            let k = kernel::locate()?;
-            (k.vmlinux(), Some(k.release()), json)
-        }
-        (_, ArtifactAction::Build { force, json }) => (tools::build(force)?, None, json),
-        (_, ArtifactAction::Path { json }) => (tools::locate(None)?, None, json),
+fn kernel_artifact(action: ArtifactAction) -> Result<()> {
+    let (k, json) = match action {
+        ArtifactAction::Build { force, json } => (kernel::build(force)?, json),
+        ArtifactAction::Path { json } => (kernel::locate()?, json),
     };
+    print_artifact(&k.vmlinux(), Some(k.release()), json);
+    Ok(())
+}
+
+fn tools_artifact(action: ToolsAction) -> Result<()> {
+    let (path, json) = match action {
+        ToolsAction::Build {
+            force,
+            json,
+            packages,
+        } => (tools::build(force, &tools::Extra::new(&packages)?)?, json),
+        ToolsAction::Path { json, packages } => {
+            (tools::locate(None, &tools::Extra::new(&packages)?)?, json)
+        }
+    };
+    print_artifact(&path, None, json);
+    Ok(())
+}
+
+fn print_artifact(path: &std::path::Path, release: Option<String>, json: bool) {
     if json {
         let mut v = serde_json::json!({ "path": path });
         if let Some(r) = release {
@@ -250,7 +295,6 @@ fn artifact(kind: &str, action: ArtifactAction) -> Result<()> {
     } else {
         println!("{}", path.display());
     }
-    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -281,6 +325,7 @@ fn main() -> ExitCode {
             kernel: a.kernel,
             kernel_args: a.kernel_args,
             tools: a.tools,
+            tools_packages: a.tools_packages,
             command: a.command,
         }),
         Cmd::Build(a) => build::build(build::BuildOptions {
@@ -297,8 +342,8 @@ fn main() -> ExitCode {
         })
         .map(|()| 0),
         Cmd::Boot(a) => boot::boot(*a),
-        Cmd::Kernel { action } => artifact("kernel", action).map(|()| 0),
-        Cmd::Tools { action } => artifact("tools", action).map(|()| 0),
+        Cmd::Kernel { action } => kernel_artifact(action).map(|()| 0),
+        Cmd::Tools { action } => tools_artifact(action).map(|()| 0),
         Cmd::Vmm { .. } => unreachable!("handled above"),
     };
     match result {

@@ -11,6 +11,7 @@ use crate::disk::{Disk, DiskArg};
 use crate::guest::{Guest, GuestConfig};
 use crate::session::ExecOutcome;
 use crate::share::ShareArg;
+use crate::tools;
 
 /// Ways a run ends that map to their own exit codes.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,8 @@ pub struct RunOptions {
     pub kernel: Option<PathBuf>,
     pub kernel_args: Option<String>,
     pub tools: Option<PathBuf>,
+    /// Packages added to the tools image (`--tools-package`).
+    pub tools_packages: Vec<String>,
     pub command: Vec<String>,
 }
 
@@ -96,6 +99,14 @@ pub fn run(opts: RunOptions) -> Result<u8> {
             }
         }
     }
+    // A tools image with added packages is built on first use (its own
+    // cache entry), before anything else starts.
+    let tools = if opts.tools_packages.is_empty() {
+        opts.tools.clone()
+    } else {
+        let extra = tools::Extra::new(&opts.tools_packages)?;
+        Some(tools::build(false, &extra)?)
+    };
     let mut guest = Guest::boot(GuestConfig {
         disks: disks
             .iter()
@@ -114,7 +125,7 @@ pub fn run(opts: RunOptions) -> Result<u8> {
         backend: opts.backend,
         kernel: opts.kernel.clone(),
         kernel_args: opts.kernel_args.clone(),
-        tools: opts.tools.clone(),
+        tools,
         timeout: opts.timeout,
         boot_timeout: opts.boot_timeout,
     })?;
@@ -144,8 +155,8 @@ pub fn run(opts: RunOptions) -> Result<u8> {
             eprintln!("kiln: {}: command not found in the guest", opts.command[0]);
             127
         }
-        ExecOutcome::NotExecutable => {
-            eprintln!("kiln: {}: permission denied in the guest", opts.command[0]);
+        ExecOutcome::NotExecutable(why) => {
+            eprintln!("kiln: cannot execute in the guest: {why}");
             126
         }
     };

@@ -39,11 +39,12 @@ pub struct Session {
 }
 
 /// How a command ended.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum ExecOutcome {
     Exited(ExitStatus),
     NotFound,
-    NotExecutable,
+    /// It exists but cannot be run; the guest's reason.
+    NotExecutable(String),
 }
 
 impl Session {
@@ -192,7 +193,7 @@ impl Session {
                 } if i == id => {
                     return match kind {
                         SpawnErrorKind::NotFound => Ok(ExecOutcome::NotFound),
-                        SpawnErrorKind::PermissionDenied => Ok(ExecOutcome::NotExecutable),
+                        SpawnErrorKind::NotExecutable => Ok(ExecOutcome::NotExecutable(message)),
                         SpawnErrorKind::Other => {
                             bail!("cannot start the command in the guest: {message}")
                         }

@@ -64,27 +64,70 @@ const TAR2SQFS_OPTIONS: &[&str] = &[
 
 const IMAGE_NAME: &str = "tools.squashfs";
 
-fn key() -> String {
+/// Packages a user adds to the tools image (`--package`): Debian package
+/// names, sorted and without repeats, so the same set is the same image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extra(Vec<String>);
+
+impl Extra {
+    pub fn new(packages: &[String]) -> Result<Extra> {
+        let mut v = Vec::with_capacity(packages.len());
+        for p in packages {
+            check_package_name(p)?;
+            v.push(p.clone());
+        }
+        v.sort();
+        v.dedup();
+        Ok(Extra(v))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A Debian package name (policy 5.6.1): lower-case letters, digits, `+`,
+/// `-` and `.`, at least two long, starting alphanumeric. Anything else
+/// would change mmdebstrap's comma-separated `--include`.
+fn check_package_name(name: &str) -> Result<()> {
+    let ok = name.len() >= 2
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+    if !ok {
+        bail!("'{name}' is not a Debian package name (lower-case letters, digits, '+', '-', '.')");
+    }
+    Ok(())
+}
+
+fn key(extra: &Extra) -> String {
     let pkgs = PACKAGES.join(",");
     let opts = MMDEBSTRAP_OPTIONS.join(" ");
     let sqfs = TAR2SQFS_OPTIONS.join(" ");
-    cache::hash(&[
+    let added = extra.0.join(",");
+    let mut parts: Vec<&[u8]> = vec![
         SUITE.as_bytes(),
         pkgs.as_bytes(),
         opts.as_bytes(),
         sqfs.as_bytes(),
-    ])[..16]
-        .to_string()
+    ];
+    // The base image keeps the key it always had.
+    if !extra.is_empty() {
+        parts.push(added.as_bytes());
+    }
+    cache::hash(&parts)[..16].to_string()
 }
 
-fn entry() -> Result<PathBuf> {
+fn entry(extra: &Extra) -> Result<PathBuf> {
     Ok(cache::root()?
         .join("tools")
-        .join(format!("{SUITE}-{}", key())))
+        .join(format!("{SUITE}-{}", key(extra))))
 }
 
-/// The tools image: `user` if given (checked), else the cached one.
-pub fn locate(user: Option<&Path>) -> Result<PathBuf> {
+/// The tools image: `user` if given (checked), else the cached one with
+/// `extra` packages.
+pub fn locate(user: Option<&Path>, extra: &Extra) -> Result<PathBuf> {
     if let Some(p) = user {
         let meta = std::fs::metadata(p).with_context(|| format!("tools image {}", p.display()))?;
         if !meta.is_file() {
@@ -92,7 +135,18 @@ pub fn locate(user: Option<&Path>) -> Result<PathBuf> {
         }
         return Ok(p.to_path_buf());
     }
-    let image = entry()?.join(IMAGE_NAME);
+    let image = entry(extra)?.join(IMAGE_NAME);
+    if !image.is_file() && !extra.is_empty() {
+        bail!(
+            "the tools image with {} is not built yet: run 'kiln tools build{}'",
+            extra.0.join(", "),
+            extra
+                .0
+                .iter()
+                .map(|p| format!(" --package {p}"))
+                .collect::<String>()
+        );
+    }
     if !image.is_file() {
         bail!(
             "the tools image is not built yet: run 'kiln tools build' \
@@ -103,8 +157,10 @@ pub fn locate(user: Option<&Path>) -> Result<PathBuf> {
     Ok(image)
 }
 
-pub fn build(force: bool) -> Result<PathBuf> {
-    let dest = entry()?;
+/// Builds the tools image with `extra` packages into the cache unless it
+/// is there already.
+pub fn build(force: bool, extra: &Extra) -> Result<PathBuf> {
+    let dest = entry(extra)?;
     let staging = match cache::Staging::begin(&dest, force, |d| d.join(IMAGE_NAME).is_file())? {
         cache::Begin::Done(dir) => return Ok(dir.join(IMAGE_NAME)),
         cache::Begin::Build(s) => s,
@@ -144,7 +200,15 @@ pub fn build(force: bool) -> Result<PathBuf> {
             "--mode=unshare"
         })
         .args(MMDEBSTRAP_OPTIONS)
-        .arg(format!("--include={}", PACKAGES.join(",")))
+        .arg(format!(
+            "--include={}",
+            PACKAGES
+                .iter()
+                .copied()
+                .chain(extra.0.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
         .arg("--format=tar")
         .arg(SUITE)
         .arg("-")
@@ -154,7 +218,15 @@ pub fn build(force: bool) -> Result<PathBuf> {
         cmd.arg(mirror);
     }
     let log = scratch.path().join("build.log");
-    if let Err(e) = job::run_logged(cmd, &format!("building tools image ({SUITE})"), &log) {
+    let what = if extra.is_empty() {
+        format!("building tools image ({SUITE})")
+    } else {
+        format!(
+            "building tools image ({SUITE}, with {})",
+            extra.0.join(", ")
+        )
+    };
+    if let Err(e) = job::run_logged(cmd, &what, &log) {
         let _ = std::fs::copy(&log, cache::root()?.join("tools").join("last-build.log"));
         return Err(e);
     }
@@ -167,4 +239,42 @@ pub fn mirror() -> String {
         .ok()
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| "http://deb.debian.org/debian".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extra(p: &[&str]) -> Result<Extra> {
+        Extra::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn extra_packages_make_their_own_image() {
+        let none = extra(&[]).expect("none");
+        let a = extra(&["qemu-system-x86", "hello"]).expect("two");
+        let b = extra(&["hello", "qemu-system-x86", "hello"]).expect("same set");
+        assert_eq!(a, b);
+        assert_eq!(key(&a), key(&b));
+        assert_ne!(key(&a), key(&none));
+        // The base image's key does not depend on this feature existing.
+        let base = cache::hash(&[
+            SUITE.as_bytes(),
+            PACKAGES.join(",").as_bytes(),
+            MMDEBSTRAP_OPTIONS.join(" ").as_bytes(),
+            TAR2SQFS_OPTIONS.join(" ").as_bytes(),
+        ]);
+        assert_eq!(key(&none), base[..16]);
+    }
+
+    #[test]
+    fn package_names_are_checked() {
+        for ok in ["g++", "libc6.1-dev", "0ad", "qemu-system-x86"] {
+            assert!(extra(&[ok]).is_ok(), "{ok}");
+        }
+        for bad in ["a,b", "Hello", "-x", "x", "a b", "pkg=1.0", "../x", ""] {
+            let e = extra(&[bad]).expect_err(bad).to_string();
+            assert!(e.contains("is not a Debian package name"), "{e}");
+        }
+    }
 }

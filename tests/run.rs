@@ -1,8 +1,18 @@
 //! `kiln run` end to end, driven the way users drive it: the real binary,
-//! the real kernel and tools image from the cache, real QEMU (TCG here).
+//! the real kernel and tools image from the cache, real hypervisors.
+//!
+//! The behaviour cases (listed in [`both_backends!`]) run once per backend:
+//! `qemu::NAME` with QEMU on this host (TCG here), and `kvm::NAME` with
+//! kiln-vmm, seccomp on. The kvm cases run inside a nested-KVM guest
+//! (tests/support/nested.rs): the host test boots L1 and runs this very
+//! test binary there, filtered to the one case, which then drives kiln in
+//! L1 exactly as the qemu case drives it here.
 //!
 //! Every run goes through [`Kiln::run`], which also checks that kiln left no
 //! temp files and no processes behind.
+
+#[path = "support/nested.rs"]
+mod nested;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -12,17 +22,136 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+/// Set inside L1: this process is the nested half of a `kvm::` case.
+const NESTED_ENV: &str = "KILN_TEST_NESTED";
+/// Inside L1, where the kiln under test is.
+const KILN_ENV: &str = "KILN_TEST_KILN";
+
+/// The hypervisor a case runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    /// Whatever kiln picks (cases about picking, and kiln's other commands).
+    Auto,
+    Qemu,
+    Kvm,
+}
+
+impl Backend {
+    fn flag(self) -> Option<&'static str> {
+        match self {
+            Backend::Auto => None,
+            Backend::Qemu => Some("qemu"),
+            Backend::Kvm => Some("kvm"),
+        }
+    }
+}
+
+/// The kiln binary under test: cargo's, or inside L1 the copy the harness
+/// put there.
+fn kiln_exe() -> PathBuf {
+    std::env::var_os(KILN_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kiln")))
+}
+
+/// Declares, for each case `fn NAME(k: &Kiln)`, the tests `qemu::NAME` and
+/// `kvm::NAME`.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod qemu {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&super::Kiln::new(super::Backend::Qemu));
+                }
+            )*
+        }
+        mod kvm {
+            $(
+                #[test]
+                fn $name() {
+                    super::on_kvm(concat!("kvm::", stringify!($name)), super::$name);
+                }
+            )*
+        }
+    };
+}
+
+/// Runs `case` with kiln-vmm. On the host: boots L1 and runs this test
+/// binary there with `--exact NAME`; the case passes only if it ran there
+/// and passed (a filter that matched nothing is a failure, not a pass).
+fn on_kvm(name: &str, case: fn(&Kiln)) {
+    if std::env::var_os(NESTED_ENV).is_some() {
+        case(&Kiln::new(Backend::Kvm));
+        return;
+    }
+    let tests = std::env::current_exe().expect("test binary");
+    let inner = format!("{}/run-tests", nested::BIN);
+    let l1 = nested::L1::new(&kiln_exe())
+        .unwrap_or_else(|e| panic!("the nested-KVM harness cannot start L1: {e}"))
+        .copy_in(&tests, &inner)
+        .env(NESTED_ENV, "1")
+        .env(KILN_ENV, nested::KILN)
+        .env("RUST_BACKTRACE", "1");
+    let out = l1.run(&[&inner, "--exact", name, "--test-threads=1", "--nocapture"]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "{name} failed in the nested-KVM guest ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+}
+
+both_backends!(
+    true_exits_zero,
+    exit_status_is_passed_through,
+    killed_by_sigkill_gives_137,
+    stdout_and_stderr_arrive_on_their_own_streams,
+    hundred_mib_of_stdout_arrives_intact,
+    env_and_workdir_apply,
+    missing_workdir_is_a_clear_error,
+    stdin_is_forwarded,
+    command_not_found_gives_127,
+    command_not_executable_gives_126,
+    cpus_are_what_was_asked_for,
+    raw_disk_is_partitioned_formatted_and_readable_on_the_host,
+    qcow2_disk_works_the_same,
+    read_only_disk_refuses_writes,
+    timeout_gives_124_and_leaves_nothing_behind,
+    ctrl_c_stops_everything_and_cleans_up,
+    sigterm_stops_everything_and_cleans_up,
+    copy_in_and_out_keep_a_50_mib_file_intact,
+    copy_out_of_a_missing_file_fails_and_writes_nothing,
+    shared_directory_is_readable_and_writable,
+    read_only_share_refuses_writes,
+    disks_keep_their_order_and_by_id_names,
+    missing_disk_is_reported,
+    disk_in_use_by_another_kiln_is_refused,
+    kvm_backend_runs_true_where_kvm_is_usable,
+    guest_kernel_panic_is_reported_with_the_console,
+    agent_not_connecting_in_time_is_reported,
+    orphans_are_reaped,
+    root_is_writable_and_the_clock_is_set,
+    an_unprivileged_user_partitions_and_formats_a_disk,
+    a_filesystem_left_mounted_is_unmounted_cleanly,
+    a_closed_stdout_gives_the_command_sigpipe,
+    the_guest_clock_needs_no_calibration,
+);
+
 struct Kiln {
     tmp: tempfile::TempDir,
+    backend: Backend,
 }
 
 impl Kiln {
-    fn new() -> Kiln {
+    fn new(backend: Backend) -> Kiln {
         Kiln {
             tmp: tempfile::Builder::new()
                 .prefix("kiln-test-")
                 .tempdir()
                 .expect("tempdir"),
+            backend,
         }
     }
 
@@ -38,9 +167,20 @@ impl Kiln {
         self.tmp.path()
     }
 
+    /// `args` with `--backend` after `run` unless the case chose one.
+    fn args(&self, args: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if let Some(b) = self.backend.flag() {
+            if v.first().is_some_and(|a| a == "run") && !args.contains(&"--backend") {
+                v.splice(1..1, ["--backend".to_string(), b.to_string()]);
+            }
+        }
+        v
+    }
+
     fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-        c.args(args)
+        let mut c = Command::new(kiln_exe());
+        c.args(self.args(args))
             .env("TMPDIR", self.runtime())
             .stdin(Stdio::null())
             .current_dir(self.dir());
@@ -83,6 +223,23 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
         }
     }
     found
+}
+
+/// The first `n` bytes a running kiln prints on stdout (piped, as its
+/// stderr). If it ends before, the test fails with what kiln said.
+fn first_output(child: &mut std::process::Child, n: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    let stdout = child.stdout.as_mut().expect("stdout piped");
+    if let Err(e) = stdout.read_exact(&mut buf) {
+        let mut err = String::new();
+        if let Some(stderr) = child.stderr.as_mut() {
+            let _ = stderr.read_to_string(&mut err);
+        }
+        let status = child.wait();
+        panic!("kiln ended before printing {n} bytes ({e}; {status:?}):\n{err}");
+    }
+    buf
 }
 
 fn code(out: &Output) -> i32 {
@@ -132,31 +289,23 @@ fn random_file(path: &Path, size: usize) -> String {
     sha256(&data)
 }
 
-#[test]
-fn true_exits_zero() {
-    let k = Kiln::new();
+fn true_exits_zero(k: &Kiln) {
     let out = k.run(&["run", "--", "true"]);
     assert_eq!(code(&out), 0, "{}", text(&out.stderr));
     assert!(out.stdout.is_empty());
 }
 
-#[test]
-fn exit_status_is_passed_through() {
-    let k = Kiln::new();
+fn exit_status_is_passed_through(k: &Kiln) {
     let out = k.run(&["run", "--", "sh", "-c", "exit 3"]);
     assert_eq!(code(&out), 3, "{}", text(&out.stderr));
 }
 
-#[test]
-fn killed_by_sigkill_gives_137() {
-    let k = Kiln::new();
+fn killed_by_sigkill_gives_137(k: &Kiln) {
     let out = k.run(&["run", "--", "sh", "-c", "kill -KILL $$"]);
     assert_eq!(code(&out), 137, "{}", text(&out.stderr));
 }
 
-#[test]
-fn stdout_and_stderr_arrive_on_their_own_streams() {
-    let k = Kiln::new();
+fn stdout_and_stderr_arrive_on_their_own_streams(k: &Kiln) {
     let out = k.run(&[
         "run",
         "--",
@@ -171,9 +320,7 @@ fn stdout_and_stderr_arrive_on_their_own_streams() {
     assert!(!err.contains("to-out"), "{err}");
 }
 
-#[test]
-fn hundred_mib_of_stdout_arrives_intact() {
-    let k = Kiln::new();
+fn hundred_mib_of_stdout_arrives_intact(k: &Kiln) {
     let out = k.run(&[
         "run",
         "--",
@@ -192,9 +339,7 @@ fn hundred_mib_of_stdout_arrives_intact() {
     assert_eq!(sha256(&out.stdout), guest_sum);
 }
 
-#[test]
-fn env_and_workdir_apply() {
-    let k = Kiln::new();
+fn env_and_workdir_apply(k: &Kiln) {
     let out = k.run(&[
         "run",
         "--env",
@@ -212,9 +357,7 @@ fn env_and_workdir_apply() {
     assert_eq!(text(&out.stdout), "hello world||/usr/share|/root\n");
 }
 
-#[test]
-fn missing_workdir_is_a_clear_error() {
-    let k = Kiln::new();
+fn missing_workdir_is_a_clear_error(k: &Kiln) {
     let out = k.run(&["run", "--workdir", "/no/such/dir", "--", "true"]);
     assert_eq!(code(&out), 125);
     assert!(
@@ -224,9 +367,7 @@ fn missing_workdir_is_a_clear_error() {
     );
 }
 
-#[test]
-fn stdin_is_forwarded() {
-    let k = Kiln::new();
+fn stdin_is_forwarded(k: &Kiln) {
     let mut child = k
         .command(&["run", "--", "sh", "-c", "tr a-z A-Z"])
         .stdin(Stdio::piped())
@@ -245,9 +386,7 @@ fn stdin_is_forwarded() {
     assert_eq!(text(&out.stdout), "QUIET WORDS\n");
 }
 
-#[test]
-fn command_not_found_gives_127() {
-    let k = Kiln::new();
+fn command_not_found_gives_127(k: &Kiln) {
     let out = k.run(&["run", "--", "no-such-command", "arg"]);
     assert_eq!(code(&out), 127);
     assert!(
@@ -255,6 +394,39 @@ fn command_not_found_gives_127() {
         "{}",
         text(&out.stderr)
     );
+}
+
+fn command_not_executable_gives_126(k: &Kiln) {
+    // No execute permission (EACCES).
+    let out = k.run(&["run", "--", "/etc/passwd"]);
+    assert_eq!(code(&out), 126, "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot execute in the guest: /etc/passwd: Permission denied"),
+        "{err}"
+    );
+    // Executable, but not a program (ENOEXEC), as sh reports it: 126.
+    let junk = k.dir().join("junk");
+    fs::write(&junk, [0x7f, b'E', b'L', b'X', 0, 1, 2, 3]).expect("write");
+    fs::set_permissions(&junk, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = k.run(&[
+        "run",
+        "--copy-in",
+        &format!("{}:/tmp/junk", junk.display()),
+        "--",
+        "/tmp/junk",
+    ]);
+    assert_eq!(code(&out), 126, "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("/tmp/junk: Exec format error"), "{err}");
+}
+
+fn cpus_are_what_was_asked_for(k: &Kiln) {
+    for n in ["2", "4"] {
+        let out = k.run(&["run", "--cpus", n, "--", "nproc"]);
+        assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), n);
+    }
 }
 
 /// Partition and format a disk inside the VM, then check it from the host
@@ -292,22 +464,29 @@ fn verify_disk_on_host(raw: &Path) {
     assert_eq!(text(&efi.stdout).replace('\r', ""), "efi side\n");
 }
 
-#[test]
-fn raw_disk_is_partitioned_formatted_and_readable_on_the_host() {
-    let k = Kiln::new();
+fn raw_disk_is_partitioned_formatted_and_readable_on_the_host(k: &Kiln) {
     let disk = k.dir().join("disk.img");
     sparse_file(&disk, 64 << 20);
-    partition_and_format(&k, disk.to_str().expect("utf8"));
+    partition_and_format(k, disk.to_str().expect("utf8"));
     verify_disk_on_host(&disk);
 }
 
-#[test]
-fn qcow2_disk_works_the_same() {
-    let k = Kiln::new();
+fn qcow2_disk_works_the_same(k: &Kiln) {
     let disk = k.dir().join("disk.qcow2");
     let disk_s = disk.to_str().expect("utf8");
+    if k.backend == Backend::Kvm {
+        // kiln-vmm takes raw disks only (auto picks QEMU for qcow2): an
+        // explicit kvm backend refuses the disk, naming the conversion.
+        fs::write(&disk, b"QFI\xfb\0\0\0\x03").expect("write");
+        let out = k.run(&["run", "--disk", disk_s, "--", "true"]);
+        assert_eq!(code(&out), 125, "{}", text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(err.contains("is a qcow2 image"), "{err}");
+        assert!(err.contains("qemu-img convert -O raw"), "{err}");
+        return;
+    }
     host("qemu-img", &["create", "-q", "-f", "qcow2", disk_s, "64M"]);
-    partition_and_format(&k, &format!("{disk_s},format=qcow2"));
+    partition_and_format(k, &format!("{disk_s},format=qcow2"));
     let raw = k.dir().join("converted.raw");
     host(
         "qemu-img",
@@ -324,9 +503,7 @@ fn qcow2_disk_works_the_same() {
     verify_disk_on_host(&raw);
 }
 
-#[test]
-fn read_only_disk_refuses_writes() {
-    let k = Kiln::new();
+fn read_only_disk_refuses_writes(k: &Kiln) {
     let disk = k.dir().join("ro.img");
     random_file(&disk, 4 << 20);
     let before = fs::read(&disk).expect("read");
@@ -357,9 +534,7 @@ fn read_only_disk_refuses_writes() {
     );
 }
 
-#[test]
-fn timeout_gives_124_and_leaves_nothing_behind() {
-    let k = Kiln::new();
+fn timeout_gives_124_and_leaves_nothing_behind(k: &Kiln) {
     let start = Instant::now();
     let out = k.run(&["run", "--timeout", "3", "--", "sleep", "600"]);
     assert_eq!(code(&out), 124, "{}", text(&out.stderr));
@@ -371,9 +546,17 @@ fn timeout_gives_124_and_leaves_nothing_behind() {
     );
 }
 
-#[test]
-fn ctrl_c_stops_everything_and_cleans_up() {
-    let k = Kiln::new();
+fn ctrl_c_stops_everything_and_cleans_up(k: &Kiln) {
+    interrupted_run_cleans_up(k, libc::SIGINT);
+}
+
+fn sigterm_stops_everything_and_cleans_up(k: &Kiln) {
+    interrupted_run_cleans_up(k, libc::SIGTERM);
+}
+
+/// `signal` while the command runs: exit 130, the VM and helpers stopped,
+/// temp files gone.
+fn interrupted_run_cleans_up(k: &Kiln, signal: libc::c_int) {
     let mut child = k
         .command(&["run", "--", "sh", "-c", "echo started; exec sleep 600"])
         .stdout(Stdio::piped())
@@ -381,12 +564,10 @@ fn ctrl_c_stops_everything_and_cleans_up() {
         .spawn()
         .expect("spawn");
     // Wait until the command runs in the guest, then interrupt kiln.
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut first = [0u8; 8];
-    std::io::Read::read_exact(&mut stdout, &mut first).expect("read");
+    let first = first_output(&mut child, 8);
     assert_eq!(&first, b"started\n");
     // SAFETY: plain kill(2) on the child we spawned and have not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as i32, signal) };
     let out = child.wait_with_output().expect("wait");
     k.assert_clean();
     assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
@@ -397,9 +578,7 @@ fn ctrl_c_stops_everything_and_cleans_up() {
     );
 }
 
-#[test]
-fn copy_in_and_out_keep_a_50_mib_file_intact() {
-    let k = Kiln::new();
+fn copy_in_and_out_keep_a_50_mib_file_intact(k: &Kiln) {
     let input = k.dir().join("in.bin");
     let sum = random_file(&input, 50 << 20);
     let output = k.dir().join("out.bin");
@@ -423,9 +602,7 @@ fn copy_in_and_out_keep_a_50_mib_file_intact() {
     assert_eq!(sha256(&fs::read(&output).expect("read out")), sum);
 }
 
-#[test]
-fn copy_out_of_a_missing_file_fails_and_writes_nothing() {
-    let k = Kiln::new();
+fn copy_out_of_a_missing_file_fails_and_writes_nothing(k: &Kiln) {
     let output = k.dir().join("never.bin");
     let out = k.run(&[
         "run",
@@ -449,9 +626,7 @@ fn copy_out_of_a_missing_file_fails_and_writes_nothing() {
     assert!(stray.is_empty(), "partial copy-out left behind");
 }
 
-#[test]
-fn shared_directory_is_readable_and_writable() {
-    let k = Kiln::new();
+fn shared_directory_is_readable_and_writable(k: &Kiln) {
     let share = k.dir().join("share");
     fs::create_dir_all(&share).expect("mkdir");
     fs::write(share.join("from-host.txt"), "host says hi\n").expect("write");
@@ -472,9 +647,7 @@ fn shared_directory_is_readable_and_writable() {
     );
 }
 
-#[test]
-fn read_only_share_refuses_writes() {
-    let k = Kiln::new();
+fn read_only_share_refuses_writes(k: &Kiln) {
     let share = k.dir().join("share");
     fs::create_dir_all(&share).expect("mkdir");
     fs::write(share.join("f"), "x").expect("write");
@@ -492,9 +665,7 @@ fn read_only_share_refuses_writes() {
     assert!(!share.join("new").exists());
 }
 
-#[test]
-fn disks_keep_their_order_and_by_id_names() {
-    let k = Kiln::new();
+fn disks_keep_their_order_and_by_id_names(k: &Kiln) {
     let a = k.dir().join("a.img");
     let b = k.dir().join("b.img");
     sparse_file(&a, 8 << 20);
@@ -516,9 +687,7 @@ fn disks_keep_their_order_and_by_id_names() {
 
 // Errors a user can cause, each with a message that names the fix.
 
-#[test]
-fn missing_disk_is_reported() {
-    let k = Kiln::new();
+fn missing_disk_is_reported(k: &Kiln) {
     let out = k.run(&["run", "--disk", "/no/such/disk.img", "--", "true"]);
     assert_eq!(code(&out), 125);
     let err = text(&out.stderr);
@@ -526,9 +695,7 @@ fn missing_disk_is_reported() {
     assert!(err.contains("truncate -s"), "{err}");
 }
 
-#[test]
-fn disk_in_use_by_another_kiln_is_refused() {
-    let k = Kiln::new();
+fn disk_in_use_by_another_kiln_is_refused(k: &Kiln) {
     let disk = k.dir().join("busy.img");
     sparse_file(&disk, 8 << 20);
     let disk_s = disk.to_str().expect("utf8");
@@ -543,11 +710,10 @@ fn disk_in_use_by_another_kiln_is_refused() {
             "echo up; exec sleep 600",
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let mut up = [0u8; 3];
-    std::io::Read::read_exact(first.stdout.as_mut().expect("stdout"), &mut up).expect("read");
+    first_output(&mut first, 3);
     let second = k
         .command(&["run", "--disk", disk_s, "--", "true"])
         .output()
@@ -563,7 +729,7 @@ fn disk_in_use_by_another_kiln_is_refused() {
 
 #[test]
 fn bad_disk_option_is_a_usage_error() {
-    let k = Kiln::new();
+    let k = Kiln::new(Backend::Auto);
     let out = k.run(&["run", "--disk", "x.img,format=vmdk", "--", "true"]);
     assert_eq!(code(&out), 2);
     assert!(
@@ -575,7 +741,7 @@ fn bad_disk_option_is_a_usage_error() {
 
 #[test]
 fn missing_kernel_names_the_build_command() {
-    let k = Kiln::new();
+    let k = Kiln::new(Backend::Auto);
     let empty = k.dir().join("empty-cache");
     let out = k
         .command(&["run", "--", "true"])
@@ -593,8 +759,8 @@ fn missing_kernel_names_the_build_command() {
 
 #[test]
 fn missing_tools_image_names_the_build_command() {
-    let k = Kiln::new();
-    let kernel = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let k = Kiln::new(Backend::Auto);
+    let kernel = Command::new(kiln_exe())
         .args(["kernel", "path"])
         .output()
         .expect("kernel path");
@@ -616,7 +782,7 @@ fn missing_tools_image_names_the_build_command() {
 
 #[test]
 fn missing_kvm_is_explained() {
-    let k = Kiln::new();
+    let k = Kiln::new(Backend::Auto);
     let out = k
         .command(&["run", "--backend", "kvm", "--", "true"])
         .env("KILN_KVM_DEVICE", "/no/such/kvm")
@@ -649,11 +815,9 @@ fn missing_kvm_is_explained() {
 /// whose KVM cannot (this machine class: kvm_pvm) it fails at once, saying
 /// why and what to use instead. The test decides from the host and says
 /// which it checked.
-#[test]
-fn kvm_backend_runs_true_where_kvm_is_usable() {
+fn kvm_backend_runs_true_where_kvm_is_usable(k: &Kiln) {
     use kiln_vmm::host::{probe, KvmSupport};
     let support = probe(Path::new("/dev/kvm"), Path::new("/sys/module"));
-    let k = Kiln::new();
     let started = Instant::now();
     let out = k.run(&["run", "--backend", "kvm", "--", "true"]);
     let err = text(&out.stderr);
@@ -693,9 +857,7 @@ fn kvm_backend_runs_true_where_kvm_is_usable() {
     }
 }
 
-#[test]
-fn guest_kernel_panic_is_reported_with_the_console() {
-    let k = Kiln::new();
+fn guest_kernel_panic_is_reported_with_the_console(k: &Kiln) {
     let out = k.run(&["run", "--", "sh", "-c", "echo c > /proc/sysrq-trigger"]);
     assert_eq!(code(&out), 125);
     let err = text(&out.stderr);
@@ -703,9 +865,7 @@ fn guest_kernel_panic_is_reported_with_the_console() {
     assert!(err.contains("Kernel panic - not syncing"), "{err}");
 }
 
-#[test]
-fn agent_not_connecting_in_time_is_reported() {
-    let k = Kiln::new();
+fn agent_not_connecting_in_time_is_reported(k: &Kiln) {
     // No kernel boots and starts its agent in 50 ms, even under KVM.
     let out = k.run(&["run", "--boot-timeout", "0.05", "--", "true"]);
     assert_eq!(code(&out), 125);
@@ -714,10 +874,8 @@ fn agent_not_connecting_in_time_is_reported() {
     assert!(err.contains("--boot-timeout"), "{err}");
 }
 
-#[test]
-fn orphans_are_reaped() {
+fn orphans_are_reaped(k: &Kiln) {
     // A daemonized child is orphaned to PID 1 (the agent), which must reap it.
-    let k = Kiln::new();
     let out = k.run(&[
         "run",
         "--",
@@ -729,10 +887,8 @@ fn orphans_are_reaped() {
     assert_eq!(text(&out.stdout).trim(), "0", "zombies left in the guest");
 }
 
-#[test]
-fn root_is_writable_and_the_clock_is_set() {
+fn root_is_writable_and_the_clock_is_set(k: &Kiln) {
     // The overlay is writable, and what one process writes the next sees.
-    let k = Kiln::new();
     let out = k.run(&[
         "run",
         "--",
@@ -748,21 +904,19 @@ fn root_is_writable_and_the_clock_is_set() {
     assert!(year >= 2024, "guest clock not set: {year}");
 }
 
+/// nobody's primary group (Debian's nogroup).
+const NOGROUP: u32 = 65534;
+
 /// The point of kiln: partitioning and formatting as an unprivileged user.
 /// When the tests run as root, this one drops to `nobody` with runuser.
-#[test]
-fn an_unprivileged_user_partitions_and_formats_a_disk() {
+fn an_unprivileged_user_partitions_and_formats_a_disk(k: &Kiln) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         // Every other test already runs unprivileged.
         return;
     }
-    let k = Kiln::new();
     let path = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(args)
-            .output()
-            .expect("kiln");
+        let out = Command::new(kiln_exe()).args(args).output().expect("kiln");
         assert!(out.status.success(), "{}", text(&out.stderr));
         PathBuf::from(text(&out.stdout).trim())
     };
@@ -780,26 +934,46 @@ fn an_unprivileged_user_partitions_and_formats_a_disk() {
         fs::set_permissions(p, fs::Permissions::from_mode(0o777)).expect("chmod");
     }
     fs::set_permissions(&disk, fs::Permissions::from_mode(0o666)).expect("chmod");
-    let out = Command::new("runuser")
-        .args(["-u", "nobody", "--", env!("CARGO_BIN_EXE_kiln"), "run"])
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--tools")
-        .arg(&tools)
-        .arg("--disk")
-        .arg(&disk)
-        .args([
-            "--",
-            "sh",
-            "-c",
-            "id -u && sgdisk -n1:0:0 /dev/vda >/dev/null && mkfs.ext4 -q -L mine /dev/vda1",
-        ])
-        .env("HOME", &shared)
-        .env("KILN_CACHE_DIR", shared.join("cache"))
-        .env("TMPDIR", &runtime)
-        .stdin(Stdio::null())
-        .output()
-        .expect("runuser");
+    let kiln = kiln_exe();
+    let as_nobody = || {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "nobody", "--"]).arg(&kiln).arg("run");
+        if let Some(b) = k.backend.flag() {
+            c.args(["--backend", b]);
+        }
+        c.arg("--kernel")
+            .arg(&kernel)
+            .arg("--tools")
+            .arg(&tools)
+            .arg("--disk")
+            .arg(&disk)
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "id -u && sgdisk -n1:0:0 /dev/vda >/dev/null && mkfs.ext4 -q -L mine /dev/vda1",
+            ])
+            .env("HOME", &shared)
+            .env("KILN_CACHE_DIR", shared.join("cache"))
+            .env("TMPDIR", &runtime)
+            .stdin(Stdio::null());
+        c
+    };
+    if k.backend == Backend::Kvm {
+        // A user outside /dev/kvm's group is told how to join it; once in
+        // the group (here: the device's group made nobody's), kiln-vmm runs.
+        let kvm = Path::new("/dev/kvm");
+        fs::set_permissions(kvm, fs::Permissions::from_mode(0o600)).expect("chmod kvm");
+        let out = as_nobody().output().expect("runuser");
+        k.assert_clean();
+        assert_eq!(code(&out), 125, "{}", text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(err.contains("no permission to open /dev/kvm"), "{err}");
+        assert!(err.contains("adduser $USER kvm"), "{err}");
+        std::os::unix::fs::chown(kvm, None, Some(NOGROUP)).expect("chgrp kvm");
+        fs::set_permissions(kvm, fs::Permissions::from_mode(0o660)).expect("chmod kvm");
+    }
+    let out = as_nobody().output().expect("runuser");
     k.assert_clean();
     assert_eq!(code(&out), 0, "{}", text(&out.stderr));
     assert_eq!(
@@ -820,11 +994,9 @@ fn an_unprivileged_user_partitions_and_formats_a_disk() {
     );
 }
 
-#[test]
-fn a_filesystem_left_mounted_is_unmounted_cleanly() {
+fn a_filesystem_left_mounted_is_unmounted_cleanly(k: &Kiln) {
     // The command forgets to unmount; kiln still leaves a clean filesystem
     // with the data on it.
-    let k = Kiln::new();
     let disk = k.dir().join("fs.img");
     sparse_file(&disk, 32 << 20);
     let out = k.run(&[
@@ -849,24 +1021,75 @@ fn a_filesystem_left_mounted_is_unmounted_cleanly() {
     assert_eq!(text(&cat.stdout), "kept\n");
 }
 
-#[test]
-fn a_closed_stdout_gives_the_command_sigpipe() {
+fn a_closed_stdout_gives_the_command_sigpipe(k: &Kiln) {
     // `kiln run -- yes | head -c 2` must end, as `yes | head -c 2` does.
-    let k = Kiln::new();
     let mut child = k
         .command(&["run", "--", "yes"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut first = [0u8; 2];
-    std::io::Read::read_exact(&mut stdout, &mut first).expect("read");
+    let first = first_output(&mut child, 2);
     assert_eq!(&first, b"y\n");
-    drop(stdout);
+    drop(child.stdout.take());
     let start = Instant::now();
     let out = child.wait_with_output().expect("wait");
     k.assert_clean();
     assert!(start.elapsed() < Duration::from_secs(30));
     assert_eq!(code(&out), 128 + 13, "{}", text(&out.stderr));
+}
+
+/// The guest keeps time on the TSC without calibrating it against the PIT,
+/// which fails on a busy host and leaves a 10 ms jiffies clock (and, one
+/// level down, nested guests that hang in early boot). Under KVM the rate
+/// comes from kvmclock (kiln-vmm passes KVM's paravirt CPUID leaves
+/// through); under TCG kiln measures the host's TSC and passes it as
+/// `tsc_early_khz=`. The suite runs cases two at a time, which is load
+/// enough to make the calibration fail.
+fn the_guest_clock_needs_no_calibration(k: &Kiln) {
+    let out = k.run(&[
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "cd /sys/devices/system/clocksource/clocksource0 && \
+         cat current_clocksource available_clocksource && dmesg",
+    ]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
+    let current = lines.next().unwrap_or_default();
+    let available = lines.next().unwrap_or_default();
+    assert!(!stdout.contains("Marking TSC unstable"), "{stdout}");
+    if k.backend == Backend::Kvm {
+        assert_eq!(current, "kvm-clock", "{stdout}");
+        assert!(!stdout.contains("calibration using PIT"), "{stdout}");
+        assert!(stdout.contains("kvm-clock: Using msrs"), "{stdout}");
+    } else {
+        // tsc-early until the kernel's delayed TSC set-up, a second in.
+        assert!(
+            ["tsc", "tsc-early", "kvm-clock"].contains(&current),
+            "{stdout}"
+        );
+        assert!(available.contains("tsc"), "{stdout}");
+    }
+}
+
+/// `--tools-package` runs on a tools image with the package added, built
+/// into the cache on first use; a bad name is refused before anything runs.
+#[test]
+fn tools_package_adds_a_program_to_the_guest() {
+    let k = Kiln::new(Backend::Qemu);
+    let out = k.run(&["run", "--tools-package", "hello", "--", "hello"]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "Hello, world!\n");
+    let path = k.run(&["tools", "path", "--package", "hello"]);
+    assert_eq!(code(&path), 0, "{}", text(&path.stderr));
+    let standard = k.run(&["tools", "path"]);
+    assert_ne!(path.stdout, standard.stdout, "one image for both");
+
+    let out = k.run(&["run", "--tools-package", "a,b", "--", "true"]);
+    assert_eq!(code(&out), 125);
+    let err = text(&out.stderr);
+    assert!(err.contains("'a,b' is not a Debian package name"), "{err}");
 }

@@ -137,7 +137,9 @@ pub enum Reply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SpawnErrorKind {
     NotFound,
-    PermissionDenied,
+    /// The file exists but cannot be run: no permission (EACCES), or not a
+    /// program the kernel can load (ENOEXEC). A shell exits 126 for both.
+    NotExecutable,
     Other,
 }
 

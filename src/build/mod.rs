@@ -379,7 +379,8 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         let outcome = outcome.with_context(|| format!("step '{}' failed", step.name))?;
         let code = match outcome {
             ExecOutcome::Exited(s) => s.shell_code().unwrap_or(1),
-            ExecOutcome::NotFound | ExecOutcome::NotExecutable => 127,
+            ExecOutcome::NotFound => 127,
+            ExecOutcome::NotExecutable(_) => 126,
         };
         if code != 0 {
             bail!(

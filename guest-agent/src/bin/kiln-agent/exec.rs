@@ -139,7 +139,10 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
             drop(guard);
             let kind = match e.kind() {
                 ErrorKind::NotFound => SpawnErrorKind::NotFound,
-                ErrorKind::PermissionDenied => SpawnErrorKind::PermissionDenied,
+                ErrorKind::PermissionDenied => SpawnErrorKind::NotExecutable,
+                _ if e.raw_os_error() == Some(nix::errno::Errno::ENOEXEC as i32) => {
+                    SpawnErrorKind::NotExecutable
+                }
                 _ => SpawnErrorKind::Other,
             };
             let message = format!("{program}: {e}");

@@ -1,0 +1,130 @@
+//! kiln-vmm against QEMU, both on real KVM inside one nested-KVM guest:
+//! `cargo bench --bench nested [-- RUNS]`.
+//!
+//! The host half boots L1 with the nested harness (tests/support/nested.rs)
+//! and a tools image that has QEMU in it, copies this benchmark in and runs
+//! it there. The L1 half times, interleaved, `kiln run --backend kvm -- true`
+//! (kiln-vmm) and `kiln run --backend qemu -- true` (QEMU `-M microvm -accel
+//! kvm`): the same kernel, initramfs and agent, from boot to the agent's
+//! handshake, the command and the clean power-off. It prints both medians
+//! and their ratio. A figure, not a test: nothing here fails on speed.
+
+#[path = "../tests/support/nested.rs"]
+mod nested;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Set in L1: this process is the half that measures.
+const INNER_ENV: &str = "KILN_BENCH_NESTED";
+
+fn fail(msg: &str) -> ! {
+    eprintln!("nested bench: {msg}");
+    std::process::exit(1);
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2
+    }
+}
+
+fn runs() -> usize {
+    std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(10)
+        .max(1)
+}
+
+fn main() {
+    if std::env::var_os(INNER_ENV).is_some() {
+        measure(runs());
+    } else {
+        host(runs());
+    }
+}
+
+/// Boots L1 and runs this benchmark there.
+fn host(runs: usize) {
+    let kiln = PathBuf::from(env!("CARGO_BIN_EXE_kiln"));
+    let me = std::env::current_exe().unwrap_or_else(|e| fail(&e.to_string()));
+    let inner = format!("{}/nested-bench", nested::BIN);
+    let runs_arg = runs.to_string();
+    let status = nested::L1::new(&kiln)
+        .unwrap_or_else(|e| fail(&e))
+        .tools_package("qemu-system-x86")
+        .copy_in(&me, &inner)
+        .env(INNER_ENV, "1")
+        .timeout(3600)
+        .command(&[&inner, &runs_arg])
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status()
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    if !status.success() {
+        fail(&format!("the nested half failed ({status})"));
+    }
+}
+
+fn time(backend: &str) -> Duration {
+    let start = Instant::now();
+    let out = Command::new(nested::KILN)
+        .args(["run", "--backend", backend, "--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| fail(&format!("{}: {e}", nested::KILN)));
+    let took = start.elapsed();
+    if !out.status.success() {
+        fail(&format!(
+            "kiln run --backend {backend} -- true failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    // The baseline is QEMU on L1's KVM; a fall back to TCG would make the
+    // ratio meaningless.
+    if String::from_utf8_lossy(&out.stderr).contains("TCG") {
+        fail("QEMU in L1 fell back to TCG: L1's /dev/kvm does not work");
+    }
+    took
+}
+
+/// In L1: the interleaved timings and their ratio.
+fn measure(runs: usize) {
+    // One warm-up each (page cache, the initramfs in the cache).
+    time("kvm");
+    time("qemu");
+    let mut vmm = Vec::with_capacity(runs);
+    let mut qemu = Vec::with_capacity(runs);
+    for i in 0..runs {
+        vmm.push(time("kvm"));
+        qemu.push(time("qemu"));
+        eprint!("\rrun {}/{runs}", i + 1);
+    }
+    eprintln!();
+    let v = median(&mut vmm);
+    let q = median(&mut qemu);
+    println!("nested KVM benchmark ({runs} runs each, interleaved, inside one L1 under QEMU TCG)");
+    println!(
+        "  kiln run --backend kvm -- true (kiln-vmm):         median {:.3} s (min {:.3}, max {:.3})",
+        v.as_secs_f64(),
+        vmm[0].as_secs_f64(),
+        vmm[runs - 1].as_secs_f64()
+    );
+    println!(
+        "  kiln run --backend qemu -- true (microvm, kvm):    median {:.3} s (min {:.3}, max {:.3})",
+        q.as_secs_f64(),
+        qemu[0].as_secs_f64(),
+        qemu[runs - 1].as_secs_f64()
+    );
+    println!(
+        "  ratio kiln-vmm / QEMU: {:.2} (goal <= 0.70)",
+        v.as_secs_f64() / q.as_secs_f64()
+    );
+}
