@@ -221,6 +221,7 @@ impl<W: Write + Send> Machine<W> {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| MachineError::Setup("supported CPUID", e))?;
         let mut t = times.record("KVM_GET_SUPPORTED_CPUID", t);
+        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         let mut fds = Vec::with_capacity(usize::from(vcpus));
         for index in 0..vcpus {
             let fd = vm
@@ -228,7 +229,7 @@ impl<W: Write + Send> Machine<W> {
                 .map_err(|e| MachineError::Setup("create vCPU", e))?;
             t = times.record("vCPU: create", t);
             let mut cpuid = supported.clone();
-            vcpu::filter_cpuid(&mut cpuid, index, vcpus);
+            vcpu::filter_cpuid(&mut cpuid, index, vcpus, tsc_deadline);
             fd.set_cpuid2(&cpuid)
                 .map_err(|e| MachineError::Setup("vCPU CPUID", e))?;
             t = times.record("vCPU: CPUID", t);

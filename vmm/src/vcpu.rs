@@ -152,15 +152,24 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 
 /// CPUID bits the guest must see differently from the host.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// KVM emulates the TSC-deadline LAPIC timer but leaves advertising it to
+/// the VMM. Without it Linux calibrates the LAPIC timer against the PIT at
+/// boot: 100 ms of ticks, over a second under nested KVM.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 
 /// Adapts the host's supported CPUID for vCPU `index` of `count`: the
-/// hypervisor bit on, the APIC ID and logical processor count right,
-/// leaves describing caches shared by host cores not passed through as is.
-pub fn filter_cpuid(cpuid: &mut kvm_bindings::CpuId, index: u8, count: u8) {
+/// hypervisor bit on, the TSC-deadline timer on where KVM has it
+/// (`tsc_deadline`, KVM_CAP_TSC_DEADLINE_TIMER), the APIC ID and logical
+/// processor count right, leaves describing caches shared by host cores
+/// not passed through as is.
+pub fn filter_cpuid(cpuid: &mut kvm_bindings::CpuId, index: u8, count: u8, tsc_deadline: bool) {
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
                 e.ecx |= LEAF1_ECX_HYPERVISOR;
+                if tsc_deadline {
+                    e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+                }
                 // APIC ID in EBX[31:24], logical processors in [23:16].
                 e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
                 if count > 1 {
@@ -259,9 +268,13 @@ mod tests {
             },
         ];
         let mut cpuid = CpuId::from_entries(&entries).expect("cpuid");
-        filter_cpuid(&mut cpuid, 2, 4);
+        let mut without = cpuid.clone();
+        filter_cpuid(&mut without, 2, 4, false);
+        assert_eq!(without.as_slice()[0].ecx & (1 << 24), 0);
+        filter_cpuid(&mut cpuid, 2, 4, true);
         let e = cpuid.as_slice();
         assert_ne!(e[0].ecx & (1 << 31), 0);
+        assert_ne!(e[0].ecx & (1 << 24), 0, "TSC-deadline timer");
         assert_eq!(e[0].ebx >> 24, 2);
         assert_eq!((e[0].ebx >> 16) & 0xff, 4);
         assert_eq!(e[0].ebx & 0xffff, 0x1234);
