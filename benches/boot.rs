@@ -10,17 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BUSYBOX: &str = "/bin/busybox";
+#[path = "support/figures.rs"]
+mod figures;
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2
-    }
-}
+const BUSYBOX: &str = "/bin/busybox";
 
 fn fail(msg: &str) -> ! {
     eprintln!("boot bench: {msg}");
@@ -132,21 +125,15 @@ fn main() {
         eprint!("\rrun {}/{runs}", i + 1);
     }
     eprintln!();
-    let b = median(&mut bare);
-    let k = median(&mut kiln_times);
     let accel = if tcg { "TCG" } else { "KVM" };
     println!("boot benchmark ({runs} runs each, interleaved, QEMU {accel})");
-    println!(
-        "  bare qemu -M microvm, busybox init runs one command: median {:.3} s (min {:.3}, max {:.3})",
-        b.as_secs_f64(),
-        bare[0].as_secs_f64(),
-        bare[runs - 1].as_secs_f64()
+    let b = figures::report(
+        "  bare qemu -M microvm, busybox init runs one command:",
+        &mut bare,
     );
-    println!(
-        "  kiln run -- true:                                    median {:.3} s (min {:.3}, max {:.3})",
-        k.as_secs_f64(),
-        kiln_times[0].as_secs_f64(),
-        kiln_times[runs - 1].as_secs_f64()
+    let k = figures::report(
+        "  kiln run -- true:                                   ",
+        &mut kiln_times,
     );
     println!(
         "  ratio kiln / bare: {:.2} (goal <= 1.25)",

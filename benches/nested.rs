@@ -9,6 +9,8 @@
 //! handshake, the command and the clean power-off. It prints both medians
 //! and their ratio. A figure, not a test: nothing here fails on speed.
 
+#[path = "support/figures.rs"]
+mod figures;
 #[path = "../tests/support/nested.rs"]
 mod nested;
 
@@ -22,16 +24,6 @@ const INNER_ENV: &str = "KILN_BENCH_NESTED";
 fn fail(msg: &str) -> ! {
     eprintln!("nested bench: {msg}");
     std::process::exit(1);
-}
-
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2
-    }
 }
 
 fn runs() -> usize {
@@ -108,20 +100,14 @@ fn measure(runs: usize) {
         eprint!("\rrun {}/{runs}", i + 1);
     }
     eprintln!();
-    let v = median(&mut vmm);
-    let q = median(&mut qemu);
     println!("nested KVM benchmark ({runs} runs each, interleaved, inside one L1 under QEMU TCG)");
-    println!(
-        "  kiln run --backend kvm -- true (kiln-vmm):         median {:.3} s (min {:.3}, max {:.3})",
-        v.as_secs_f64(),
-        vmm[0].as_secs_f64(),
-        vmm[runs - 1].as_secs_f64()
+    let v = figures::report(
+        "  kiln run --backend kvm -- true (kiln-vmm):        ",
+        &mut vmm,
     );
-    println!(
-        "  kiln run --backend qemu -- true (microvm, kvm):    median {:.3} s (min {:.3}, max {:.3})",
-        q.as_secs_f64(),
-        qemu[0].as_secs_f64(),
-        qemu[runs - 1].as_secs_f64()
+    let q = figures::report(
+        "  kiln run --backend qemu -- true (microvm, kvm):   ",
+        &mut qemu,
     );
     println!(
         "  ratio kiln-vmm / QEMU: {:.2} (goal <= 0.70)",
