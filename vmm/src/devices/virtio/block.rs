@@ -8,7 +8,7 @@
 //! when not even a status byte can be written); the device carries on.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -92,7 +92,9 @@ impl Block {
         if serial.len() > SERIAL_LEN {
             return Err(BlockError::SerialTooLong(serial.to_string()));
         }
-        let size = disk.metadata().map_err(BlockError::Size)?.len();
+        // The end of the file, not its metadata: a block device's
+        // st_size is 0. I/O is positional, so the offset left does not matter.
+        let size = (&disk).seek(SeekFrom::End(0)).map_err(BlockError::Size)?;
         Ok(Block {
             disk,
             readonly,
