@@ -14,7 +14,8 @@ use kiln_vmm::host::{self, KvmSupport};
 
 use crate::build::detect_format;
 use crate::interrupt;
-use crate::process::{detach_and_tie, run_tool, Guarded};
+use crate::owned_dir::{self, OwnedDir};
+use crate::process::{detach_and_tie, run_tool, tie, Guarded};
 use crate::run::RunError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -105,10 +106,7 @@ fn unpack(image: &Path, work: &Path) -> Result<PathBuf> {
         if let Some(stem) = name.strip_suffix(ext) {
             let out = work.join(stem);
             let f = std::fs::File::create(&out)?;
-            let status = Command::new(tool)
-                .arg("-dc")
-                .arg(image)
-                .stdout(f)
+            let status = tie(Command::new(tool).arg("-dc").arg(image).stdout(f))
                 .status()
                 .with_context(|| format!("running {tool}"))?;
             if !status.success() {
@@ -120,7 +118,7 @@ fn unpack(image: &Path, work: &Path) -> Result<PathBuf> {
     if name.ends_with(".ova") {
         let dir = work.join("ova");
         std::fs::create_dir_all(&dir)?;
-        let status = Command::new("tar")
+        let status = tie(&mut Command::new("tar"))
             .arg("-xf")
             .arg(image)
             .arg("-C")
@@ -251,7 +249,7 @@ pub fn boot(a: BootArgs) -> Result<u8> {
         bail!("image {} does not exist", a.image.display());
     }
     let qemu = crate::backend::qemu::binary()?;
-    let work = tempfile::Builder::new().prefix("kiln-boot-").tempdir()?;
+    let work = OwnedDir::new(owned_dir::BOOT).context("creating a work directory")?;
     let image = unpack(&a.image, work.path())?;
     let iso = is_iso(&image);
     if a.disk_size.is_some() && iso {

@@ -1,14 +1,17 @@
 //! kiln's cache: `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else
 //! `~/.cache/kiln`. Every entry lives under a name derived from a content
 //! hash and is published by an atomic rename, so a reader never sees a
-//! half-written entry and an interrupted build leaves only a temp dir that
-//! the next build of the same entry removes.
+//! half-written entry. A build's staging directory is an [`OwnedDir`]:
+//! removed when the build ends, and by [`sweep`] in a later kiln if the
+//! build was killed outright.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
+
+use crate::owned_dir::{self, OwnedDir};
 
 pub fn root() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("KILN_CACHE_DIR").filter(|v| !v.is_empty()) {
@@ -37,7 +40,7 @@ pub fn hash(parts: &[&[u8]]) -> String {
 /// Builds of the same entry are serialized by a lock file beside it; each
 /// build stages in a directory of its own, removed if the build fails.
 pub struct Staging {
-    tmp: tempfile::TempDir,
+    tmp: OwnedDir,
     dest: PathBuf,
     _lock: fs::File,
 }
@@ -78,9 +81,7 @@ impl Staging {
         if !force && complete(dest) {
             return Ok(Begin::Done(dest.to_path_buf()));
         }
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}.partial-"))
-            .tempdir_in(parent)
+        let tmp = OwnedDir::new_in(parent, &staging_prefix(&name))
             .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
         Ok(Begin::Build(Staging {
             tmp,
@@ -99,12 +100,38 @@ impl Staging {
             fs::remove_dir_all(&self.dest)
                 .with_context(|| format!("replacing {}", self.dest.display()))?;
         }
-        let tmp = self.tmp.keep();
-        if let Err(e) = fs::rename(&tmp, &self.dest) {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e).with_context(|| format!("publishing {}", self.dest.display()));
-        }
+        self.tmp
+            .publish(&self.dest)
+            .with_context(|| format!("publishing {}", self.dest.display()))?;
         Ok(self.dest)
+    }
+}
+
+/// Staging directories are `.<entry>.partial-<random>`, beside the entry.
+fn staging_prefix(entry: &str) -> String {
+    format!(".{entry}.partial-")
+}
+
+fn is_staging(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".partial-")
+}
+
+/// Removes the staging directories of builds that were killed outright:
+/// one readdir of the cache and of each directory in it (a handful).
+pub fn sweep() {
+    if let Ok(root) = root() {
+        sweep_in(&root);
+    }
+}
+
+fn sweep_in(root: &Path) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            owned_dir::sweep(&e.path(), is_staging);
+        }
     }
 }
 
@@ -144,5 +171,40 @@ mod tests {
         drop(s);
         assert!(!tmp.exists());
         assert!(!other.exists());
+    }
+
+    #[test]
+    fn sweep_removes_the_staging_of_a_dead_build_only() {
+        let cache = tempfile::tempdir().expect("tempdir");
+        let dest = cache.path().join("kernel").join("entry");
+        let Begin::Build(live) = stage(&dest, false) else {
+            panic!("nothing built yet");
+        };
+        let other = cache.path().join("tools").join("entry");
+        let Begin::Build(dead) = stage(&other, false) else {
+            panic!("nothing built yet");
+        };
+        // The sweep opens the lock file anew: another open file description,
+        // which cannot take the lock the live build's holds, as another
+        // process could not.
+        sweep_in(cache.path());
+        assert!(live.path().is_dir(), "a live build's staging was swept");
+        assert!(dead.path().is_dir(), "a live build's staging was swept");
+
+        // The second build dies without cleaning up: its lock is released
+        // and its directory stays, as after a SIGKILL.
+        let Staging { tmp, _lock, .. } = dead;
+        drop(_lock);
+        let dead = tmp.abandon();
+        assert!(dead.is_dir());
+        sweep_in(cache.path());
+        assert!(!dead.exists(), "a dead build's staging was kept");
+        assert!(live.path().is_dir(), "a live build's staging was swept");
+        assert!(
+            cache.path().join("tools").join(".entry.lock").is_file(),
+            "the entry's lock file is not a staging directory"
+        );
+        live.commit().expect("commit");
+        assert!(dest.is_dir());
     }
 }

@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use kiln_agent::{ExecRequest, MountRequest, TOOLS_DISK_SERIAL};
+use kiln_agent::{ExecRequest, TOOLS_DISK_SERIAL};
 
-use crate::backend::{self, BackendChoice, DiskSpec, ShareSpec, Vm, VmSpec};
+use crate::backend::{self, BackendChoice, DiskSpec, Vm, VmSpec};
 use crate::disk::DiskFormat;
+use crate::owned_dir::{self, OwnedDir};
 use crate::run::RunError;
 use crate::session::{ExecOutcome, Session, Watch};
-use crate::share::{self, ShareArg, Virtiofsd};
+use crate::share::{self, Share, ShareArg};
 use crate::{initramfs, interrupt, kernel, tools};
 
 /// What to boot.
@@ -112,8 +113,8 @@ pub struct Guest {
     // used, then the runtime directory holding their sockets.
     watch: VmWatch,
     session: Session,
-    shares: Vec<(ShareArg, Virtiofsd)>,
-    _runtime: tempfile::TempDir,
+    shares: Vec<Share>,
+    _runtime: OwnedDir,
 }
 
 impl Guest {
@@ -134,13 +135,14 @@ impl Guest {
             eprintln!("kiln: backend {}", backend.name());
         }
 
-        let runtime = tempfile::Builder::new()
-            .prefix("kiln-run-")
-            .tempdir()
-            .context("creating a runtime directory")?;
+        let runtime = OwnedDir::new(owned_dir::RUN).context("creating a runtime directory")?;
         let mut shares = Vec::new();
-        for (i, s) in cfg.shares.iter().enumerate() {
-            shares.push((s.clone(), share::start(s, i, runtime.path())?));
+        if !cfg.shares.is_empty() {
+            let (transport, why) = backend.share_transport();
+            eprintln!("kiln: sharing through {why}");
+            for (i, s) in cfg.shares.iter().enumerate() {
+                shares.push(share::start(s, i, runtime.path(), transport)?);
+            }
         }
         let agent_socket = runtime.path().join("agent.sock");
         let listener = UnixListener::bind(&agent_socket)
@@ -172,13 +174,7 @@ impl Guest {
             mem_mib: cfg.mem_mib,
             cpus: cfg.cpus,
             disks,
-            shares: shares
-                .iter()
-                .map(|(_, d)| ShareSpec {
-                    socket: d.socket.clone(),
-                    tag: d.tag.clone(),
-                })
-                .collect(),
+            shares: shares.iter().map(|s| s.spec.clone()).collect(),
             agent_socket,
             echo_console: cfg.console,
         };
@@ -203,15 +199,7 @@ impl Guest {
             _runtime: runtime,
         };
         for i in 0..guest.shares.len() {
-            let (s, d) = &guest.shares[i];
-            let m = MountRequest {
-                id: 0,
-                fstype: "virtiofs".into(),
-                source: d.tag.clone(),
-                target: s.guest.clone(),
-                options: String::new(),
-                readonly: s.readonly,
-            };
+            let m = guest.shares[i].mount_request();
             guest.session.mount(m, &mut guest.watch)?;
         }
         Ok(guest)
@@ -230,8 +218,9 @@ impl Guest {
         self.session.put_file(host, guest, &mut self.watch)
     }
 
-    pub fn get_file(&mut self, guest: &str, host: &Path) -> Result<()> {
-        self.session.get_file(guest, host, &mut self.watch)
+    pub fn get_file(&mut self, guest: &str, host: &Path, keep_setuid: bool) -> Result<()> {
+        self.session
+            .get_file(guest, host, keep_setuid, &mut self.watch)
     }
 
     /// Syncs and powers the guest off, and waits for the VM to end.

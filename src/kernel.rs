@@ -7,6 +7,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::owned_dir::{self, OwnedDir};
 use crate::{cache, job};
 
 pub const FRAGMENT: &str = include_str!("../kernel-config/kiln.config");
@@ -142,7 +143,7 @@ pub fn build(force: bool) -> Result<Kernel> {
     };
     // The unpacked source tree lives in a temp dir kiln owns, so it is gone
     // on every exit path, Ctrl-C included.
-    let scratch = tempfile::Builder::new().prefix("kiln-kernel-").tempdir()?;
+    let scratch = OwnedDir::new(owned_dir::KERNEL).context("creating a work directory")?;
     let fragment = scratch.path().join("kiln.config");
     let script = scratch.path().join("build.sh");
     fs::write(&fragment, FRAGMENT)?;

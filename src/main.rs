@@ -12,6 +12,7 @@ mod initramfs;
 mod interrupt;
 mod job;
 mod kernel;
+mod owned_dir;
 mod process;
 mod recipe;
 mod run;
@@ -117,8 +118,10 @@ enum ToolsAction {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Attach a disk image: PATH[,ro][,format=raw|qcow2]. Repeatable; disks
-    /// appear as /dev/vda, /dev/vdb, ... in order, and as
+    /// Attach a disk: PATH[,ro][,format=raw|qcow2][,device]. PATH is a
+    /// regular image file, or a block device with ',device' (required for
+    /// one, so a typo cannot attach a host disk); anything else is refused.
+    /// Repeatable; disks appear as /dev/vda, /dev/vdb, ... in order, and as
     /// /dev/disk/by-id/virtio-kiln0, virtio-kiln1, ...
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<disk::DiskArg>,
@@ -147,6 +150,10 @@ struct RunArgs {
     /// file appears only once complete.
     #[arg(long = "copy-out", value_name = "GUEST:HOST", value_parser = parse_copy_out)]
     copy_out: Vec<CopyArg>,
+    /// Keep the setuid, setgid and sticky bits of --copy-out files. Without
+    /// it they are dropped: a guest must not hand you a setuid program.
+    #[arg(long)]
+    keep_setuid: bool,
     /// Share a host directory: HOST:GUEST[:ro] (virtio-fs through virtiofsd).
     #[arg(long = "share", value_name = "HOST:GUEST[:ro]")]
     shares: Vec<share::ShareArg>,
@@ -308,6 +315,12 @@ fn main() -> ExitCode {
         eprintln!("kiln: cannot install signal handlers: {e}");
         return ExitCode::from(EXIT_KILN_ERROR);
     }
+    // What kilns killed outright left behind, removed beside the work (a
+    // kernel build's tree takes a while); joined before exiting.
+    let sweeper = std::thread::spawn(|| {
+        owned_dir::sweep_temp();
+        cache::sweep();
+    });
     let result = match cli.command {
         Cmd::Run(a) => run::run(RunOptions {
             disks: a.disks,
@@ -319,6 +332,7 @@ fn main() -> ExitCode {
             boot_timeout: a.boot_timeout,
             copy_in: a.copy_in,
             copy_out: a.copy_out,
+            keep_setuid: a.keep_setuid,
             shares: a.shares,
             console: a.console,
             backend: a.backend,
@@ -346,6 +360,7 @@ fn main() -> ExitCode {
         Cmd::Tools { action } => tools_artifact(action).map(|()| 0),
         Cmd::Vmm { .. } => unreachable!("handled above"),
     };
+    let _ = sweeper.join();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

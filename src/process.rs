@@ -11,7 +11,7 @@ use std::os::unix::process::CommandExt;
 /// input and returns its stdout; a failure carries the tool's stderr.
 pub fn run_tool(cmd: &mut Command, what: &str) -> anyhow::Result<Vec<u8>> {
     use anyhow::Context;
-    let out = cmd
+    let out = tie(cmd)
         .stdin(std::process::Stdio::null())
         .output()
         .with_context(|| format!("starting {what}"))?;
@@ -29,6 +29,12 @@ pub fn run_tool(cmd: &mut Command, what: &str) -> anyhow::Result<Vec<u8>> {
 /// thread that spawned it (kiln's main thread) ends.
 pub fn detach_and_tie(cmd: &mut Command) -> &mut Command {
     cmd.process_group(0);
+    tie(cmd)
+}
+
+/// Makes `cmd` receive SIGKILL when the thread that spawns it ends, so it
+/// does not outlive a kiln killed outright (kiln waits for it otherwise).
+pub fn tie(cmd: &mut Command) -> &mut Command {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs between fork and exec and calls only prctl and
     // getppid, both async-signal-safe; it touches no memory of the parent.

@@ -55,6 +55,8 @@ pub struct RunOptions {
     pub boot_timeout: f64,
     pub copy_in: Vec<CopyArg>,
     pub copy_out: Vec<CopyArg>,
+    /// `--keep-setuid`: copied-out files keep the guest's special mode bits.
+    pub keep_setuid: bool,
     pub shares: Vec<ShareArg>,
     pub console: bool,
     pub backend: BackendChoice,
@@ -146,8 +148,11 @@ pub fn run(opts: RunOptions) -> Result<u8> {
         &mut std::io::stdout(),
         &mut std::io::stderr(),
     )?;
+    if let Some(note) = outcome.limits_note(opts.mem_mib) {
+        eprintln!("kiln: {note}");
+    }
     let code = match outcome {
-        ExecOutcome::Exited(status) => match status.shell_code() {
+        ExecOutcome::Exited { status, .. } => match status.shell_code() {
             Some(code) => code,
             None => bail!("the guest reported an impossible exit status {status:?}"),
         },
@@ -162,7 +167,7 @@ pub fn run(opts: RunOptions) -> Result<u8> {
     };
 
     for c in &opts.copy_out {
-        if let Err(e) = guest.get_file(&c.guest, &c.host) {
+        if let Err(e) = guest.get_file(&c.guest, &c.host, opts.keep_setuid) {
             if code == 0 {
                 return Err(e);
             }

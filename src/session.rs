@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_agent::frame::DATA_CHUNK;
 use kiln_agent::{
-    ExecRequest, ExitStatus, FrameError, FrameReader, FrameWriter, MountRequest, Reply, Request,
-    SpawnErrorKind, PROTOCOL_VERSION,
+    ExecRequest, ExitStatus, FrameError, FrameReader, FrameWriter, LimitsReport, MountRequest,
+    Reply, Request, SpawnErrorKind, PROTOCOL_VERSION,
 };
 
 /// Polled while waiting for the guest: returns an error to abandon the wait
@@ -41,10 +41,45 @@ pub struct Session {
 /// How a command ended.
 #[derive(Debug, Clone)]
 pub enum ExecOutcome {
-    Exited(ExitStatus),
+    /// It ran; `limits` is what it ran into, where the guest limits commands.
+    Exited {
+        status: ExitStatus,
+        limits: Option<LimitsReport>,
+    },
     NotFound,
     /// It exists but cannot be run; the guest's reason.
     NotExecutable(String),
+}
+
+impl ExecOutcome {
+    /// What to tell the user about the guest's limits the command ran into,
+    /// in a VM of `mem_mib` MiB; `None` if it ran into none.
+    pub fn limits_note(&self, mem_mib: u64) -> Option<String> {
+        let ExecOutcome::Exited {
+            limits: Some(l), ..
+        } = self
+        else {
+            return None;
+        };
+        let mib = |b: u64| b.div_ceil(1 << 20);
+        if l.oom_kills > 0 {
+            Some(format!(
+                "the command ran out of memory: the guest's OOM killer ended it at a peak of \
+                 {} MiB, the most commands may use in a VM with --mem {mem_mib}M ({} MiB; \
+                 the rest is kept for the guest's kernel and agent); give it more with --mem",
+                mib(l.memory_peak),
+                mib(l.memory_max)
+            ))
+        } else if l.pids_refused > 0 {
+            Some(format!(
+                "the command reached the guest's limit of {} processes and threads, and {} \
+                 forks failed; the guest allows more with more --mem",
+                l.pids_max, l.pids_refused
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 impl Session {
@@ -228,12 +263,16 @@ impl Session {
                     }
                 }
                 Reply::Stderr { id: i, data } if i == id => err.write(&data),
-                Reply::Exited { id: i, status } if i == id => {
+                Reply::Exited {
+                    id: i,
+                    status,
+                    limits,
+                } if i == id => {
                     // Output that could not be written is a failure of the
                     // run, whatever the command's status.
                     out.result()?;
                     err.result()?;
-                    return Ok(ExecOutcome::Exited(status));
+                    return Ok(ExecOutcome::Exited { status, limits });
                 }
                 _ => {}
             }
@@ -296,9 +335,16 @@ impl Session {
             .with_context(|| format!("copying {} into the guest as {guest}", host.display()))
     }
 
-    /// Copies a guest file to `host`, keeping its mode. The file appears
-    /// under its final name only once complete.
-    pub fn get_file(&mut self, guest: &str, host: &Path, watch: &mut dyn Watch) -> Result<()> {
+    /// Copies a guest file to `host`, keeping its permission bits (see
+    /// [`host_mode`] for the rest). The file appears under its final name
+    /// only once complete, owned by whoever runs kiln.
+    pub fn get_file(
+        &mut self,
+        guest: &str,
+        host: &Path,
+        keep_setuid: bool,
+        watch: &mut dyn Watch,
+    ) -> Result<()> {
         let id = self.id();
         self.send(&Request::GetFile {
             id,
@@ -332,8 +378,12 @@ impl Session {
                 _ => {}
             }
         }
+        // fchmod, not chmod by name: the name is in a directory others
+        // may write to. No chown: the file stays the invoking user's.
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(host_mode(mode, keep_setuid)))
+            .with_context(|| format!("setting the mode of {}", host.display()))?;
         tmp.as_file().sync_all()?;
-        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode))?;
         tmp.persist(host)
             .with_context(|| format!("writing {}", host.display()))?;
         Ok(())
@@ -348,6 +398,15 @@ impl Session {
             }
         }
     }
+}
+
+/// The mode a copied-out file gets on the host. The guest runs as root and
+/// is not trusted: its setuid, setgid and sticky bits are dropped unless the
+/// user asked for them (`--keep-setuid`), so a guest cannot plant a
+/// setuid-root program. Its rwx bits are kept, and nothing else it sent.
+fn host_mode(guest_mode: u32, keep_setuid: bool) -> u32 {
+    let allowed = if keep_setuid { 0o7777 } else { 0o777 };
+    guest_mode & allowed
 }
 
 fn send(writer: &Writer, req: &Request) -> Result<()> {
@@ -423,5 +482,30 @@ fn pump_stdin(id: u32, writer: &Writer, done: &AtomicBool) {
         if send(writer, &req).is_err() || n == 0 {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_mode;
+
+    #[test]
+    fn special_bits_from_the_guest_are_dropped() {
+        assert_eq!(host_mode(0o4755, false), 0o755);
+        assert_eq!(host_mode(0o2755, false), 0o755);
+        assert_eq!(host_mode(0o1777, false), 0o777);
+        assert_eq!(host_mode(0o7640, false), 0o640);
+        assert_eq!(host_mode(0o600, false), 0o600);
+        // File-type bits or junk a guest might send never get through.
+        assert_eq!(host_mode(0o100755, false), 0o755);
+        assert_eq!(host_mode(u32::MAX, false), 0o777);
+    }
+
+    #[test]
+    fn keep_setuid_keeps_only_mode_bits() {
+        assert_eq!(host_mode(0o4755, true), 0o4755);
+        assert_eq!(host_mode(0o2755, true), 0o2755);
+        assert_eq!(host_mode(0o1777, true), 0o1777);
+        assert_eq!(host_mode(u32::MAX, true), 0o7777);
     }
 }

@@ -1,5 +1,6 @@
-//! `--share HOST:GUEST[:ro]`: host directories served to the guest by
-//! virtiofsd over vhost-user, mounted as virtio-fs by the agent.
+//! `--share HOST:GUEST[:ro]`: host directories served to the guest, by
+//! virtiofsd over vhost-user (virtio-fs) or, under TCG, by QEMU's own
+//! virtio-9p, and mounted by the agent.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -7,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use kiln_agent::MountRequest;
+
 use crate::backend::qemu::which;
+use crate::backend::{ShareDevice, ShareSpec, ShareTransport};
 use crate::console::Console;
 use crate::process::{detach_and_tie, Guarded};
 
@@ -39,12 +43,36 @@ impl std::str::FromStr for ShareArg {
     }
 }
 
-/// A running virtiofsd, stopped when dropped.
-pub struct Virtiofsd {
-    pub socket: PathBuf,
-    pub tag: String,
-    /// Stopped when the share is dropped.
-    _process: Guarded,
+/// A share being served to the guest: the device the backend attaches, the
+/// mount the agent makes, and the virtiofsd behind it if it has one
+/// (stopped when the share is dropped).
+pub struct Share {
+    pub arg: ShareArg,
+    pub spec: ShareSpec,
+    _virtiofsd: Option<Guarded>,
+}
+
+impl Share {
+    /// What the agent mounts, where.
+    pub fn mount_request(&self) -> MountRequest {
+        let (fstype, options) = match self.spec.device {
+            ShareDevice::Virtiofs { .. } => ("virtiofs", ""),
+            // cache=mmap: no caching beyond what mmap needs, so the guest
+            // sees the host's changes; 9P2000.L for Linux modes and owners.
+            ShareDevice::NineP { .. } => (
+                "9p",
+                "trans=virtio,version=9p2000.L,cache=mmap,msize=262144",
+            ),
+        };
+        MountRequest {
+            id: 0,
+            fstype: fstype.into(),
+            source: self.spec.tag.clone(),
+            target: self.arg.guest.clone(),
+            options: options.into(),
+            readonly: self.arg.readonly,
+        }
+    }
 }
 
 pub fn find_virtiofsd() -> Result<PathBuf> {
@@ -64,23 +92,55 @@ pub fn find_virtiofsd() -> Result<PathBuf> {
     )
 }
 
-/// Starts virtiofsd for `arg` and waits for its socket.
-pub fn start(arg: &ShareArg, index: usize, runtime: &Path) -> Result<Virtiofsd> {
+/// Serves `arg` to the guest through `transport`: for virtio-fs, starts
+/// virtiofsd and waits for its socket; virtio-9p needs nothing started
+/// (the backend serves it).
+pub fn start(
+    arg: &ShareArg,
+    index: usize,
+    runtime: &Path,
+    transport: ShareTransport,
+) -> Result<Share> {
     let meta = std::fs::metadata(&arg.host)
         .with_context(|| format!("shared directory {}", arg.host.display()))?;
     if !meta.is_dir() {
         bail!("--share {}: not a directory", arg.host.display());
     }
-    let binary = find_virtiofsd()?;
-    let socket = runtime.join(format!("fs{index}.sock"));
     let tag = format!("kiln-share{index}");
+    let (device, virtiofsd) = match transport {
+        ShareTransport::NineP => {
+            // QEMU resolves the path itself, relative to its own directory.
+            let dir = std::fs::canonicalize(&arg.host)
+                .with_context(|| format!("shared directory {}", arg.host.display()))?;
+            let device = ShareDevice::NineP {
+                dir,
+                readonly: arg.readonly,
+            };
+            (device, None)
+        }
+        ShareTransport::Virtiofs => {
+            let socket = runtime.join(format!("fs{index}.sock"));
+            let process = start_virtiofsd(arg, &socket)?;
+            (ShareDevice::Virtiofs { socket }, Some(process))
+        }
+    };
+    Ok(Share {
+        arg: arg.clone(),
+        spec: ShareSpec { tag, device },
+        _virtiofsd: virtiofsd,
+    })
+}
+
+/// Starts virtiofsd serving `arg` on `socket` and waits for the socket.
+fn start_virtiofsd(arg: &ShareArg, socket: &Path) -> Result<Guarded> {
+    let binary = find_virtiofsd()?;
     // Unprivileged, virtiofsd cannot build its namespace sandbox; it then
     // serves only what this user may access anyway.
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let mut cmd = Command::new(&binary);
     cmd.arg("--socket-path")
-        .arg(&socket)
+        .arg(socket)
         .arg("--shared-dir")
         .arg(&arg.host)
         .args(["--cache", "auto", "--log-level", "error"])
@@ -119,11 +179,7 @@ pub fn start(arg: &ShareArg, index: usize, runtime: &Path) -> Result<Virtiofsd> 
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(Virtiofsd {
-        socket,
-        tag,
-        _process: process,
-    })
+    Ok(process)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::backend::qemu::which;
+use crate::owned_dir::{self, OwnedDir};
 use crate::{cache, job};
 
 pub const SUITE: &str = "bookworm";
@@ -181,7 +182,7 @@ pub fn build(force: bool, extra: &Extra) -> Result<PathBuf> {
             );
         }
     }
-    let scratch = tempfile::Builder::new().prefix("kiln-tools-").tempdir()?;
+    let scratch = OwnedDir::new(owned_dir::TOOLS).context("creating a work directory")?;
     // mmdebstrap writes a tar (ownership kept, no root needed in unshare
     // mode) that tar2sqfs turns into the image.
     let mut script = String::from("set -euo pipefail\nmmdebstrap \"$@\" | tar2sqfs");

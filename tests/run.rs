@@ -121,10 +121,16 @@ both_backends!(
     timeout_gives_124_and_leaves_nothing_behind,
     ctrl_c_stops_everything_and_cleans_up,
     sigterm_stops_everything_and_cleans_up,
+    a_sigkilled_run_is_cleaned_up_by_the_next_run,
     copy_in_and_out_keep_a_50_mib_file_intact,
     copy_out_of_a_missing_file_fails_and_writes_nothing,
+    copy_out_drops_setuid_setgid_and_sticky_bits,
+    keep_setuid_keeps_the_setuid_bit,
     shared_directory_is_readable_and_writable,
     read_only_share_refuses_writes,
+    programs_run_from_a_share_run_the_host_bytes,
+    running_out_of_memory_is_an_answer_not_a_hang,
+    a_fork_bomb_meets_the_process_limit,
     disks_keep_their_order_and_by_id_names,
     missing_disk_is_reported,
     disk_in_use_by_another_kiln_is_refused,
@@ -208,6 +214,8 @@ impl Kiln {
     }
 }
 
+/// Live processes whose command line or environment (kiln's helpers
+/// inherit its TMPDIR) mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
     for e in fs::read_dir("/proc").expect("proc").flatten() {
@@ -215,11 +223,14 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
         if !name.chars().all(|c| c.is_ascii_digit()) {
             continue;
         }
-        if let Ok(cmdline) = fs::read(e.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(needle) {
-                found.push(format!("{name}: {cmdline}"));
-            }
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        // Another user's environment is unreadable; kiln runs as this one.
+        let environ = fs::read(e.path().join("environ")).unwrap_or_default();
+        if cmdline.contains(needle) || String::from_utf8_lossy(&environ).contains(needle) {
+            found.push(format!("{name}: {cmdline}"));
         }
     }
     found
@@ -578,6 +589,73 @@ fn interrupted_run_cleans_up(k: &Kiln, signal: libc::c_int) {
     );
 }
 
+/// `kill -9` of kiln mid-run: its helpers (the hypervisor, virtiofsd) die
+/// with it, and its runtime directory, which it could not remove, is
+/// removed by the next kiln.
+fn a_sigkilled_run_is_cleaned_up_by_the_next_run(k: &Kiln) {
+    let shared = k.dir().join("shared");
+    fs::create_dir(&shared).expect("mkdir shared");
+    let share = format!("{}:/mnt/shared", shared.display());
+    let mut child = k
+        .command(&[
+            "run",
+            "--share",
+            &share,
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 30",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Once the command runs, the runtime directory and every helper exist.
+    let first = first_output(&mut child, 8);
+    assert_eq!(&first, b"started\n");
+    let runtime = k.runtime();
+    let needle = runtime.to_string_lossy().into_owned();
+    let dirs: Vec<PathBuf> = fs::read_dir(&runtime)
+        .expect("read runtime")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("kiln-run-"))
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "one runtime directory: {dirs:?}");
+    let dir = &dirs[0];
+    // The hypervisor, and virtiofsd where the backend shares through it.
+    let kiln_pid = format!("{}: ", child.id());
+    let helpers: Vec<String> = processes_mentioning(&needle)
+        .into_iter()
+        .filter(|p| !p.starts_with(&kiln_pid))
+        .collect();
+    assert!(!helpers.is_empty(), "no helper process of kiln's is seen");
+
+    // SAFETY: plain kill(2) on the child we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let status = child.wait().expect("wait");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_mentioning(&needle).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let procs = processes_mentioning(&needle);
+    assert!(procs.is_empty(), "helpers outlived kiln: {procs:?}");
+    // Nothing could remove it so far: what follows is the sweep's doing.
+    assert!(
+        dir.join("owner.lock").is_file(),
+        "the killed kiln's runtime directory is already gone"
+    );
+
+    // Checks, as every run does, that nothing is left in TMPDIR.
+    let out = k.run(&["run", "--", "true"]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(!dir.exists(), "{} was not swept", dir.display());
+}
+
 fn copy_in_and_out_keep_a_50_mib_file_intact(k: &Kiln) {
     let input = k.dir().join("in.bin");
     let sum = random_file(&input, 50 << 20);
@@ -626,6 +704,60 @@ fn copy_out_of_a_missing_file_fails_and_writes_nothing(k: &Kiln) {
     assert!(stray.is_empty(), "partial copy-out left behind");
 }
 
+/// The mode bits (permissions and special bits) of a host file.
+fn mode_of(path: &Path) -> u32 {
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+fn copy_out_drops_setuid_setgid_and_sticky_bits(k: &Kiln) {
+    use std::os::unix::fs::MetadataExt;
+    let (u, g, t) = (k.dir().join("u"), k.dir().join("g"), k.dir().join("t"));
+    let out = k.run(&[
+        "run",
+        "--copy-out",
+        &format!("/tmp/u:{}", u.display()),
+        "--copy-out",
+        &format!("/tmp/g:{}", g.display()),
+        "--copy-out",
+        &format!("/tmp/t:{}", t.display()),
+        "--",
+        "sh",
+        "-c",
+        "cp /bin/sh /tmp/u && chmod 4755 /tmp/u && cp /bin/sh /tmp/g && chmod 2755 /tmp/g \
+         && echo t > /tmp/t && chmod 1777 /tmp/t",
+    ]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert_eq!(mode_of(&u), 0o755, "setuid kept");
+    assert_eq!(mode_of(&g), 0o755, "setgid kept");
+    assert_eq!(mode_of(&t), 0o777, "sticky kept");
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    for p in [&u, &g, &t] {
+        let uid = fs::metadata(p).expect("stat").uid();
+        assert_eq!(uid, euid, "{} is not the invoking user's", p.display());
+    }
+}
+
+fn keep_setuid_keeps_the_setuid_bit(k: &Kiln) {
+    let u = k.dir().join("u");
+    let out = k.run(&[
+        "run",
+        "--keep-setuid",
+        "--copy-out",
+        &format!("/tmp/u:{}", u.display()),
+        "--",
+        "sh",
+        "-c",
+        "cp /bin/sh /tmp/u && chmod 4755 /tmp/u",
+    ]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert_eq!(mode_of(&u), 0o4755);
+}
+
 fn shared_directory_is_readable_and_writable(k: &Kiln) {
     let share = k.dir().join("share");
     fs::create_dir_all(&share).expect("mkdir");
@@ -663,6 +795,114 @@ fn read_only_share_refuses_writes(k: &Kiln) {
     assert_ne!(code(&out), 0);
     assert_eq!(text(&out.stdout), "x");
     assert!(!share.join("new").exists());
+}
+
+/// The script `programs_run_from_a_share_run_the_host_bytes` runs: 50
+/// executions each of a static program (ldconfig, static-pie in Debian)
+/// and a dynamic one (sha256sum) from the share, then the data file read
+/// through mmap(2) (perl-base's syscall, as the tools image has no other
+/// mmap reader; 9 = SYS_mmap, PROT_READ, MAP_PRIVATE) and summed.
+const SHARE_EXEC_SCRIPT: &str = r#"
+reference=$(/sbin/ldconfig -p | sha256sum)
+for i in $(seq 50); do
+    got=$(/s/ldconfig -p | sha256sum) || echo "static run $i failed: $?"
+    [ "$got" = "$reference" ] || echo "static run $i printed something else"
+done
+for i in $(seq 50); do
+    /s/sha256sum /s/data || echo "dynamic run $i failed: $?"
+done
+perl -e '
+    open(my $f, "<", "/s/data") or die "open: $!";
+    my $len = -s $f;
+    my $addr = syscall(9, 0, $len, 1, 2, fileno($f), 0);
+    die "mmap: $!" if $addr == -1;
+    my $data = unpack("P$len", pack("J", $addr));
+    print "mmap ", length($data), " ", unpack("%32C*", $data), "
+";
+'
+"#;
+
+fn programs_run_from_a_share_run_the_host_bytes(k: &Kiln) {
+    let share = k.dir().join("share");
+    fs::create_dir_all(&share).expect("mkdir");
+    for (from, to) in [
+        ("/sbin/ldconfig", "ldconfig"),
+        ("/usr/bin/sha256sum", "sha256sum"),
+    ] {
+        fs::copy(from, share.join(to)).unwrap_or_else(|e| panic!("copy {from}: {e}"));
+    }
+    let sum = random_file(&share.join("data"), 4 << 20);
+    let data = fs::read(share.join("data")).expect("read data");
+    let byte_sum = data.iter().fold(0u32, |a, b| a.wrapping_add(u32::from(*b)));
+    let out = k.run(&[
+        "run",
+        "--share",
+        &format!("{}:/s:ro", share.display()),
+        "--",
+        "sh",
+        "-c",
+        SHARE_EXEC_SCRIPT,
+    ]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let mut expected = format!("{sum}  /s/data\n").repeat(50);
+    expected.push_str(&format!("mmap {} {byte_sum}\n", data.len()));
+    assert_eq!(stdout, expected, "stderr: {}", text(&out.stderr));
+    // Which device the share went through, and why, in one line.
+    assert!(
+        text(&out.stderr).contains("kiln: sharing through "),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+fn running_out_of_memory_is_an_answer_not_a_hang(k: &Kiln) {
+    // The shell keeps 400 MiB of output in memory, in a 128 MiB guest. The
+    // timeout only marks a hang: an answer is 137 and the note.
+    let out = k.run(&[
+        "run",
+        "--mem",
+        "128M",
+        "--timeout",
+        "300",
+        "--",
+        "sh",
+        "-c",
+        "x=$(head -c 400M /dev/zero | tr '\\0' a); echo survived",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(code(&out), 137, "{stderr}");
+    assert!(stderr.contains("ran out of memory"), "{stderr}");
+    assert!(stderr.contains("--mem 128M"), "{stderr}");
+    // The whole command was ended, and the guest still powered off cleanly
+    // (k.run checks nothing was left behind).
+    assert!(!text(&out.stdout).contains("survived"));
+}
+
+fn a_fork_bomb_meets_the_process_limit(k: &Kiln) {
+    // A bash fork bomb; the main shell waits 20 s without forking (read on
+    // a FIFO it holds open both ways), then says it is alive. The bomb hits
+    // the guest's process limit (or, in a small guest, its memory limit);
+    // either way the guest keeps answering and kiln stops the bomb.
+    let script = "mkfifo /tmp/p && exec 3<>/tmp/p && b() { b | b & }; b; \
+                  read -t 20 -u 3; echo alive";
+    let out = k.run(&[
+        "run",
+        "--mem",
+        "256M",
+        "--timeout",
+        "300",
+        "--",
+        "bash",
+        "-c",
+        script,
+    ]);
+    let stderr = text(&out.stderr);
+    assert_ne!(code(&out), 124, "the bomb outlived the run: {stderr}");
+    assert!(
+        stderr.contains("limit of") || stderr.contains("ran out of memory"),
+        "{stderr}"
+    );
 }
 
 fn disks_keep_their_order_and_by_id_names(k: &Kiln) {
@@ -736,6 +976,26 @@ fn bad_disk_option_is_a_usage_error() {
         text(&out.stderr).contains("unknown disk option 'format=vmdk'"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+#[test]
+fn character_device_disk_is_refused_before_boot() {
+    let k = Kiln::new(Backend::Auto);
+    // An empty cache: had kiln gone on towards a VM, it would have failed
+    // for the missing kernel instead.
+    let out = k
+        .command(&["run", "--disk", "/dev/null", "--", "true"])
+        .env("KILN_CACHE_DIR", k.dir().join("empty-cache"))
+        .output()
+        .expect("run");
+    k.assert_clean();
+    assert_eq!(code(&out), 125);
+    let err = text(&out.stderr);
+    assert!(err.contains("/dev/null is a character device"), "{err}");
+    assert!(
+        err.contains("--disk takes a regular image file, or a block device with ',device'"),
+        "{err}"
     );
 }
 

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The agent's version, sent in its hello.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -115,8 +115,13 @@ pub enum Reply {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
-    /// The command ended; sent after all of its output.
-    Exited { id: u32, status: ExitStatus },
+    /// The command ended; sent after all of its output. `limits` is what
+    /// its cgroup saw, where the agent runs commands in one.
+    Exited {
+        id: u32,
+        status: ExitStatus,
+        limits: Option<LimitsReport>,
+    },
     /// Metadata of a file requested with `GetFile`.
     FileHeader { id: u32, mode: u32, size: u64 },
     /// A chunk of a requested file; empty means end of file.
@@ -132,6 +137,21 @@ pub enum Reply {
     Failed { id: Option<u32>, message: String },
     /// Filesystems are synced; the VM powers off next.
     PoweringOff,
+}
+
+/// The limits a command ran into: the guest's commands share memory and
+/// process limits set below the guest's own (see the agent's limits.rs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsReport {
+    /// The command's processes the OOM killer ended.
+    pub oom_kills: u64,
+    /// The most memory the command used at once, in bytes.
+    pub memory_peak: u64,
+    /// What commands may use, in bytes.
+    pub memory_max: u64,
+    /// Forks and clones refused because commands had `pids_max` tasks.
+    pub pids_refused: u64,
+    pub pids_max: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,10 +259,18 @@ mod tests {
             Reply::Exited {
                 id: 1,
                 status: ExitStatus::Signal(9),
+                limits: Some(LimitsReport {
+                    oom_kills: 2,
+                    memory_peak: 80 << 20,
+                    memory_max: 80 << 20,
+                    pids_refused: 0,
+                    pids_max: 700,
+                }),
             },
             Reply::Exited {
                 id: 1,
                 status: ExitStatus::Code(-1),
+                limits: None,
             },
             Reply::FileHeader {
                 id: 2,

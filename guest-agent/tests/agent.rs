@@ -107,7 +107,7 @@ impl Agent {
             match self.recv() {
                 Reply::Stdout { id: i, data } if i == id => out.extend(data),
                 Reply::Stderr { id: i, data } if i == id => err.extend(data),
-                Reply::Exited { id: i, status } if i == id => return (out, err, status),
+                Reply::Exited { id: i, status, .. } if i == id => return (out, err, status),
                 other => panic!("unexpected {other:?}"),
             }
         }

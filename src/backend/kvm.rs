@@ -10,12 +10,12 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use kiln_agent::AGENT_PORT_NAME;
 use kiln_vmm::{AgentPort, DiskConfig, Exit, FsConfig, VmConfig, VmError};
 use serde::{Deserialize, Serialize};
 
-use super::{spawn_child, Backend, Vm, VmSpec};
+use super::{spawn_child, Backend, ShareDevice, ShareTransport, Vm, VmSpec};
 use crate::disk::DiskFormat;
 
 /// Set to `1` to run kiln-vmm's threads without their seccomp filters
@@ -93,11 +93,17 @@ impl VmmArgs {
             shares: spec
                 .shares
                 .iter()
-                .map(|s| VmmShare {
-                    socket: s.socket.clone(),
-                    tag: s.tag.clone(),
+                .map(|s| match &s.device {
+                    ShareDevice::Virtiofs { socket } => Ok(VmmShare {
+                        socket: socket.clone(),
+                        tag: s.tag.clone(),
+                    }),
+                    ShareDevice::NineP { dir, .. } => Err(anyhow!(
+                        "kiln-vmm has no virtio-9p device (share {}); it shares through virtiofsd",
+                        dir.display()
+                    )),
                 })
-                .collect(),
+                .collect::<Result<_>>()?,
             agent_socket: Some(spec.agent_socket.clone()),
             seccomp,
         })
@@ -209,6 +215,14 @@ impl Backend for Kvm {
         }
     }
 
+    fn share_transport(&self) -> (ShareTransport, &'static str) {
+        (
+            ShareTransport::Virtiofs,
+            "virtio-fs through virtiofsd (kiln-vmm runs guest code on KVM, which sees \
+             virtiofsd's writes to guest memory)",
+        )
+    }
+
     fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
         let args = VmmArgs::from_spec(spec, self.seccomp)?;
         let json = serde_json::to_string(&args).context("describing the VM for kiln-vmm")?;
@@ -222,7 +236,7 @@ impl Backend for Kvm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{DiskSpec, ShareSpec};
+    use crate::backend::{DiskSpec, ShareDevice, ShareSpec};
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -246,8 +260,10 @@ mod tests {
                 },
             ],
             shares: vec![ShareSpec {
-                socket: "/run/fs0.sock".into(),
                 tag: "kilnfs0".into(),
+                device: ShareDevice::Virtiofs {
+                    socket: "/run/fs0.sock".into(),
+                },
             }],
             agent_socket: "/run/agent.sock".into(),
             echo_console: false,

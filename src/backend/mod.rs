@@ -47,9 +47,25 @@ pub struct DiskSpec {
 
 #[derive(Debug, Clone)]
 pub struct ShareSpec {
-    /// The vhost-user socket of the virtiofsd serving this share.
-    pub socket: PathBuf,
+    /// The mount tag the guest finds the share by.
     pub tag: String,
+    pub device: ShareDevice,
+}
+
+/// The device a share reaches the guest through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShareDevice {
+    /// virtio-fs, served by a vhost-user backend (virtiofsd) on `socket`.
+    Virtiofs { socket: PathBuf },
+    /// virtio-9p, served by QEMU itself from `dir`.
+    NineP { dir: PathBuf, readonly: bool },
+}
+
+/// Which share device a backend takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShareTransport {
+    Virtiofs,
+    NineP,
 }
 
 /// A started VM.
@@ -110,6 +126,9 @@ fn spawn_child(mut cmd: Command, what: &str, echo_console: bool) -> Result<Box<d
 
 pub trait Backend {
     fn name(&self) -> String;
+    /// The device `--share` goes through on this backend, and why, in the
+    /// words of the one line kiln prints when there are shares.
+    fn share_transport(&self) -> (ShareTransport, &'static str);
     fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>>;
 }
 

@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 use kiln_agent::AGENT_PORT_NAME;
 
-use super::{spawn_child, Backend, Vm, VmSpec};
+use super::{spawn_child, Backend, ShareDevice, ShareTransport, Vm, VmSpec};
 
 /// qemu-system-x86_64: `$KILN_QEMU`, else from PATH.
 pub fn binary() -> Result<PathBuf> {
@@ -19,6 +19,7 @@ pub fn binary() -> Result<PathBuf> {
     }
 }
 
+#[derive(Clone)]
 pub struct Qemu {
     binary: PathBuf,
     kvm: bool,
@@ -47,10 +48,14 @@ impl Qemu {
         let mut a: Vec<String> = Vec::new();
         let mut push = |parts: &[&str]| a.extend(parts.iter().map(|s| s.to_string()));
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
-        // With shares, the guest's memory is a shared memfd that vhost-user
-        // backends (virtiofsd) can map; without, plain anonymous memory is
-        // faster to set up.
-        if spec.shares.is_empty() {
+        // With virtio-fs shares, the guest's memory is a shared memfd that
+        // vhost-user backends (virtiofsd) can map; without, plain anonymous
+        // memory is faster to set up.
+        let vhost_user = spec
+            .shares
+            .iter()
+            .any(|s| matches!(s.device, ShareDevice::Virtiofs { .. }));
+        if !vhost_user {
             push(&[
                 "-M",
                 "microvm,x-option-roms=off,rtc=on,acpi=off,isa-serial=on",
@@ -108,17 +113,35 @@ impl Qemu {
         ]);
         push(&["-device", "virtio-rng-device"]);
         for (i, s) in spec.shares.iter().enumerate() {
-            push(&[
-                "-chardev",
-                &format!(
-                    "socket,id=fs{i},path={}",
-                    escape(&s.socket.to_string_lossy())
-                ),
-            ]);
-            push(&[
-                "-device",
-                &format!("vhost-user-fs-device,chardev=fs{i},tag={}", s.tag),
-            ]);
+            match &s.device {
+                ShareDevice::Virtiofs { socket } => {
+                    push(&[
+                        "-chardev",
+                        &format!("socket,id=fs{i},path={}", escape(&socket.to_string_lossy())),
+                    ]);
+                    push(&[
+                        "-device",
+                        &format!("vhost-user-fs-device,chardev=fs{i},tag={}", s.tag),
+                    ]);
+                }
+                ShareDevice::NineP { dir, readonly } => {
+                    // security_model=none: files are created as the user
+                    // kiln runs as, and a guest chown that user may not make
+                    // is not an error (as with virtiofsd unprivileged).
+                    let mut fsdev = format!(
+                        "local,id=fs{i},path={},security_model=none",
+                        escape(&dir.to_string_lossy())
+                    );
+                    if *readonly {
+                        fsdev.push_str(",readonly=on");
+                    }
+                    push(&["-fsdev", &fsdev]);
+                    push(&[
+                        "-device",
+                        &format!("virtio-9p-device,fsdev=fs{i},mount_tag={}", s.tag),
+                    ]);
+                }
+            }
         }
         a
     }
@@ -141,6 +164,25 @@ impl Backend for Qemu {
         format!("qemu ({})", if self.kvm { "kvm" } else { "tcg" })
     }
 
+    fn share_transport(&self) -> (ShareTransport, &'static str) {
+        if self.kvm {
+            (
+                ShareTransport::Virtiofs,
+                "virtio-fs through virtiofsd (QEMU runs guest code on KVM, which sees \
+                 virtiofsd's writes to guest memory)",
+            )
+        } else {
+            // TCG drops translated code when a page is written through
+            // QEMU; virtiofsd writes file data into guest memory from its
+            // own process, so code read through virtio-fs could run stale.
+            (
+                ShareTransport::NineP,
+                "virtio-9p served by QEMU (under TCG, code read through virtio-fs can \
+                 run stale: virtiofsd's writes to guest memory bypass QEMU's code cache)",
+            )
+        }
+    }
+
     fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
         let mut cmd = Command::new(&self.binary);
         cmd.args(self.args(spec));
@@ -151,6 +193,7 @@ impl Backend for Qemu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::ShareSpec;
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -188,5 +231,65 @@ mod tests {
         assert_eq!(append(&kvm), "console=ttyS0");
         let unknown = Qemu { kvm: false, ..kvm };
         assert_eq!(append(&unknown), "console=ttyS0");
+    }
+
+    fn shared(q: &Qemu, device: ShareDevice) -> String {
+        let spec = VmSpec {
+            shares: vec![ShareSpec {
+                tag: "kiln-share0".into(),
+                device,
+            }],
+            ..spec()
+        };
+        q.args(&spec).join(" ")
+    }
+
+    #[test]
+    fn shares_are_9p_under_tcg_and_virtio_fs_under_kvm() {
+        let tcg = Qemu {
+            binary: PathBuf::from("qemu"),
+            kvm: false,
+            tsc_khz: None,
+        };
+        let kvm = Qemu {
+            kvm: true,
+            ..tcg.clone()
+        };
+        assert_eq!(tcg.share_transport().0, ShareTransport::NineP);
+        assert_eq!(kvm.share_transport().0, ShareTransport::Virtiofs);
+
+        let nine_p = shared(
+            &tcg,
+            ShareDevice::NineP {
+                dir: "/a,b".into(),
+                readonly: true,
+            },
+        );
+        assert!(
+            nine_p.contains("-fsdev local,id=fs0,path=/a,,b,security_model=none,readonly=on"),
+            "{nine_p}"
+        );
+        assert!(
+            nine_p.contains("-device virtio-9p-device,fsdev=fs0,mount_tag=kiln-share0"),
+            "{nine_p}"
+        );
+        // QEMU serves 9p itself: no shared memfd, no vhost-user.
+        assert!(!nine_p.contains("memory-backend"), "{nine_p}");
+
+        let fs = shared(
+            &kvm,
+            ShareDevice::Virtiofs {
+                socket: "/r/fs0.sock".into(),
+            },
+        );
+        assert!(fs.contains("memory-backend-memfd,id=mem"), "{fs}");
+        assert!(
+            fs.contains("-chardev socket,id=fs0,path=/r/fs0.sock"),
+            "{fs}"
+        );
+        assert!(
+            fs.contains("vhost-user-fs-device,chardev=fs0,tag=kiln-share0"),
+            "{fs}"
+        );
     }
 }

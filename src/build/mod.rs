@@ -20,6 +20,7 @@ use kiln_agent::ExecRequest;
 use crate::backend::{BackendChoice, DiskSpec};
 use crate::disk::DiskFormat;
 use crate::guest::{Guest, GuestConfig};
+use crate::owned_dir::{self, OwnedDir};
 use crate::recipe::{Checked, Format};
 use crate::session::ExecOutcome;
 
@@ -58,35 +59,18 @@ fn epoch(c: &Checked) -> Result<u64> {
     Ok(1_577_836_800 + n % (5 * 365 * 86_400))
 }
 
-/// Removes, on drop, every file in the output directory whose name starts
-/// with the build's temporary prefix: whatever way the build ends, no
-/// partial output stays behind.
-struct Sweep {
-    dir: PathBuf,
-    prefix: String,
-    /// kiln made the directory: a build that ends with nothing in it
-    /// removes it too.
-    created: bool,
-}
+/// The build's work directory in the output directory: `.kiln-build-<random>`.
+const WORK_PREFIX: &str = ".kiln-build-";
 
-impl Drop for Sweep {
+/// Removes, on drop, the output directory kiln made for a build that ends
+/// with nothing in it.
+struct RemoveIfEmpty(Option<PathBuf>);
+
+impl Drop for RemoveIfEmpty {
     fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&self.prefix) {
-                let p = e.path();
-                let _ = if p.is_dir() {
-                    std::fs::remove_dir_all(&p)
-                } else {
-                    std::fs::remove_file(&p)
-                };
-            }
-        }
-        if self.created {
+        if let Some(dir) = &self.0 {
             // Fails, as it should, unless the directory is empty.
-            let _ = std::fs::remove_dir(&self.dir);
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }
@@ -230,17 +214,16 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         .out_dir
         .canonicalize()
         .with_context(|| format!("output directory {}", opts.out_dir.display()))?;
-    let prefix = format!(".kiln-build-{}-", std::process::id());
-    let _sweep = Sweep {
-        dir: out_dir.clone(),
-        prefix: prefix.clone(),
-        created,
-    };
-    // Scratch space beside the outputs: /tmp may be a small tmpfs.
-    let work = tempfile::Builder::new()
-        .prefix(&prefix)
-        .tempdir_in(&out_dir)
+    // What builds killed outright left here.
+    owned_dir::sweep(&out_dir, |n| n.starts_with(WORK_PREFIX));
+    let _remove_if_empty = RemoveIfEmpty(created.then(|| out_dir.clone()));
+    // Scratch space beside the outputs: /tmp may be a small tmpfs. Every
+    // partial output is made in it too, so whatever way the build ends,
+    // none stays behind.
+    let work = OwnedDir::new_in(&out_dir, WORK_PREFIX)
         .with_context(|| format!("creating a work directory in {}", out_dir.display()))?;
+    let outputs_dir = work.path().join("outputs");
+    std::fs::create_dir(&outputs_dir)?;
     let mut progress = Progress {
         json: opts.json,
         times: Vec::new(),
@@ -377,16 +360,18 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         let mut log = log.into_inner();
         log.bar.finish_and_clear();
         let outcome = outcome.with_context(|| format!("step '{}' failed", step.name))?;
+        let limits = outcome.limits_note(opts.mem_mib);
         let code = match outcome {
-            ExecOutcome::Exited(s) => s.shell_code().unwrap_or(1),
+            ExecOutcome::Exited { status, .. } => status.shell_code().unwrap_or(1),
             ExecOutcome::NotFound => 127,
             ExecOutcome::NotExecutable(_) => 126,
         };
         if code != 0 {
             bail!(
-                "step '{}' failed with exit status {code}; its last output:\n{}\n\
+                "step '{}' failed with exit status {code}{}; its last output:\n{}\n\
                  (nothing was written to {})",
                 step.name,
+                limits.map(|n| format!(" ({n})")).unwrap_or_default(),
                 log.tail(),
                 out_dir.display()
             );
@@ -414,7 +399,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     let conv = output::Converter {
         out_dir: &out_dir,
         name: &c.name,
-        temp_prefix: &prefix,
+        temp_dir: &outputs_dir,
         epoch,
         compress: c.recipe.output.compress,
         qcow2_backing: c.recipe.output.qcow2_backing.as_deref(),
@@ -435,7 +420,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     // All complete: now they take their final names.
     let sums = outputs
         .iter()
-        .map(|o| output::write_sha256(o, &prefix))
+        .map(|o| output::write_sha256(o, &outputs_dir))
         .collect::<Result<Vec<_>>>()?;
     if crate::interrupt::requested() {
         bail!(crate::run::RunError::Interrupted);

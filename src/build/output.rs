@@ -1,7 +1,8 @@
 //! Turning the built raw disk (and live iso) into the formats people
 //! deploy, with qemu-img; the OVA for VirtualBox; compression; a sha256
-//! beside each. Everything is written under a temporary name in the output
-//! directory and renamed into place only when every output is complete.
+//! beside each. Everything is written in the build's work directory, inside
+//! the output directory (so on its filesystem), and renamed into place only
+//! when every output is complete.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -50,8 +51,9 @@ pub fn sha256_file(p: &Path) -> Result<String> {
 pub struct Converter<'a> {
     pub out_dir: &'a Path,
     pub name: &'a str,
-    /// Temporary names start with this, so a failure can sweep them.
-    pub temp_prefix: &'a str,
+    /// Where outputs are made, on the output directory's filesystem; it
+    /// goes with the build's work directory, however the build ends.
+    pub temp_dir: &'a Path,
     pub epoch: u64,
     pub compress: Compression,
     pub qcow2_backing: Option<&'a Path>,
@@ -60,8 +62,7 @@ pub struct Converter<'a> {
 
 impl Converter<'_> {
     fn temp(&self, ext: &str) -> PathBuf {
-        self.out_dir
-            .join(format!("{}{}.{ext}", self.temp_prefix, self.name))
+        self.temp_dir.join(format!("{}.{ext}", self.name))
     }
 
     /// Makes `format` from the raw disk (or, for iso, takes the iso).
@@ -128,8 +129,8 @@ impl Converter<'_> {
     /// streamOptimized vmdk, in a ustar archive in that order (OVF 1.x).
     fn ova(&self, raw: &Path, tmp: &Path) -> Result<()> {
         let dir = tempfile::Builder::new()
-            .prefix(self.temp_prefix)
-            .tempdir_in(self.out_dir)?;
+            .prefix("ova-")
+            .tempdir_in(self.temp_dir)?;
         let disk_name = format!("{}-disk1.vmdk", self.name);
         let disk = dir.path().join(&disk_name);
         convert(raw, &disk, "vmdk", "subformat=streamOptimized", None)?;
@@ -304,15 +305,16 @@ pub fn ovf_descriptor(name: &str, disk_file: &str, file_size: u64, capacity: u64
     )
 }
 
-/// Writes `NAME.sha256` beside an output, in sha256sum's format.
-pub fn write_sha256(out: &Output, temp_prefix: &str) -> Result<(PathBuf, PathBuf)> {
+/// Writes `NAME.sha256` for an output, in sha256sum's format, in
+/// `temp_dir`; returns it and the name it is to take beside the output.
+pub fn write_sha256(out: &Output, temp_dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let file_name = out
         .final_path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let dir = out.final_path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!("{temp_prefix}{file_name}.sha256"));
+    let tmp = temp_dir.join(format!("{file_name}.sha256"));
     let mut f = File::create(&tmp)?;
     writeln!(f, "{}  {file_name}", out.sha256)?;
     f.sync_all()?;

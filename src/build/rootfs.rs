@@ -12,6 +12,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::backend::qemu::which;
+use crate::owned_dir::{self, OwnedDir};
+use crate::process::tie;
 use crate::recipe::RootSource;
 use crate::{cache, job};
 
@@ -88,7 +90,7 @@ fn tarball(p: &Path, work: &Path) -> Result<RootTar> {
     // decompressor (zstd rejects trailing zeros): decompress it here.
     let tool = &flag[2..];
     let out = work.join("root.tar");
-    let status = Command::new(tool)
+    let status = tie(&mut Command::new(tool))
         .arg("-dc")
         .arg(p)
         .stdout(File::create(&out)?)
@@ -105,7 +107,7 @@ fn tarball(p: &Path, work: &Path) -> Result<RootTar> {
 
 fn directory(d: &Path, epoch: u64, work: &Path) -> Result<RootTar> {
     let out = work.join("root.tar");
-    let status = Command::new("tar")
+    let status = tie(&mut Command::new("tar"))
         .args([
             "--sort=name",
             "--numeric-owner",
@@ -180,7 +182,7 @@ fn debian(
     if !root && which("newuidmap").is_none() {
         bail!("newuidmap not found, needed for an unprivileged bootstrap: sudo apt-get install uidmap");
     }
-    let scratch = tempfile::Builder::new().prefix("kiln-rootfs-").tempdir()?;
+    let scratch = OwnedDir::new(owned_dir::ROOTFS).context("creating a work directory")?;
     let mut cmd = Command::new("mmdebstrap");
     cmd.arg(if root {
         "--mode=root"

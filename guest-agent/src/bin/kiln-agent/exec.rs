@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use kiln_agent::frame::DATA_CHUNK;
 use kiln_agent::{ExecRequest, ExitStatus, Reply, SpawnErrorKind};
 
-use crate::reaper;
 use crate::serve::Outbox;
+use crate::{limits, reaper};
 
 const BASE_ENV: &[(&str, &str)] = &[
     (
@@ -131,6 +131,15 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
     if let Some(cwd) = &req.cwd {
         cmd.current_dir(cwd);
     }
+    let group = limits::Group::create(id).map(Arc::new);
+    if let Some(g) = &group {
+        let g = g.clone();
+        // SAFETY: `enter` makes only async-signal-safe calls (open, write,
+        // close) on memory prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || g.enter());
+        }
+    }
 
     let mut guard = reaper::spawn_guard();
     let mut child = match cmd.spawn() {
@@ -153,6 +162,9 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
     let pid = child.id();
     guard.track(pid);
     drop(guard);
+    // The command holds a reference to the group (for the child's hook);
+    // without it, the waiter's is the last and its drop ends the group.
+    drop(cmd);
     out.send(&Reply::Started { id, pid });
 
     let drain = Arc::new(Drain::default());
@@ -198,7 +210,13 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
             };
             reaper::untrack(pid);
             wait_for_output(&done_rx, &drain, Instant::now());
-            waiter_out.send(&Reply::Exited { id, status });
+            let limits = group.map(|g| {
+                let report = g.report();
+                // Ends what the command left running, and the group.
+                drop(g);
+                report
+            });
+            waiter_out.send(&Reply::Exited { id, status, limits });
         });
     if waiter.is_err() {
         // No thread to wait for it (the guest is out of resources): stop the
@@ -211,6 +229,7 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
         out.send(&Reply::Exited {
             id,
             status: ExitStatus::Signal(nix::libc::SIGKILL),
+            limits: None,
         });
     }
     Some(Running {

@@ -9,6 +9,7 @@ mod disks;
 mod exec;
 mod files;
 mod init;
+mod limits;
 mod port;
 mod reaper;
 mod serve;
@@ -41,6 +42,11 @@ fn main() -> ExitCode {
     }
     if pid1 {
         reaper::start();
+        if boot_error.is_none() {
+            if let Err(e) = limits::setup() {
+                eprintln!("kiln-agent: commands run without memory and process limits: {e}");
+            }
+        }
     }
     disks::link_by_id();
     if boot_error.is_none() {
