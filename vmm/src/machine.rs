@@ -22,7 +22,8 @@ use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::mmio::{reg, MmioTransport, WINDOW};
 use crate::devices::virtio::{IrqLine, VirtioDevice};
 use crate::event_loop::{EventLoop, QueueNotifier};
-use crate::{boot, memory, mptable, seccomp, vcpu};
+use crate::memory::{self, Backing};
+use crate::{boot, mptable, seccomp, vcpu};
 
 /// The first interrupt line given to virtio devices.
 pub const VIRTIO_IRQ_BASE: u32 = 5;
@@ -158,7 +159,8 @@ pub struct Machine<W: Write> {
     vm: VmFd,
     vcpus: Vec<VcpuFd>,
     mem: GuestMemoryMmap,
-    memfd: File,
+    /// Behind `mem` when it is shared ([`Backing::Shared`]).
+    memfd: Option<File>,
     bus: Bus<W>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     notifiers: Vec<QueueNotifier>,
@@ -175,9 +177,19 @@ impl<W: Write + Send> Machine<W> {
         Self::with_vcpus(mem_size, 1, console)
     }
 
-    /// A machine with `vcpus` vCPUs. vCPU 0 boots; the others wait in
-    /// KVM's initial state for the guest's INIT/SIPI.
+    /// A machine with `vcpus` vCPUs and private memory. vCPU 0 boots; the
+    /// others wait in KVM's initial state for the guest's INIT/SIPI.
     pub fn with_vcpus(mem_size: u64, vcpus: u8, console: W) -> Result<Self, MachineError> {
+        Self::with_memory(mem_size, Backing::Private, vcpus, console)
+    }
+
+    /// A machine with `vcpus` vCPUs and memory made of `backing`.
+    pub fn with_memory(
+        mem_size: u64,
+        backing: Backing,
+        vcpus: u8,
+        console: W,
+    ) -> Result<Self, MachineError> {
         if vcpus == 0 || vcpus > mptable::MAX_CPUS {
             return Err(MachineError::VcpuCount(vcpus));
         }
@@ -189,8 +201,8 @@ impl<W: Write + Send> Machine<W> {
             .create_vm()
             .map_err(|e| MachineError::Setup("create VM", e))?;
         let t = times.record("KVM_CREATE_VM", t);
-        let (mem, memfd) = memory::create(mem_size)?;
-        let t = times.record("memory: memfd + mmap", t);
+        let (mem, memfd) = memory::create(mem_size, backing)?;
+        let t = times.record("memory: mmap", t);
         for (slot, region) in GuestMemoryBackend::iter(&mem).enumerate() {
             let host = GuestMemoryBackend::get_host_address(&mem, region.start_addr())
                 .map_err(|e| MachineError::Load(region.start_addr().raw_value(), e))?;
@@ -287,9 +299,10 @@ impl<W: Write + Send> Machine<W> {
         Stopper(self.state.clone())
     }
 
-    /// The guest memory and the memfd behind it (vhost-user backends map it).
-    pub fn memory(&self) -> (&GuestMemoryMmap, &File) {
-        (&self.mem, &self.memfd)
+    /// The guest memory and, if it is shared, the memfd behind it
+    /// (vhost-user backends map it).
+    pub fn memory(&self) -> (&GuestMemoryMmap, Option<&File>) {
+        (&self.mem, self.memfd.as_ref())
     }
 
     pub fn vm(&self) -> &VmFd {

@@ -1,5 +1,5 @@
-//! Guest memory: one memfd mapped into kiln-vmm and, through its file
-//! descriptor, shareable with vhost-user backends (virtiofsd).
+//! Guest memory: private anonymous memory, or, when vhost-user backends
+//! (virtiofsd) must map it too, one memfd shared through its descriptor.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -35,11 +35,28 @@ pub fn memfd(name: &str, size: u64) -> Result<File, MemoryError> {
     Ok(file)
 }
 
-/// `size` bytes of guest memory at guest physical address 0, backed by a
-/// memfd.
-pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
+/// What guest memory is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory: the cheapest to fault in, which a boot
+    /// does for every page it touches (under nested KVM each first touch
+    /// is an exit to L1's kernel, and a shmem fault there costs more than
+    /// an anonymous one).
+    Private,
+    /// A memfd that vhost-user backends (virtiofsd) can map too.
+    Shared,
+}
+
+/// `size` bytes of guest memory at guest physical address 0, and, for
+/// [`Backing::Shared`], the memfd behind them.
+pub fn create(size: u64, backing: Backing) -> Result<(GuestMemoryMmap, Option<File>), MemoryError> {
     if size < 0x10_0000 || size % 4096 != 0 {
         return Err(MemoryError::BadSize(size));
+    }
+    if backing == Backing::Private {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(MemoryError::Map)?;
+        return Ok((mem, None));
     }
     let file = memfd("kiln-guest-ram", size)?;
     let region_file = file.try_clone().map_err(MemoryError::Memfd)?;
@@ -49,5 +66,32 @@ pub fn create(size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
         Some(FileOffset::new(region_file, 0)),
     )])
     .map_err(MemoryError::Map)?;
-    Ok((mem, file))
+    Ok((mem, Some(file)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn private_memory_has_no_file_and_shared_memory_is_one_memfd() {
+        let (mem, file) = create(2 << 20, Backing::Private).expect("private");
+        assert!(file.is_none());
+        assert!(mem.read_obj::<u8>(GuestAddress((2 << 20) - 1)).is_ok());
+        assert!(mem.read_obj::<u8>(GuestAddress(2 << 20)).is_err());
+        mem.write_obj(0xabu8, GuestAddress(4096)).expect("write");
+        let (mem, file) = create(2 << 20, Backing::Shared).expect("shared");
+        let file = file.expect("a memfd");
+        assert_eq!(file.metadata().expect("stat").len(), 2 << 20);
+        // The file is the memory: what the guest writes, a backend reads.
+        mem.write_obj(0xcdu8, GuestAddress(4096)).expect("write");
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, 4096).expect("read");
+        assert_eq!(b[0], 0xcd);
+        assert!(matches!(
+            create(1000, Backing::Private),
+            Err(MemoryError::BadSize(1000))
+        ));
+    }
 }

@@ -12,6 +12,7 @@ use crate::devices::virtio::console::{Console, ConsoleError, PortConfig};
 use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::rng::Rng;
 use crate::machine::{Exit, Machine, MachineError, Stopper};
+use crate::memory::Backing;
 
 /// The first bytes of a qcow2 image.
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -79,6 +80,8 @@ pub enum VmError {
     Fs(String, FsError),
     #[error("{0} MiB of guest memory is too little (at least 16 MiB)")]
     Memory(u32),
+    #[error("virtio-fs needs guest memory that virtiofsd can map, and it is private")]
+    PrivateMemory,
 }
 
 /// A machine built from a [`VmConfig`], ready to run.
@@ -91,8 +94,15 @@ impl Vm {
         if config.mem_mib < 16 {
             return Err(VmError::Memory(config.mem_mib));
         }
-        let mut machine = Machine::with_vcpus(
+        // Shared memory only for the vhost-user backends that map it.
+        let backing = if config.fs.is_empty() {
+            Backing::Private
+        } else {
+            Backing::Shared
+        };
+        let mut machine = Machine::with_memory(
             u64::from(config.mem_mib) << 20,
+            backing,
             config.vcpus,
             config.console,
         )?;
@@ -130,6 +140,7 @@ impl Vm {
         }
         for f in &config.fs {
             let (mem, memfd) = machine.memory();
+            let memfd = memfd.ok_or(VmError::PrivateMemory)?;
             let fs = Fs::connect(&f.socket_path, &f.tag, mem.clone(), memfd)
                 .map_err(|e| VmError::Fs(f.tag.clone(), e))?;
             announce(&machine, &mut cmdline);

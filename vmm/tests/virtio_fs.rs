@@ -67,7 +67,8 @@ fn virtiofsd_answers_fuse_init_through_our_rings() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 
-    let (mem, memfd) = memory::create(64 << 20).expect("memory");
+    let (mem, memfd) = memory::create(64 << 20, memory::Backing::Shared).expect("memory");
+    let memfd = memfd.expect("shared memory has a memfd");
     let mut fs = Fs::connect(&socket, "kiln-shared", mem.clone(), &memfd).expect("connect");
     assert_eq!(fs.device_type(), 26);
     assert_ne!(fs.features() & VIRTIO_F_VERSION_1, 0);
