@@ -36,9 +36,16 @@ pub struct GuestConfig {
     pub boot_timeout: f64,
 }
 
-/// Watches the VM while kiln waits on the guest.
+/// Watches the VM, and the virtiofsd daemons serving its shares, while
+/// kiln waits on the guest.
 pub struct VmWatch {
+    // Field order is drop order: the VM goes first, then the daemons it
+    // used.
     vm: Box<dyn Vm>,
+    shares: Vec<Share>,
+    /// Whether the guest still uses its shares: once it has powered off,
+    /// virtiofsd ends when the hypervisor hangs up, as it should.
+    shares_in_use: bool,
     deadline: Option<Instant>,
     timeout: u64,
 }
@@ -84,6 +91,11 @@ impl Watch for VmWatch {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             bail!(RunError::Timeout(self.timeout));
         }
+        if self.shares_in_use {
+            for s in &mut self.shares {
+                s.check()?;
+            }
+        }
         Ok(())
     }
 
@@ -110,10 +122,10 @@ impl Watch for VmWatch {
 /// [`Guest::shutdown`] is the clean way out.
 pub struct Guest {
     // Field order is drop order: the VM goes first, then the daemons it
-    // used, then the runtime directory holding their sockets.
+    // used (both in the watch), then the runtime directory holding their
+    // sockets.
     watch: VmWatch,
     session: Session,
-    shares: Vec<Share>,
     _runtime: OwnedDir,
 }
 
@@ -183,6 +195,8 @@ impl Guest {
         let vm = backend.launch(&spec)?;
         let mut watch = VmWatch {
             vm,
+            shares,
+            shares_in_use: true,
             deadline: cfg.timeout.map(|t| started + Duration::from_secs(t)),
             timeout: cfg.timeout.unwrap_or(0),
         };
@@ -195,11 +209,10 @@ impl Guest {
         let mut guest = Guest {
             watch,
             session,
-            shares,
             _runtime: runtime,
         };
-        for i in 0..guest.shares.len() {
-            let m = guest.shares[i].mount_request();
+        for i in 0..guest.watch.shares.len() {
+            let m = guest.watch.shares[i].mount_request();
             guest.session.mount(m, &mut guest.watch)?;
         }
         Ok(guest)
@@ -227,6 +240,7 @@ impl Guest {
     pub fn shutdown(mut self) -> Result<()> {
         self.session.poweroff(&mut self.watch)?;
         // The guest has synced; it now restarts, which ends the VM.
+        self.watch.shares_in_use = false;
         let limit = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.watch.vm.try_wait()? {
@@ -292,6 +306,8 @@ mod tests {
                 status,
                 console: Console::new(),
             }),
+            shares: Vec::new(),
+            shares_in_use: true,
             deadline: None,
             timeout: 0,
         };

@@ -3,7 +3,8 @@
 //! without root (device nodes are just archive entries).
 
 use std::fs;
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -24,15 +25,29 @@ enum Node<'a> {
 
 /// The initramfs for the embedded agent, written into the cache on first use.
 pub fn path() -> Result<PathBuf> {
-    let dir = cache::root()?.join("initramfs");
+    path_in(&cache::root()?)
+}
+
+/// The initramfs in the cache at `root`. The cached copy is compared with
+/// the archive in full on every use (0.75 MB, well under a millisecond),
+/// and written again if it differs, so a damaged one heals itself. It is
+/// written to a temp file renamed into place: kilns starting at once each
+/// write theirs, one rename wins, and every reader sees a whole archive.
+fn path_in(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("initramfs");
     let file = dir.join(format!("{}.cpio", &cache::hash(&[AGENT])[..16]));
-    if file.exists() {
+    let want = archive(AGENT);
+    if fs::read(&file).is_ok_and(|have| have == want) {
         return Ok(file);
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(&dir)
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".initramfs-")
+        .tempfile_in(&dir)
         .with_context(|| format!("creating a file in {}", dir.display()))?;
-    std::io::Write::write_all(&mut tmp, &archive(AGENT))?;
+    tmp.write_all(&want)
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", tmp.path().display()))?;
     tmp.persist(&file)
         .with_context(|| format!("writing {}", file.display()))?;
     Ok(file)
@@ -128,6 +143,35 @@ mod tests {
         assert_eq!(a, archive(b"#!/bin/true\n"));
         assert_eq!(a.len() % 4, 0);
         assert!(a.starts_with(b"070701"));
+    }
+
+    #[test]
+    fn the_cached_copy_is_whole_written_once_and_healed() {
+        let root = tempfile::tempdir().expect("tempdir");
+        // Kilns starting at once on an empty cache.
+        let racers: Vec<_> = (0..4)
+            .map(|_| {
+                let root = root.path().to_path_buf();
+                std::thread::spawn(move || path_in(&root).expect("initramfs"))
+            })
+            .collect();
+        let paths: Vec<PathBuf> = racers
+            .into_iter()
+            .map(|r| r.join().expect("racer"))
+            .collect();
+        assert!(paths.iter().all(|p| *p == paths[0]));
+        let names: Vec<_> = fs::read_dir(root.path().join("initramfs"))
+            .expect("readdir")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "one file, no temp files: {names:?}");
+        assert_eq!(fs::read(&paths[0]).expect("read"), archive(AGENT));
+
+        // Cut short (a crash before the data reached the disk): rewritten.
+        fs::write(&paths[0], b"").expect("truncate");
+        assert_eq!(path_in(root.path()).expect("again"), paths[0]);
+        assert_eq!(fs::read(&paths[0]).expect("read"), archive(AGENT));
     }
 
     #[test]

@@ -86,16 +86,40 @@ fn entry_name(version: &str) -> String {
     format!("{}-{v}", config_hash())
 }
 
+/// The files of an entry kiln uses, checked against its manifest.
+const FILES: &[&str] = &["vmlinux", "release"];
+/// What rebuilds a damaged entry.
+const REBUILD: &str = "kiln kernel build --force";
+
 fn complete(dir: &Path) -> bool {
-    dir.join("vmlinux").is_file() && dir.join("release").is_file()
+    FILES.iter().all(|f| dir.join(f).is_file())
+}
+
+/// Whether the entry `dir` can be used as it is: complete and undamaged.
+/// Damage is said, as the build that follows replaces the entry.
+fn usable(dir: &Path) -> bool {
+    if !complete(dir) {
+        return false;
+    }
+    match cache::verify(dir, FILES, REBUILD) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("kiln: {}; building it again", e.what());
+            false
+        }
+    }
 }
 
 /// The built kernel for the current config: the one for the installed source
 /// version if built, else the newest built from this config.
 pub fn locate() -> Result<Kernel> {
-    let dir = kernel_dir()?;
+    locate_in(&kernel_dir()?)
+}
+
+/// [`locate`] in the kernel directory `dir` of a cache.
+fn locate_in(dir: &Path) -> Result<Kernel> {
     let prefix = format!("{}-", config_hash());
-    let mut built: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(&dir)
+    let mut built: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
@@ -114,13 +138,17 @@ pub fn locate() -> Result<Kernel> {
         if let Some(v) = source_version()? {
             let d = dir.join(entry_name(&v));
             if complete(&d) {
+                cache::verify(&d, FILES, REBUILD)?;
                 return Ok(Kernel { dir: d });
             }
         }
     }
     built.sort();
     match built.pop() {
-        Some((_, dir)) => Ok(Kernel { dir }),
+        Some((_, dir)) => {
+            cache::verify(&dir, FILES, REBUILD)?;
+            Ok(Kernel { dir })
+        }
         None => bail!(
             "the guest kernel is not built yet: run 'kiln kernel build' \
              (a few minutes, once; needs: {INSTALL_HINT})"
@@ -137,7 +165,7 @@ pub fn build(force: bool) -> Result<Kernel> {
         );
     };
     let dest = kernel_dir()?.join(entry_name(&version));
-    let staging = match cache::Staging::begin(&dest, force, complete)? {
+    let staging = match cache::Staging::begin(&dest, force, usable)? {
         cache::Begin::Done(dir) => return Ok(Kernel { dir }),
         cache::Begin::Build(s) => s,
     };
@@ -162,6 +190,37 @@ pub fn build(force: bool) -> Result<Kernel> {
         let _ = fs::copy(&log, &kept);
         return Err(e);
     }
-    let dir = staging.commit()?;
+    let dir = staging.commit_with_manifest(FILES)?;
     Ok(Kernel { dir })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kernel entry as `kiln kernel build` publishes it, in `dir`.
+    fn built(dir: &Path, vmlinux: &[u8]) -> PathBuf {
+        let dest = dir.join(entry_name("6.1.0-test"));
+        let cache::Begin::Build(s) = cache::Staging::begin(&dest, false, usable).expect("begin")
+        else {
+            panic!("nothing built yet");
+        };
+        fs::write(s.path().join("vmlinux"), vmlinux).expect("write");
+        fs::write(s.path().join("release"), "6.1.0-test\n").expect("write");
+        s.commit_with_manifest(FILES).expect("commit")
+    }
+
+    #[test]
+    fn a_damaged_kernel_names_the_command_that_rebuilds_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let entry = built(dir.path(), &[7u8; 64 << 10]);
+        assert_eq!(locate_in(dir.path()).expect("as built").dir, entry);
+        // Truncated, as by a full disk or a copy cut short.
+        let vmlinux = entry.join("vmlinux");
+        fs::write(&vmlinux, [7u8; 100]).expect("truncate");
+        let e = format!("{:#}", locate_in(dir.path()).expect_err("truncated"));
+        assert!(e.contains(&vmlinux.display().to_string()), "{e}");
+        assert!(e.contains("'kiln kernel build --force'"), "{e}");
+        assert!(!usable(&entry), "a damaged entry would not be rebuilt");
+    }
 }

@@ -19,6 +19,7 @@ mod run;
 mod session;
 mod share;
 mod tools;
+mod userns;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -295,10 +295,21 @@ pub struct Checked {
 /// Space kept before the first partition and, for GPT, after the last.
 pub const ALIGN: u64 = MIB;
 
+/// Largest disk a recipe may ask for: beyond what any output format or
+/// host filesystem takes, and far from where the build's size arithmetic
+/// (a scratch disk twice as large) would overflow.
+pub const MAX_DISK: u64 = 1 << 50;
+
 impl Checked {
     pub fn load(file: &Path) -> Result<Checked> {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("reading recipe {}", file.display()))?;
+        Checked::parse(file, text)
+    }
+
+    /// Parses and checks `text` as the recipe `file` (which names it in
+    /// errors and against whose directory its relative paths resolve).
+    pub fn parse(file: &Path, text: String) -> Result<Checked> {
         let recipe: Recipe = toml::from_str(&text).map_err(|e| {
             let msg = e.to_string();
             let top = TOP_LEVEL_KEYS
@@ -605,6 +616,9 @@ fn check_layout(
             "must be a whole number of MiB, at least 4M".into()
         ));
     }
+    if disk > MAX_DISK {
+        bail!(at("size", "may be at most 1024T".into()));
+    }
     if recipe.partitions.is_empty() {
         bail!(at(
             "partition",
@@ -751,7 +765,10 @@ fn check_layout(
     // 1 MiB before the first partition; GPT keeps its backup at the end.
     let overhead = ALIGN + if recipe.table == Table::Gpt { ALIGN } else { 0 };
     let need = fixed.saturating_add(overhead);
-    if need > disk || (rest.is_some() && need + MIB > disk) {
+    // Saturating: with a disk near 2^64 bytes, `need + MIB` could wrap and
+    // let a "rest" partition of 0 bytes through.
+    let least = need.saturating_add(if rest.is_some() { MIB } else { 0 });
+    if least > disk {
         bail!(at(
             "partition",
             format!(
@@ -793,6 +810,56 @@ pub fn is_uuid(u: &str) -> bool {
         && parts
             .iter()
             .all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// Entry point of the fuzz target in `fuzz/` (cargo fuzz), kept here so the
+/// unit tests run it on mutated recipes on stable Rust. Any text must be
+/// refused with an error, or accepted with a layout `kiln build` can
+/// partition as it is; never a panic.
+#[cfg_attr(not(test), allow(dead_code))] // Not called by the CLI itself.
+pub fn fuzz_check(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    // A directory that does not exist: relative paths in the text resolve
+    // to nothing, wherever the fuzzer runs.
+    let file = Path::new("/nonexistent/kiln-fuzz/recipe.toml");
+    let Ok(c) = Checked::parse(file, text.to_owned()) else {
+        return;
+    };
+    assert!(
+        !c.name.is_empty()
+            && !c.name.starts_with('.')
+            && c.name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)),
+        "name {:?}",
+        c.name
+    );
+    if c.formats().iter().all(|f| *f == Format::Iso) {
+        return;
+    }
+    let overhead = ALIGN
+        + if c.recipe.table == Table::Gpt {
+            ALIGN
+        } else {
+            0
+        };
+    let used = c
+        .sizes
+        .iter()
+        .try_fold(overhead, |total, size| total.checked_add(*size));
+    assert!(
+        c.sizes.len() == c.recipe.partitions.len()
+            && c.disk_size % MIB == 0
+            && c.disk_size >= 4 * MIB
+            && c.disk_size <= MAX_DISK
+            && c.sizes.iter().all(|size| *size >= MIB && size % MIB == 0)
+            && used.is_some_and(|used| used <= c.disk_size),
+        "layout {:?} on a disk of {}",
+        c.sizes,
+        c.disk_size
+    );
 }
 
 #[cfg(test)]
@@ -878,6 +945,156 @@ type = "grub-efi"
             let e = load(&GOOD.replacen(from, to, 1)).unwrap_err().to_string();
             assert!(e.contains(want), "{from} -> {to}: {e}");
         }
+    }
+
+    /// The shipped recipes, changed a few places at a time (bytes, lines,
+    /// values swapped for edge cases), through the fuzz target's harness:
+    /// the parser and checker must answer every one without panicking.
+    #[test]
+    fn mutated_shipped_recipes_never_panic() {
+        let shipped = [
+            include_str!("../images/debian-bookworm-minimal.toml"),
+            include_str!("../images/debian-bookworm-cloud.toml"),
+            include_str!("../images/virtualbox-appliance.toml"),
+            include_str!("../images/live-iso.toml"),
+        ];
+        for text in shipped {
+            assert!(
+                load(text).is_ok(),
+                "a shipped recipe checks: {}",
+                &text[..60]
+            );
+        }
+        const VALUES: &[&str] = &[
+            "\"rest\"",
+            "\"0\"",
+            "\"1M\"",
+            "\"3M\"",
+            "\"4M\"",
+            "\"2T\"",
+            "\"17592186044415M\"",
+            "\"16383T\"",
+            "\"18446744073709551615\"",
+            "18446744073709551615",
+            "-1",
+            "\"\"",
+            "\"/\"",
+            "\"..\"",
+            "\"esp\"",
+            "\"bios_grub\"",
+            "\"mbr\"",
+            "\"iso\"",
+            "[\"iso\"]",
+            "\"both\"",
+            "\"vfat\"",
+            "\"ABCD-1234\"",
+            "\"0b3d1f8e-0000-4000-8000-000000000000\"",
+            "\"\u{e9}\u{1f600}\"",
+            "[]",
+            "{}",
+        ];
+        const BYTES: &[u8] = b"\"'[]{}=.,#\n\\ 0123456789MGTrest-_/";
+        let mut x: u64 = 0x5851_f42d_4c95_7f2d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as usize
+        };
+        for i in 0..2000 {
+            let mut lines: Vec<String> = shipped[i % shipped.len()]
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            for _ in 0..1 + next() % 4 {
+                let at = next() % lines.len();
+                match next() % 6 {
+                    0 => {
+                        lines.remove(at);
+                    }
+                    1 => {
+                        let line = lines[next() % lines.len()].clone();
+                        lines.insert(at, line);
+                    }
+                    2 => {
+                        let other = shipped[next() % shipped.len()].lines();
+                        let line = other.clone().nth(next() % other.count());
+                        lines.insert(at, line.unwrap_or_default().to_owned());
+                    }
+                    3 | 4 => {
+                        if let Some((key, _)) = lines[at].split_once(" = ") {
+                            lines[at] = format!("{key} = {}", VALUES[next() % VALUES.len()]);
+                        }
+                    }
+                    _ => {
+                        let mut bytes = std::mem::take(&mut lines[at]).into_bytes();
+                        let b = BYTES[next() % BYTES.len()];
+                        if bytes.is_empty() || next() % 2 == 0 {
+                            bytes.insert(next() % (bytes.len() + 1), b);
+                        } else {
+                            let j = next() % bytes.len();
+                            bytes[j] = b;
+                        }
+                        lines[at] = String::from_utf8_lossy(&bytes).into_owned();
+                    }
+                }
+                if lines.is_empty() {
+                    break;
+                }
+            }
+            fuzz_check(lines.join("\n").as_bytes());
+        }
+    }
+
+    /// A disk near 2^64 bytes whose fixed partitions fill it exactly left
+    /// the "rest" partition 0 bytes: the check `need + MIB > disk`
+    /// overflowed (a panic in debug builds, accepted in release). Such a
+    /// disk is now over MAX_DISK too; `rest_partition_needs_a_mib` checks
+    /// the layout rule itself.
+    #[test]
+    fn rest_partition_on_a_full_huge_disk_is_refused() {
+        let text = r#"
+size = "17592186044415M"
+[[partition]]
+label = "a"
+size = "17592186044413M"
+type = "data"
+[[partition]]
+label = "b"
+size = "rest"
+type = "data"
+[root]
+suite = "bookworm"
+"#;
+        fuzz_check(text.as_bytes());
+        assert!(load(text).is_err());
+    }
+
+    #[test]
+    fn rest_partition_needs_a_mib() {
+        let text = |fixed: &str| {
+            format!(
+                "size = \"1024T\"\n\
+                 [[partition]]\nlabel = \"a\"\nsize = \"{fixed}\"\ntype = \"data\"\n\
+                 [[partition]]\nlabel = \"b\"\nsize = \"rest\"\ntype = \"data\"\n\
+                 [root]\nsuite = \"bookworm\"\n"
+            )
+        };
+        // 1024T less 2 MiB of GPT overhead leaves nothing for "rest"...
+        let e = load(&text("1073741822M")).unwrap_err().to_string();
+        assert!(e.contains("partitions need"), "{e}");
+        // ...1 MiB less leaves it 1 MiB.
+        let c = load(&text("1073741821M")).unwrap();
+        assert_eq!(c.sizes[1], MIB);
+        assert_eq!(c.disk_size, MAX_DISK);
+    }
+
+    #[test]
+    fn disk_size_is_bounded() {
+        let e = load(&GOOD.replace("size = \"64M\"", "size = \"1025T\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("size") && e.contains("1024T"), "{e}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use kiln_agent::frame::DATA_CHUNK;
 use kiln_agent::{
     ExecRequest, ExitStatus, FrameError, FrameReader, FrameWriter, LimitsReport, MountRequest,
-    Reply, Request, SpawnErrorKind, PROTOCOL_VERSION,
+    Reply, Request, SpawnErrorKind, MAX_FRAME, PROTOCOL_VERSION,
 };
 
 /// Polled while waiting for the guest: returns an error to abandon the wait
@@ -27,8 +27,17 @@ pub trait Watch {
 
 enum Event {
     Reply(Reply),
+    /// The guest broke the protocol (what it sent); nothing more is read.
+    Bad(String),
+    /// The connection ended (why).
     Closed(String),
 }
+
+/// Replies read ahead of the consumer. Bounded: when kiln's own output is
+/// slow (a full pipe), the guest is held back instead of its output piling
+/// up in kiln's memory. A reply carries at most [`MAX_FRAME`] bytes (1 MiB;
+/// the agent's data chunks are 256 KiB), so this holds at most 8 MiB.
+const QUEUED_REPLIES: usize = 8;
 
 type Writer = Arc<Mutex<FrameWriter<UnixStream>>>;
 
@@ -85,29 +94,22 @@ impl ExecOutcome {
 impl Session {
     pub fn new(stream: UnixStream) -> Result<Session> {
         stream.set_nonblocking(false)?;
-        let mut reader = FrameReader::new(stream.try_clone()?);
-        // Bounded: when kiln's own output is slow (a full pipe), the guest
-        // is held back instead of its output piling up in kiln's memory.
-        let (tx, rx) = mpsc::sync_channel(64);
+        // Without resync: a bad frame ends the session anyway, so an
+        // absurd length is reported at once rather than read through.
+        let mut reader = FrameReader::without_resync(stream.try_clone()?);
+        let (tx, rx) = mpsc::sync_channel(QUEUED_REPLIES);
         std::thread::spawn(move || loop {
-            match reader.read::<Reply>() {
-                Ok(r) => {
-                    if tx.send(Event::Reply(r)).is_err() {
-                        return;
-                    }
-                }
-                Err(e) if e.is_recoverable() => {
-                    let _ = tx.send(Event::Closed(format!("agent sent a bad frame: {e}")));
-                    return;
-                }
-                Err(FrameError::Closed) => {
-                    let _ = tx.send(Event::Closed("connection closed".into()));
-                    return;
-                }
-                Err(e) => {
-                    let _ = tx.send(Event::Closed(e.to_string()));
-                    return;
-                }
+            let event = match reader.read::<Reply>() {
+                Ok(r) => Event::Reply(r),
+                Err(FrameError::Oversized(n)) => Event::Bad(format!(
+                    "a frame of {n} bytes, over the {MAX_FRAME}-byte limit"
+                )),
+                Err(FrameError::Malformed(why)) => Event::Bad(format!("a malformed frame ({why})")),
+                Err(e) => Event::Closed(e.to_string()),
+            };
+            let last = !matches!(event, Event::Reply(_));
+            if tx.send(event).is_err() || last {
+                return;
             }
         });
         Ok(Session {
@@ -136,9 +138,16 @@ impl Session {
         loop {
             match self.events.recv_timeout(Duration::from_millis(50)) {
                 Ok(Event::Reply(Reply::Failed { id: None, message })) => {
-                    bail!("the guest agent rejected a request: {message}")
+                    bail!(
+                        "the guest agent rejected a request: {}",
+                        guest_text(&message)
+                    )
                 }
                 Ok(Event::Reply(r)) => return Ok(Some(r)),
+                Ok(Event::Bad(what)) => bail!(
+                    "the guest agent sent {what}: it is broken, or not kiln's agent; \
+                     kiln stopped talking to it"
+                ),
                 Ok(Event::Closed(why)) => return Err(watch.connection_lost(&why)),
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(watch.connection_lost("connection closed"))
@@ -179,7 +188,11 @@ impl Session {
             boot_error,
         } = hello
         else {
-            bail!("the guest agent did not start with a hello (got {hello:?})");
+            // Its name only: the reply may hold a megabyte of the guest's data.
+            bail!(
+                "the guest agent did not start with a hello (it sent {})",
+                reply_name(&hello)
+            );
         };
         if protocol != PROTOCOL_VERSION {
             bail!(
@@ -197,11 +210,12 @@ impl Session {
         })?;
         if let Some(e) = boot_error {
             bail!(
-                "the guest could not set up its root from the tools image: {e}; \
-                 rebuild it with 'kiln tools build --force' or check --tools"
+                "the guest could not set up its root from the tools image: {}; \
+                 rebuild it with 'kiln tools build --force' or check --tools",
+                guest_text(&e)
             );
         }
-        Ok(agent_version)
+        Ok(guest_text(&agent_version))
     }
 
     /// Runs a command, streaming its output to `stdout` and `stderr`, and
@@ -228,9 +242,14 @@ impl Session {
                 } if i == id => {
                     return match kind {
                         SpawnErrorKind::NotFound => Ok(ExecOutcome::NotFound),
-                        SpawnErrorKind::NotExecutable => Ok(ExecOutcome::NotExecutable(message)),
+                        SpawnErrorKind::NotExecutable => {
+                            Ok(ExecOutcome::NotExecutable(guest_text(&message)))
+                        }
                         SpawnErrorKind::Other => {
-                            bail!("cannot start the command in the guest: {message}")
+                            bail!(
+                                "cannot start the command in the guest: {}",
+                                guest_text(&message)
+                            )
                         }
                     };
                 }
@@ -295,7 +314,7 @@ impl Session {
                 Reply::Failed {
                     id: Some(i),
                     message,
-                } if i == id => return Err(anyhow!(message)),
+                } if i == id => return Err(anyhow!(guest_text(&message))),
                 _ => {}
             }
         }
@@ -358,26 +377,50 @@ impl Session {
             .prefix(".kiln-copy-out-")
             .tempfile_in(dir)
             .with_context(|| format!("creating a file in {}", dir.display()))?;
-        let mut mode = 0o644;
-        loop {
+        // The header's mode and size; exactly that many bytes must follow,
+        // so the file is what the guest said it was, and never more.
+        let mut header = None;
+        let mut written = 0u64;
+        let mode = loop {
             match self.recv(watch)? {
-                Reply::FileHeader { id: i, mode: m, .. } if i == id => mode = m,
+                Reply::FileHeader { id: i, mode, size } if i == id => {
+                    if header.is_some() {
+                        bail!("the guest agent sent a second header for {guest}");
+                    }
+                    header = Some((mode, size));
+                }
                 Reply::FileData { id: i, data } if i == id => {
+                    let Some((mode, size)) = header else {
+                        bail!("the guest agent sent data of {guest} before its header");
+                    };
                     if data.is_empty() {
-                        break;
+                        if written != size {
+                            bail!(
+                                "the guest agent ended {guest} after {written} of the {size} \
+                                 bytes it announced (did the file change while it was copied?)"
+                            );
+                        }
+                        break mode;
+                    }
+                    if data.len() as u64 > size - written {
+                        bail!(
+                            "the guest agent sent more than the {size} bytes it announced for \
+                             {guest} (did the file change while it was copied?)"
+                        );
                     }
                     tmp.write_all(&data)
                         .with_context(|| format!("writing {}", host.display()))?;
+                    written += data.len() as u64;
                 }
                 Reply::Failed {
                     id: Some(i),
                     message,
                 } if i == id => {
-                    bail!("copying {guest} out of the guest: {message}")
+                    bail!("copying {guest} out of the guest: {}", guest_text(&message))
                 }
                 _ => {}
             }
-        }
+        };
         // fchmod, not chmod by name: the name is in a directory others
         // may write to. No chown: the file stays the invoking user's.
         tmp.as_file()
@@ -407,6 +450,38 @@ impl Session {
 fn host_mode(guest_mode: u32, keep_setuid: bool) -> u32 {
     let allowed = if keep_setuid { 0o7777 } else { 0o777 };
     guest_mode & allowed
+}
+
+/// Text from the guest, made safe to print: its control characters, which
+/// could drive the user's terminal (move the cursor, set the title, write
+/// the clipboard), are shown escaped. Newlines and tabs are kept.
+fn guest_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A reply's kind, for messages.
+fn reply_name(r: &Reply) -> &'static str {
+    match r {
+        Reply::Hello { .. } => "Hello",
+        Reply::Started { .. } => "Started",
+        Reply::SpawnFailed { .. } => "SpawnFailed",
+        Reply::Stdout { .. } => "Stdout",
+        Reply::Stderr { .. } => "Stderr",
+        Reply::Exited { .. } => "Exited",
+        Reply::FileHeader { .. } => "FileHeader",
+        Reply::FileData { .. } => "FileData",
+        Reply::Done { .. } => "Done",
+        Reply::Failed { .. } => "Failed",
+        Reply::PoweringOff => "PoweringOff",
+    }
 }
 
 fn send(writer: &Writer, req: &Request) -> Result<()> {
@@ -486,8 +561,49 @@ fn pump_stdin(id: u32, writer: &Writer, done: &AtomicBool) {
 }
 
 #[cfg(test)]
+mod hostile_tests;
+
+#[cfg(test)]
 mod tests {
-    use super::host_mode;
+    use super::{host_mode, ExecOutcome, ExitStatus, LimitsReport};
+
+    #[test]
+    fn the_limits_a_command_ran_into_are_explained() {
+        let outcome = |limits| ExecOutcome::Exited {
+            status: ExitStatus::Signal(9),
+            limits,
+        };
+        let oom = LimitsReport {
+            oom_kills: 3,
+            memory_peak: (76 << 20) + 1,
+            memory_max: 76 << 20,
+            pids_refused: 0,
+            pids_max: 700,
+        };
+        let note = outcome(Some(oom)).limits_note(128).expect("a note");
+        assert!(note.contains("ran out of memory"), "{note}");
+        assert!(note.contains("peak of 77 MiB"), "{note}");
+        assert!(note.contains("--mem 128M (76 MiB"), "{note}");
+        let pids = LimitsReport {
+            oom_kills: 0,
+            pids_refused: 12,
+            ..oom
+        };
+        let note = outcome(Some(pids)).limits_note(128).expect("a note");
+        assert!(
+            note.contains("limit of 700 processes and threads"),
+            "{note}"
+        );
+        assert!(note.contains("12 forks failed"), "{note}");
+        let none = LimitsReport {
+            oom_kills: 0,
+            pids_refused: 0,
+            ..oom
+        };
+        assert_eq!(outcome(Some(none)).limits_note(128), None);
+        assert_eq!(outcome(None).limits_note(128), None);
+        assert_eq!(ExecOutcome::NotFound.limits_note(128), None);
+    }
 
     #[test]
     fn special_bits_from_the_guest_are_dropped() {

@@ -49,10 +49,70 @@ impl std::str::FromStr for ShareArg {
 pub struct Share {
     pub arg: ShareArg,
     pub spec: ShareSpec,
-    _virtiofsd: Option<Guarded>,
+    virtiofsd: Option<Virtiofsd>,
+}
+
+/// A running virtiofsd and what it has said on stderr.
+struct Virtiofsd {
+    process: Guarded,
+    log: Console,
+    /// The thread reading its stderr into `log`.
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The virtiofsd serving a share ended while the guest still used it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "virtiofsd serving {} stopped ({status}): the share {guest} is gone, and \
+     whatever uses it in the guest would wait forever; kiln stopped the VM{}",
+    host.display(),
+    said(log)
+)]
+pub struct ShareLost {
+    pub host: PathBuf,
+    pub guest: String,
+    pub status: std::process::ExitStatus,
+    /// virtiofsd's last lines on stderr.
+    pub log: Vec<String>,
+}
+
+fn said(log: &[String]) -> String {
+    if log.is_empty() {
+        String::new()
+    } else {
+        format!("\nvirtiofsd said:\n{}", log.join("\n"))
+    }
 }
 
 impl Share {
+    /// `Err` once the share's virtiofsd has ended. The guest's requests to
+    /// a vhost-user backend that is gone are never answered: neither the
+    /// guest nor the VMM notices, so kiln has to.
+    pub fn check(&mut self) -> Result<(), ShareLost> {
+        let Some(v) = &mut self.virtiofsd else {
+            return Ok(());
+        };
+        match v.process.try_wait() {
+            Ok(Some(status)) => {
+                // Its last words may still be in the pipe.
+                let start = Instant::now();
+                while v.reader.as_ref().is_some_and(|r| !r.is_finished())
+                    && start.elapsed() < Duration::from_millis(200)
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(ShareLost {
+                    host: self.arg.host.clone(),
+                    guest: self.arg.guest.clone(),
+                    status,
+                    log: v.log.tail(10),
+                })
+            }
+            // Still running, or not ours to wait for: nothing to report.
+            Ok(None) | Err(_) => Ok(()),
+        }
+    }
+
     /// What the agent mounts, where.
     pub fn mount_request(&self) -> MountRequest {
         let (fstype, options) = match self.spec.device {
@@ -120,19 +180,19 @@ pub fn start(
         }
         ShareTransport::Virtiofs => {
             let socket = runtime.join(format!("fs{index}.sock"));
-            let process = start_virtiofsd(arg, &socket)?;
-            (ShareDevice::Virtiofs { socket }, Some(process))
+            let virtiofsd = start_virtiofsd(arg, &socket)?;
+            (ShareDevice::Virtiofs { socket }, Some(virtiofsd))
         }
     };
     Ok(Share {
         arg: arg.clone(),
         spec: ShareSpec { tag, device },
-        _virtiofsd: virtiofsd,
+        virtiofsd,
     })
 }
 
 /// Starts virtiofsd serving `arg` on `socket` and waits for the socket.
-fn start_virtiofsd(arg: &ShareArg, socket: &Path) -> Result<Guarded> {
+fn start_virtiofsd(arg: &ShareArg, socket: &Path) -> Result<Virtiofsd> {
     let binary = find_virtiofsd()?;
     // Unprivileged, virtiofsd cannot build its namespace sandbox; it then
     // serves only what this user may access anyway.
@@ -179,7 +239,11 @@ fn start_virtiofsd(arg: &ShareArg, socket: &Path) -> Result<Guarded> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(process)
+    Ok(Virtiofsd {
+        process,
+        log,
+        reader,
+    })
 }
 
 #[cfg(test)]
@@ -197,5 +261,58 @@ mod tests {
         assert!("dir".parse::<ShareArg>().is_err());
         assert!("dir:relative".parse::<ShareArg>().is_err());
         assert!(":/mnt".parse::<ShareArg>().is_err());
+    }
+
+    #[test]
+    fn a_virtiofsd_that_dies_is_reported_with_the_share() {
+        // A stand-in for virtiofsd: says something, then serves forever.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo 'the last words' >&2; exec sleep 60"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut process = Guarded::new(cmd.spawn().expect("spawn sh"));
+        let log = Console::new();
+        let reader = process.child.stderr.take().map(|e| log.capture(e, false));
+        let pid = process.child.id() as libc::pid_t;
+        let mut share = Share {
+            arg: "/srv/data:/s".parse().expect("share"),
+            spec: ShareSpec {
+                tag: "kiln-share0".into(),
+                device: ShareDevice::Virtiofs {
+                    socket: "/nowhere/fs0.sock".into(),
+                },
+            },
+            virtiofsd: Some(Virtiofsd {
+                process,
+                log: log.clone(),
+                reader,
+            }),
+        };
+        assert!(share.check().is_ok(), "a running virtiofsd is fine");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while log.tail(1).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: plain kill(2) on the child spawned above, not reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let lost = loop {
+            match share.check() {
+                Err(lost) => break lost,
+                Ok(()) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Ok(()) => panic!("virtiofsd's death went unnoticed"),
+            }
+        };
+        let msg = lost.to_string();
+        assert!(
+            msg.starts_with("virtiofsd serving /srv/data stopped (signal: 9"),
+            "{msg}"
+        );
+        assert!(msg.contains("the share /s is gone"), "{msg}");
+        assert!(msg.contains("virtiofsd said:\nthe last words"), "{msg}");
+        // Asked again, it says the same, and dropping it kills nothing.
+        assert!(share.check().is_err());
     }
 }

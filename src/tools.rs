@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::backend::qemu::which;
 use crate::owned_dir::{self, OwnedDir};
-use crate::{cache, job};
+use crate::{cache, job, userns};
 
 pub const SUITE: &str = "bookworm";
 
@@ -121,9 +121,12 @@ fn key(extra: &Extra) -> String {
 }
 
 fn entry(extra: &Extra) -> Result<PathBuf> {
-    Ok(cache::root()?
-        .join("tools")
-        .join(format!("{SUITE}-{}", key(extra))))
+    Ok(entry_in(&cache::root()?, extra))
+}
+
+/// The entry of the image with `extra` packages in the cache at `root`.
+fn entry_in(root: &Path, extra: &Extra) -> PathBuf {
+    root.join("tools").join(format!("{SUITE}-{}", key(extra)))
 }
 
 /// The tools image: `user` if given (checked), else the cached one with
@@ -136,16 +139,18 @@ pub fn locate(user: Option<&Path>, extra: &Extra) -> Result<PathBuf> {
         }
         return Ok(p.to_path_buf());
     }
-    let image = entry(extra)?.join(IMAGE_NAME);
+    locate_cached(&cache::root()?, extra)
+}
+
+/// The cached image with `extra` packages, in the cache at `root`.
+fn locate_cached(root: &Path, extra: &Extra) -> Result<PathBuf> {
+    let dir = entry_in(root, extra);
+    let image = dir.join(IMAGE_NAME);
     if !image.is_file() && !extra.is_empty() {
         bail!(
             "the tools image with {} is not built yet: run 'kiln tools build{}'",
             extra.0.join(", "),
-            extra
-                .0
-                .iter()
-                .map(|p| format!(" --package {p}"))
-                .collect::<String>()
+            package_args(extra)
         );
     }
     if !image.is_file() {
@@ -155,32 +160,58 @@ pub fn locate(user: Option<&Path>, extra: &Extra) -> Result<PathBuf> {
              squashfs-tools-ng uidmap), or pass your own with --tools IMAGE"
         );
     }
+    cache::verify(&dir, &[IMAGE_NAME], &rebuild(extra))?;
     Ok(image)
+}
+
+/// `--package P` for each added package, as the build command takes them.
+fn package_args(extra: &Extra) -> String {
+    extra.0.iter().map(|p| format!(" --package {p}")).collect()
+}
+
+/// What rebuilds a damaged image.
+fn rebuild(extra: &Extra) -> String {
+    format!("kiln tools build --force{}", package_args(extra))
+}
+
+/// Whether the entry `dir` can be used as it is: the image is there and
+/// undamaged. Damage is said, as the build that follows replaces it.
+fn usable(dir: &Path, extra: &Extra) -> bool {
+    if !dir.join(IMAGE_NAME).is_file() {
+        return false;
+    }
+    match cache::verify(dir, &[IMAGE_NAME], &rebuild(extra)) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("kiln: {}; building it again", e.what());
+            false
+        }
+    }
 }
 
 /// Builds the tools image with `extra` packages into the cache unless it
 /// is there already.
 pub fn build(force: bool, extra: &Extra) -> Result<PathBuf> {
     let dest = entry(extra)?;
-    let staging = match cache::Staging::begin(&dest, force, |d| d.join(IMAGE_NAME).is_file())? {
+    let staging = match cache::Staging::begin(&dest, force, |d| usable(d, extra))? {
         cache::Begin::Done(dir) => return Ok(dir.join(IMAGE_NAME)),
         cache::Begin::Build(s) => s,
     };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let mut needed = vec![
+    let needed = [
         ("mmdebstrap", "mmdebstrap"),
         ("tar2sqfs", "squashfs-tools-ng"),
     ];
-    if !root {
-        needed.push(("newuidmap", "uidmap"));
-    }
     for (tool, package) in needed {
         if which(tool).is_none() {
             bail!(
                 "{tool} not found, needed to build the tools image: sudo apt-get install {package}"
             );
         }
+    }
+    if !root {
+        userns::check_unshare_mode("the tools image")?;
     }
     let scratch = OwnedDir::new(owned_dir::TOOLS).context("creating a work directory")?;
     // mmdebstrap writes a tar (ownership kept, no root needed in unshare
@@ -231,7 +262,9 @@ pub fn build(force: bool, extra: &Extra) -> Result<PathBuf> {
         let _ = std::fs::copy(&log, cache::root()?.join("tools").join("last-build.log"));
         return Err(e);
     }
-    Ok(staging.commit()?.join(IMAGE_NAME))
+    Ok(staging
+        .commit_with_manifest(&[IMAGE_NAME])?
+        .join(IMAGE_NAME))
 }
 
 /// The Debian mirror builds use: `KILN_DEBIAN_MIRROR`, or Debian's CDN.
@@ -266,6 +299,41 @@ mod tests {
             TAR2SQFS_OPTIONS.join(" ").as_bytes(),
         ]);
         assert_eq!(key(&none), base[..16]);
+    }
+
+    #[test]
+    fn a_damaged_image_names_the_command_that_rebuilds_it() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let with = extra(&["hello"]).expect("one");
+        let dest = entry_in(root.path(), &with);
+        let cache::Begin::Build(s) =
+            cache::Staging::begin(&dest, false, |d| usable(d, &with)).expect("begin")
+        else {
+            panic!("nothing built yet");
+        };
+        let data = vec![1u8; 256 << 10];
+        std::fs::write(s.path().join(IMAGE_NAME), &data).expect("write");
+        s.commit_with_manifest(&[IMAGE_NAME]).expect("commit");
+        let image = locate_cached(root.path(), &with).expect("as built");
+        // Give the change other file times than the build's (one clock
+        // tick), then flip a byte, size kept.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut bad = data;
+        bad[1000] = 2;
+        std::fs::write(&image, &bad).expect("corrupt");
+        let e = format!(
+            "{:#}",
+            locate_cached(root.path(), &with).expect_err("corrupt")
+        );
+        assert!(e.contains(&image.display().to_string()), "{e}");
+        assert!(
+            e.contains("'kiln tools build --force --package hello'"),
+            "{e}"
+        );
+        assert!(
+            !usable(&dest, &with),
+            "a damaged image would not be rebuilt"
+        );
     }
 
     #[test]

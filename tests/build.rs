@@ -3,14 +3,29 @@
 //! are inspected from the host without root (sgdisk, debugfs, mtools,
 //! qemu-img), and booted as whole machines under OVMF and SeaBIOS.
 
+#[path = "support/leftovers.rs"]
+mod leftovers;
+
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use leftovers::{mounts_and_loop_devices_mentioning, processes_mentioning};
+
+/// The kiln binary under test: cargo's, or the one `KILN_TEST_KILN` names
+/// (the unprivileged CI run, whose user may not reach cargo's).
+fn kiln_exe() -> PathBuf {
+    std::env::var_os("KILN_TEST_KILN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kiln")))
+}
 
 fn kiln(dir: &Path, args: &[&str]) -> Output {
     let runtime = dir.join("runtime");
     fs::create_dir_all(&runtime).expect("runtime dir");
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let out = Command::new(kiln_exe())
         .args(args)
         .env("TMPDIR", &runtime)
         .env_remove("SOURCE_DATE_EPOCH")
@@ -363,6 +378,165 @@ fn small_image_in_every_format_is_inspectable_and_reproducible() {
     assert_eq!(
         host("debugfs", &["-R", "cat /etc/hostname", &ext4]),
         "layered\n"
+    );
+}
+
+/// SMALL with a fresh Debian bootstrap for its root instead of a directory.
+fn small_debian_recipe(dir: &Path) -> PathBuf {
+    let text = SMALL.replace("size = \"64M\"", "size = \"512M\"").replace(
+        "directory = \"rootdir\"",
+        "suite = \"bookworm\"\nvariant = \"essential\"",
+    );
+    fs::write(dir.join("hello.txt"), "on the esp\n").expect("write");
+    let p = dir.join("small-debian.toml");
+    fs::write(&p, text).expect("write recipe");
+    p
+}
+
+/// A fresh bootstrap (mmdebstrap: root mode as root, unshare mode as a
+/// normal user, which is what users run) gives a Debian root whose files
+/// belong to root inside the image, whoever built it.
+#[test]
+fn a_fresh_debian_bootstrap_builds_with_the_users_own_rights() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    small_debian_recipe(dir);
+    let out = kiln(dir, &["build", "small-debian.toml", "-o", "out", "--fresh"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "build failed: {stderr}");
+    assert!(stderr.contains("bootstrapping bookworm"), "{stderr}");
+    let raw = dir.join("out/small.raw");
+    let ext4 = format!("{}?offset={ROOT_OFFSET}", raw.display());
+    let version = host("debugfs", &["-R", "cat /etc/debian_version", &ext4]);
+    assert!(version.starts_with("12."), "{version}");
+    assert_eq!(
+        host("debugfs", &["-R", "cat /etc/built", &ext4]),
+        "built-in-chroot\n"
+    );
+    // Owned by root in the image: uid 0, whoever ran kiln.
+    let stat = host("debugfs", &["-R", "stat /etc/passwd", &ext4]);
+    assert!(stat.contains("User:     0"), "{stat}");
+    let stat = host("debugfs", &["-R", "stat /usr/bin/dpkg", &ext4]);
+    assert!(stat.contains("User:     0"), "{stat}");
+}
+
+/// Without subordinate ids (nobody has none), an unprivileged bootstrap
+/// stops before it starts, and says how to add them.
+#[test]
+fn a_bootstrap_without_subordinate_ids_names_the_fix() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // Only root can act as a user without subordinate ids here.
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    small_debian_recipe(dir);
+    let cache = dir.join("cache");
+    let runtime = dir.join("runtime");
+    for d in [&cache, &runtime] {
+        fs::create_dir_all(d).expect("mkdir");
+    }
+    for d in [dir, cache.as_path(), runtime.as_path()] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(kiln_exe())
+        .args(["build", "small-debian.toml", "-o", "out"])
+        .env("KILN_CACHE_DIR", &cache)
+        .env("TMPDIR", &runtime)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("runuser");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("subordinate user ids for nobody in /etc/subuid"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("usermod --add-subuids"), "{stderr}");
+    assert!(!dir.join("out/small.raw").exists());
+}
+
+/// Names in `dir` starting with `prefix`.
+fn entries(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A build killed outright (SIGKILL) while its VM runs leaves its runtime
+/// and work directories; the next kiln removes them, and nothing else of
+/// the killed one (process, mount, loop device) survives it.
+#[test]
+fn a_sigkilled_build_is_cleaned_up_by_the_next_kiln() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    small_recipe(dir, SMALL);
+    let runtime = dir.join("runtime");
+    fs::create_dir_all(&runtime).expect("runtime dir");
+    let out_dir = dir.join("out");
+    let mut child = Command::new(kiln_exe())
+        .args(["build", "small.toml", "-o", "out"])
+        .env("TMPDIR", &runtime)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kiln build");
+    // Killed once the build VM is up: its runtime directory exists, and
+    // so does the build's work directory beside the outputs.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while entries(&runtime, "kiln-run-").is_empty() || entries(&out_dir, ".kiln-build-").is_empty()
+    {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("kiln build ended ({status}) before the test could kill it");
+        }
+        assert!(Instant::now() < deadline, "the build VM never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: plain kill(2) on the child we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().expect("wait");
+    let needle = dir.to_string_lossy().into_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_mentioning(&needle).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let procs = processes_mentioning(&needle);
+    assert!(procs.is_empty(), "helpers outlived kiln: {procs:?}");
+    let left_run = entries(&runtime, "kiln-run-");
+    let left_work = entries(&out_dir, ".kiln-build-");
+    assert!(
+        !left_run.is_empty() && !left_work.is_empty(),
+        "the killed build left nothing to sweep: {left_run:?} {left_work:?}"
+    );
+
+    // The next build in the same place: it sweeps, builds, and (kiln()
+    // checks) leaves TMPDIR empty.
+    let out = kiln(dir, &["build", "small.toml", "-o", "out"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for d in left_run.iter().chain(&left_work) {
+        assert!(!d.exists(), "{} was not swept", d.display());
+    }
+    assert!(
+        entries(&out_dir, ".").is_empty(),
+        "{:?}",
+        files_in(&out_dir)
+    );
+    assert_eq!(processes_mentioning(&needle), Vec::<String>::new());
+    assert_eq!(
+        mounts_and_loop_devices_mentioning(&needle),
+        Vec::<String>::new()
     );
 }
 

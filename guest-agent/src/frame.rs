@@ -23,7 +23,8 @@ pub enum FrameError {
     #[error("connection closed in the middle of a frame ({got} of {want} bytes)")]
     Truncated { got: usize, want: usize },
     /// The length prefix exceeds [`MAX_FRAME`]; the frame's bytes were skipped
-    /// so the stream stays usable.
+    /// so the stream stays usable (unless the reader was made
+    /// [`FrameReader::without_resync`]).
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
     Oversized(u64),
     /// The payload is not a valid message; the stream stays usable.
@@ -74,11 +75,28 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
 /// Reads frames from a byte stream.
 pub struct FrameReader<R> {
     inner: R,
+    /// Whether an oversized frame's payload is read and dropped so that the
+    /// next frame can be read.
+    resync: bool,
 }
 
 impl<R: Read> FrameReader<R> {
     pub fn new(inner: R) -> Self {
-        FrameReader { inner }
+        FrameReader {
+            inner,
+            resync: true,
+        }
+    }
+
+    /// A reader for a side that gives up at the first bad frame (the host,
+    /// which does not trust the guest): an oversized length is reported as
+    /// soon as it is read, instead of after reading the up to 4 GiB it
+    /// announces. The stream is not usable after [`FrameError::Oversized`].
+    pub fn without_resync(inner: R) -> Self {
+        FrameReader {
+            inner,
+            resync: false,
+        }
     }
 
     /// Reads one frame's payload.
@@ -90,6 +108,9 @@ impl<R: Read> FrameReader<R> {
             got => return Err(FrameError::Truncated { got, want: 4 }),
         }
         let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_FRAME && !self.resync {
+            return Err(FrameError::Oversized(len as u64));
+        }
         if len > MAX_FRAME {
             // Skip the payload so the next frame starts where it should.
             let skipped = io::copy(&mut (&mut self.inner).take(len as u64), &mut io::sink())?;
@@ -146,4 +167,39 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(got)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails the test if read: nothing past the length prefix may be.
+    struct Tripwire;
+
+    impl Read for Tripwire {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            panic!("read past an oversized frame's length prefix");
+        }
+    }
+
+    #[test]
+    fn without_resync_an_oversized_length_is_reported_at_once() {
+        for len in [MAX_FRAME as u32 + 1, u32::MAX] {
+            let prefix = len.to_le_bytes();
+            let mut r = FrameReader::without_resync((&prefix[..]).chain(Tripwire));
+            assert!(matches!(
+                r.read_payload(),
+                Err(FrameError::Oversized(n)) if n == u64::from(len)
+            ));
+        }
+    }
+
+    #[test]
+    fn without_resync_frames_up_to_the_limit_are_read() {
+        let mut stream = (MAX_FRAME as u32).to_le_bytes().to_vec();
+        stream.resize(4 + MAX_FRAME, 7);
+        let mut r = FrameReader::without_resync(&stream[..]);
+        assert_eq!(r.read_payload().expect("payload").len(), MAX_FRAME);
+        assert!(matches!(r.read_payload(), Err(FrameError::Closed)));
+    }
 }

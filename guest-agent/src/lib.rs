@@ -6,6 +6,7 @@
 //! ([`frame`]) whose payloads are serde-encoded [`protocol`] messages.
 
 pub mod frame;
+pub mod fuzz_harness;
 pub mod protocol;
 
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME};

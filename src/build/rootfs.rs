@@ -15,7 +15,7 @@ use crate::backend::qemu::which;
 use crate::owned_dir::{self, OwnedDir};
 use crate::process::tie;
 use crate::recipe::RootSource;
-use crate::{cache, job};
+use crate::{cache, job, userns};
 
 /// A root archive ready to attach as a disk.
 pub struct RootTar {
@@ -179,8 +179,8 @@ fn debian(
     if which("mmdebstrap").is_none() {
         bail!("mmdebstrap not found, needed for root.suite: sudo apt-get install mmdebstrap");
     }
-    if !root && which("newuidmap").is_none() {
-        bail!("newuidmap not found, needed for an unprivileged bootstrap: sudo apt-get install uidmap");
+    if !root {
+        userns::check_unshare_mode(&format!("a root.suite = \"{suite}\" image"))?;
     }
     let scratch = OwnedDir::new(owned_dir::ROOTFS).context("creating a work directory")?;
     let mut cmd = Command::new("mmdebstrap");

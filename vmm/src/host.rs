@@ -21,8 +21,10 @@ pub enum KvmSupport {
     /// The KVM device does not exist (no hardware virtualization, or the
     /// module is not loaded, or we are inside a VM without nesting).
     Missing,
-    /// The device exists but this user may not open it.
-    NoPermission,
+    /// The device exists but this user may not open it. `group` is the
+    /// device's group if that group may read and write it (then joining
+    /// it is the fix); `None` if only its owner may.
+    NoPermission { group: Option<String> },
     /// KVM is provided by a hypervisor that runs only specially built guest
     /// kernels (for example PVM, the `kvm_pvm` module).
     Restricted(String),
@@ -44,9 +46,15 @@ impl KvmSupport {
                 "{dev} does not exist: enable hardware virtualization (VT-x/AMD-V) \
                  and load the kvm module, or enable nested virtualization"
             ),
-            KvmSupport::NoPermission => format!(
-                "no permission to open {dev}: add yourself to its group \
-                 ('sudo adduser $USER kvm', then log in again)"
+            KvmSupport::NoPermission { group: Some(g) } => format!(
+                "no permission to open {dev}: add yourself to its group {g} \
+                 ('sudo adduser $USER {g}', then log in again)"
+            ),
+            KvmSupport::NoPermission { group: None } => format!(
+                "no permission to open {dev}, and its group may not use it either: have an \
+                 administrator give it to the kvm group with mode 0660, as Debian's udev \
+                 rules do ('sudo chgrp kvm {dev} && sudo chmod 0660 {dev}' until the next \
+                 boot), and add you to that group ('sudo adduser $USER kvm')"
             ),
             KvmSupport::Restricted(why) => format!("{dev} cannot run unmodified guests: {why}"),
             KvmSupport::Broken(why) => format!("{dev} is not usable: {why}"),
@@ -63,7 +71,11 @@ pub fn probe(device: &Path, sys_module: &Path) -> KvmSupport {
     let kvm = match Kvm::new_with_path(&path) {
         Ok(kvm) => kvm,
         Err(e) if e.errno() == ENOENT => return KvmSupport::Missing,
-        Err(e) if e.errno() == EACCES || e.errno() == EPERM => return KvmSupport::NoPermission,
+        Err(e) if e.errno() == EACCES || e.errno() == EPERM => {
+            return KvmSupport::NoPermission {
+                group: access_group(device),
+            }
+        }
         Err(e) => return KvmSupport::Broken(e.to_string()),
     };
     let version = kvm.get_api_version();
@@ -80,6 +92,28 @@ pub fn probe(device: &Path, sys_module: &Path) -> KvmSupport {
     KvmSupport::Usable
 }
 
+/// The group of `device` if its group may read and write it, by name
+/// (from /etc/group) or else by number.
+fn access_group(device: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(device).ok()?;
+    if meta.mode() & 0o060 != 0o060 || meta.gid() == 0 {
+        return None;
+    }
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    Some(group_name(&groups, meta.gid()).unwrap_or_else(|| meta.gid().to_string()))
+}
+
+/// The name of group `gid` in group-format `text`.
+fn group_name(text: &str, gid: u32) -> Option<String> {
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let id: u32 = f.nth(1)?.parse().ok()?;
+        (id == gid && !name.is_empty()).then(|| name.to_string())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +125,26 @@ mod tests {
         assert!(p
             .explain(Path::new("/nonexistent/kvm"))
             .contains("does not exist"));
+    }
+
+    #[test]
+    fn no_permission_names_the_fix_for_how_the_device_is_shared() {
+        let dev = Path::new("/dev/kvm");
+        let group = KvmSupport::NoPermission {
+            group: Some("kvm".into()),
+        }
+        .explain(dev);
+        assert!(group.contains("add yourself to its group kvm"), "{group}");
+        assert!(group.contains("sudo adduser $USER kvm"), "{group}");
+        let owner_only = KvmSupport::NoPermission { group: None }.explain(dev);
+        assert!(
+            owner_only.contains("its group may not use it"),
+            "{owner_only}"
+        );
+        assert!(owner_only.contains("chmod 0660 /dev/kvm"), "{owner_only}");
+        let groups = "root:x:0:\nkvm:x:993:ci\nbroken\n";
+        assert_eq!(group_name(groups, 993).as_deref(), Some("kvm"));
+        assert_eq!(group_name(groups, 5), None);
     }
 
     #[test]
@@ -108,7 +162,7 @@ mod tests {
         if Path::new("/dev/kvm").exists() {
             match probe(Path::new("/dev/kvm"), &dir) {
                 KvmSupport::Restricted(why) => assert!(why.contains("kvm_pvm")),
-                KvmSupport::NoPermission | KvmSupport::Broken(_) => {}
+                KvmSupport::NoPermission { .. } | KvmSupport::Broken(_) => {}
                 other => panic!("expected Restricted, got {other:?}"),
             }
         }
