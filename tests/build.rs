@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use leftovers::{mounts_and_loop_devices_mentioning, processes_mentioning};
+use leftovers::{mounts_and_loop_devices_mentioning, processes_left_after, processes_mentioning};
 
 /// The kiln binary under test: cargo's, or the one `KILN_TEST_KILN` names
 /// (the unprivileged CI run, whose user may not reach cargo's).
@@ -508,11 +508,7 @@ fn a_sigkilled_build_is_cleaned_up_by_the_next_kiln() {
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     child.wait().expect("wait");
     let needle = dir.to_string_lossy().into_owned();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !processes_mentioning(&needle).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let procs = processes_mentioning(&needle);
+    let procs = processes_left_after(&needle, Duration::from_secs(10));
     assert!(procs.is_empty(), "helpers outlived kiln: {procs:?}");
     let left_run = entries(&runtime, "kiln-run-");
     let left_work = entries(&out_dir, ".kiln-build-");

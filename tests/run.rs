@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use leftovers::processes_mentioning;
+use leftovers::{processes_left_after, processes_mentioning};
 
 /// Set inside L1: this process is the nested half of a `kvm::` case.
 const NESTED_ENV: &str = "KILN_TEST_NESTED";
@@ -620,11 +620,7 @@ fn a_sigkilled_run_is_cleaned_up_by_the_next_run(k: &Kiln) {
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(libc::SIGKILL)
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !processes_mentioning(&needle).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let procs = processes_mentioning(&needle);
+    let procs = processes_left_after(&needle, Duration::from_secs(10));
     assert!(procs.is_empty(), "helpers outlived kiln: {procs:?}");
     // Nothing could remove it so far: what follows is the sweep's doing.
     assert!(

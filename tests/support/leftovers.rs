@@ -2,6 +2,7 @@
 //! left nothing: processes, mounts and loop devices that mention a path.
 
 use std::fs;
+use std::time::{Duration, Instant};
 
 /// Live processes whose command line or environment (kiln's helpers
 /// inherit its TMPDIR) mentions `needle`.
@@ -23,6 +24,17 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
         }
     }
     found
+}
+
+/// What [`processes_mentioning`] finds once those processes had up to
+/// `grace` to end (a killed parent's helpers die with it, not at once).
+#[allow(dead_code)] // Not every test crate that includes this uses it.
+pub fn processes_left_after(needle: &str, grace: Duration) -> Vec<String> {
+    let deadline = Instant::now() + grace;
+    while !processes_mentioning(needle).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    processes_mentioning(needle)
 }
 
 /// Mounts (in this process's namespace) whose source or mount point
