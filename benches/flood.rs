@@ -11,6 +11,9 @@
 //! not a test: nothing here fails on speed or memory; it fails if bytes go
 //! missing.
 
+#[path = "../src/size.rs"]
+mod size;
+
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -32,13 +35,10 @@ fn kiln() -> Command {
 
 /// "1G", "256M", "4096K", "1000": a size in bytes.
 fn parse_size(s: &str) -> Option<u64> {
-    let (digits, unit) = match s.char_indices().last()? {
-        (i, 'K' | 'k') => (&s[..i], 1 << 10),
-        (i, 'M' | 'm') => (&s[..i], 1 << 20),
-        (i, 'G' | 'g') => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    digits.parse::<u64>().ok()?.checked_mul(unit)
+    match size::parse(s)? {
+        (_, size::Unit::T) => None,
+        (n, unit) => n.checked_mul(unit.bytes()),
+    }
 }
 
 /// The peak resident set (VmHWM) of process `pid` so far, in KiB.

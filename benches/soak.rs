@@ -13,6 +13,9 @@
 
 #[path = "support/figures.rs"]
 mod figures;
+#[allow(dead_code)] // the bench takes the part it needs
+#[path = "../src/which.rs"]
+mod which;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -20,6 +23,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
+use kiln_agent::poll::poll_until;
+use rustix::process::{kill_process, Pid, Signal};
 use sha2::{Digest, Sha256};
 
 /// The guest's work: a constant script, no host values in it.
@@ -110,7 +115,7 @@ impl Soak {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("starting kiln: {e}"))?;
-        let pid = child.id() as libc::pid_t;
+        let pid = Pid::from_child(&child);
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let out = child.wait_with_output();
@@ -120,7 +125,7 @@ impl Soak {
             Ok(done) => done,
             Err(_) => {
                 // kiln's VM and helpers die with it (PR_SET_PDEATHSIG).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = kill_process(pid, Signal::KILL);
                 let _ = rx.recv();
                 return Err(format!("kiln did not end within {RUN_TIMEOUT:?}; killed"));
             }
@@ -190,14 +195,6 @@ fn tree(dir: &Path) -> Vec<PathBuf> {
     all
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 fn main() {
     // `cargo bench` adds `--bench`; the numbers are ours.
     let counts: Vec<usize> = std::env::args()
@@ -217,7 +214,8 @@ fn main() {
         tmp: root.join("tmp"),
         disks: root.join("disks"),
         root,
-        debugfs: which("debugfs"),
+        // An ordinary user's PATH lacks the sbin directories.
+        debugfs: which::which_also_in("debugfs", &["/usr/sbin".into(), "/sbin".into()]),
     };
     for d in [&soak.tmp, &soak.disks] {
         std::fs::create_dir(d).unwrap_or_else(|e| fail(&e.to_string()));
@@ -278,14 +276,15 @@ fn main() {
 
     // kiln waits for its VM and helpers before it exits, so nothing should
     // be left; give a straggler a moment before calling it a leak.
-    let mut procs = soak.processes();
-    for _ in 0..20 {
-        if procs.is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        procs = soak.processes();
-    }
+    let procs = poll_until(
+        Instant::now() + Duration::from_secs(2),
+        Duration::from_millis(100),
+        || {
+            let procs = soak.processes();
+            procs.is_empty().then_some(procs)
+        },
+    )
+    .unwrap_or_else(|| soak.processes());
     let fds_after = fd_count();
     let left = tree(&soak.tmp);
     let locks: Vec<PathBuf> = tree(&soak.root)

@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use kiln_vmm::host::{self, KvmSupport};
 
+use crate::backend::qemu::escape_path;
 use crate::build::detect_format;
-use crate::interrupt;
 use crate::owned_dir::{self, OwnedDir};
 use crate::process::{detach_and_tie, run_tool, tie, Guarded};
 use crate::run::RunError;
+use crate::{interrupt, tail};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Firmware {
@@ -289,17 +290,17 @@ pub fn boot(a: BootArgs) -> Result<u8> {
         std::fs::copy(&vars_src, &vars)?;
         cmd.arg("-drive").arg(format!(
             "if=pflash,format=raw,unit=0,readonly=on,file={}",
-            qemu_path(&code)
+            escape_path(&code)
         ));
         cmd.arg("-drive").arg(format!(
             "if=pflash,format=raw,unit=1,file={}",
-            qemu_path(&vars)
+            escape_path(&vars)
         ));
     }
     if iso {
         cmd.arg("-drive").arg(format!(
             "file={},media=cdrom,readonly=on,if=ide",
-            qemu_path(&image)
+            escape_path(&image)
         ));
     } else {
         let fmt = detect_format(&image)?;
@@ -307,13 +308,13 @@ pub fn boot(a: BootArgs) -> Result<u8> {
             let overlay = grown_overlay(&image, fmt, size, work.path())?;
             cmd.arg("-drive").arg(format!(
                 "file={},format=qcow2,if=virtio",
-                qemu_path(&overlay)
+                escape_path(&overlay)
             ));
         } else {
             // snapshot: writes go to a temporary overlay, never to the image.
             cmd.arg("-drive").arg(format!(
                 "file={},format={fmt},if=virtio,snapshot=on",
-                qemu_path(&image)
+                escape_path(&image)
             ));
         }
     }
@@ -321,7 +322,7 @@ pub fn boot(a: BootArgs) -> Result<u8> {
         let seed = cloud_init_seed(dir, work.path())?;
         cmd.arg("-drive").arg(format!(
             "file={},format=raw,if=virtio,readonly=on",
-            qemu_path(&seed)
+            escape_path(&seed)
         ));
     }
     cmd.stdin(Stdio::null())
@@ -422,11 +423,6 @@ pub fn boot(a: BootArgs) -> Result<u8> {
     Ok(0)
 }
 
-/// A path inside a QEMU option list, where a comma is written twice.
-fn qemu_path(p: &Path) -> String {
-    p.display().to_string().replace(',', ",,")
-}
-
 /// Splits off an incomplete escape sequence or UTF-8 character at the end
 /// of `buf`, to be completed by the next read.
 fn split_incomplete(buf: &mut Vec<u8>) -> Vec<u8> {
@@ -451,8 +447,7 @@ fn split_incomplete(buf: &mut Vec<u8>) -> Vec<u8> {
 }
 
 fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    tail::last(text.lines(), n).join("\n")
 }
 
 trait CharBoundary {
@@ -488,11 +483,6 @@ mod tests {
             pending = rest;
         }
         assert_eq!(text, "Reached target \u{e9} done");
-    }
-
-    #[test]
-    fn commas_are_doubled_for_qemu() {
-        assert_eq!(qemu_path(Path::new("/a,b/c.raw")), "/a,,b/c.raw");
     }
 
     #[test]

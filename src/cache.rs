@@ -18,6 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -82,12 +83,10 @@ impl Staging {
             .write(true)
             .open(&lock_path)
             .with_context(|| format!("opening {}", lock_path.display()))?;
-        // SAFETY: flock on a descriptor we own; blocks until the other
-        // build of this entry ends.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("locking {}", lock_path.display()));
-        }
+        // Blocks until the other build of this entry ends.
+        flock(&lock, FlockOperation::LockExclusive)
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("locking {}", lock_path.display()))?;
         if !force && complete(dest) {
             return Ok(Begin::Done(dest.to_path_buf()));
         }
@@ -320,6 +319,28 @@ pub fn verify(dir: &Path, names: &[&str], fix: &str) -> Result<(), IntegrityErro
     Ok(())
 }
 
+/// Whether the entry `dir` has every one of `names` (its files kiln uses).
+pub fn complete(dir: &Path, names: &[&str]) -> bool {
+    names.iter().all(|n| dir.join(n).is_file())
+}
+
+/// Whether the entry `dir` can be used as it is: [`complete`] and passing
+/// [`verify`]. For a build deciding whether to build: damage is said, as
+/// the build that follows replaces the entry (`fix` is not, being what is
+/// about to happen).
+pub fn usable(dir: &Path, names: &[&str], fix: &str) -> bool {
+    if !complete(dir, names) {
+        return false;
+    }
+    match verify(dir, names, fix) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("kiln: {}; building it again", e.what());
+            false
+        }
+    }
+}
+
 /// Writes `manifest` into the published entry `dir`, under the entry's
 /// build lock, so that a rebuild (`--force`) publishing a new entry under
 /// the same name meanwhile cannot get this one's manifest. Best effort: a
@@ -338,14 +359,7 @@ fn record(dir: &Path, manifest: &Manifest) {
     else {
         return;
     };
-    // SAFETY: flock on a descriptor we own; LOCK_NB never waits.
-    let locked = unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&lock),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } == 0;
-    if locked {
+    if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok() {
         let _ = write_manifest(dir, manifest);
     }
 }
@@ -516,6 +530,22 @@ mod tests {
         let e = verify(&dest, &["f"], FIX).expect_err("garbled manifest");
         assert!(e.to_string().contains(MANIFEST), "{e}");
         assert!(e.to_string().contains(FIX), "{e}");
+    }
+
+    #[test]
+    fn only_a_complete_undamaged_entry_is_usable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dest = dir.path().join("entry");
+        assert!(!usable(&dest, &["f"], FIX), "no entry yet");
+        entry_with(&dest, b"contents");
+        assert!(complete(&dest, &["f"]));
+        assert!(usable(&dest, &["f"], FIX));
+        assert!(!complete(&dest, &["f", "g"]));
+        assert!(!usable(&dest, &["f", "g"], FIX), "a file missing");
+        tick();
+        fs::write(dest.join("f"), b"CONTENTS").expect("corrupt");
+        assert!(complete(&dest, &["f"]));
+        assert!(!usable(&dest, &["f"], FIX), "damaged");
     }
 
     #[test]

@@ -1,19 +1,28 @@
 //! The guest's serial console: kept as a ring of recent lines for error
 //! messages (a kernel panic, say), and echoed to stderr with `--console`.
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use crate::tail::Tail;
 
 const KEEP_LINES: usize = 200;
 /// Longer lines are split, so a guest printing without newlines cannot grow
 /// kiln's memory.
 const MAX_LINE: u64 = 4096;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Console {
-    lines: Arc<Mutex<VecDeque<String>>>,
+    lines: Arc<Mutex<Tail>>,
+}
+
+impl Default for Console {
+    fn default() -> Console {
+        Console {
+            lines: Arc::new(Mutex::new(Tail::new(KEEP_LINES))),
+        }
+    }
 }
 
 impl Console {
@@ -41,11 +50,7 @@ impl Console {
                 let line = String::from_utf8_lossy(&buf)
                     .trim_end_matches(['\r', '\n'])
                     .to_string();
-                let mut l = lines.lock().unwrap_or_else(|p| p.into_inner());
-                if l.len() == KEEP_LINES {
-                    l.pop_front();
-                }
-                l.push_back(line);
+                lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         })
     }
@@ -53,7 +58,7 @@ impl Console {
     /// The last `n` lines.
     pub fn tail(&self, n: usize) -> Vec<String> {
         let l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        l.iter().skip(l.len().saturating_sub(n)).cloned().collect()
+        l.last(n).cloned().collect()
     }
 }
 

@@ -4,12 +4,13 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
+use rustix::fs::{flock, FlockOperation};
+use rustix::io::Errno;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskFormat {
@@ -86,6 +87,11 @@ pub struct Disk {
 }
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// Whether an image whose first bytes are `header` is a qcow2 image.
+pub fn is_qcow2(header: &[u8]) -> bool {
+    header.starts_with(QCOW2_MAGIC)
+}
 
 impl Disk {
     pub fn open(arg: &DiskArg) -> Result<Disk> {
@@ -190,28 +196,29 @@ fn check_type(arg: &DiskArg, ft: &std::fs::FileType) -> Result<()> {
 fn detect_format(mut file: &File) -> DiskFormat {
     let mut magic = [0u8; 4];
     match file.read_exact(&mut magic) {
-        Ok(()) if &magic == QCOW2_MAGIC => DiskFormat::Qcow2,
+        Ok(()) if is_qcow2(&magic) => DiskFormat::Qcow2,
         _ => DiskFormat::Raw,
     }
 }
 
 /// flock: shared for read-only use, exclusive for writing; never waits.
 fn lock(file: &File, shared: bool, path: &Path) -> Result<()> {
-    let op = if shared { libc::LOCK_SH } else { libc::LOCK_EX } | libc::LOCK_NB;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-    if rc == 0 {
+    let op = if shared {
+        FlockOperation::NonBlockingLockShared
+    } else {
+        FlockOperation::NonBlockingLockExclusive
+    };
+    let Err(err) = flock(file, op) else {
         return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    };
+    if err == Errno::WOULDBLOCK {
         bail!(
             "disk {} is in use by another kiln (or another program holding a lock on it): \
              wait for that run to finish, or attach it read-only with ',ro' in both",
             path.display()
         );
     }
-    Err(err).with_context(|| format!("locking disk {}", path.display()))
+    Err(std::io::Error::from(err)).with_context(|| format!("locking disk {}", path.display()))
 }
 
 #[cfg(test)]
@@ -273,9 +280,14 @@ mod tests {
     fn fifo_is_refused_without_blocking() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("fifo");
-        let c = std::ffi::CString::new(p.to_str().expect("utf8")).expect("cstring");
-        // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &p,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
         // Opening it would block with no writer: refusing first is the point.
         assert_refused(p.to_str().expect("utf8"), &p, "is a FIFO");
     }
@@ -361,6 +373,15 @@ mod tests {
         let e = Disk::open(&"/nonexistent/x.img".parse().expect("parse")).expect_err("missing");
         assert!(e.to_string().contains("does not exist"), "{e}");
         assert!(e.to_string().contains("truncate"), "{e}");
+    }
+
+    #[test]
+    fn qcow2_is_told_by_its_whole_magic() {
+        assert!(is_qcow2(b"QFI\xfb\0\0\0\x03"));
+        assert!(is_qcow2(QCOW2_MAGIC));
+        assert!(!is_qcow2(b"QFI\xfa\0\0\0\x03"));
+        assert!(!is_qcow2(b"QFI"));
+        assert!(!is_qcow2(b""));
     }
 
     #[test]

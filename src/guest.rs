@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use kiln_agent::poll::{poll_until, try_poll_until};
 use kiln_agent::{ExecRequest, TOOLS_DISK_SERIAL};
 
 use crate::backend::{self, BackendChoice, DiskSpec, Vm, VmSpec};
@@ -102,19 +103,24 @@ impl Watch for VmWatch {
     fn connection_lost(&mut self, why: &str) -> anyhow::Error {
         // The channel closes when the VM ends; give it a moment to finish
         // so the report says how it ended.
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if let Err(e) = self.check() {
-                return e;
-            }
-            match self.vm.try_wait() {
-                Ok(Some(status)) => return self.why_stopped(Some(status)),
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => return e,
-            }
-        }
-        let e = self.why_stopped(None);
-        e.context(format!("lost the connection to the guest agent ({why})"))
+        let ended = poll_until(
+            Instant::now() + Duration::from_secs(5),
+            Duration::from_millis(20),
+            || {
+                if let Err(e) = self.check() {
+                    return Some(e);
+                }
+                match self.vm.try_wait() {
+                    Ok(Some(status)) => Some(self.why_stopped(Some(status))),
+                    Ok(None) => None,
+                    Err(e) => Some(e),
+                }
+            },
+        );
+        ended.unwrap_or_else(|| {
+            let e = self.why_stopped(None);
+            e.context(format!("lost the connection to the guest agent ({why})"))
+        })
     }
 }
 
@@ -241,39 +247,39 @@ impl Guest {
         self.session.poweroff(&mut self.watch)?;
         // The guest has synced; it now restarts, which ends the VM.
         self.watch.shares_in_use = false;
-        let limit = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.watch.vm.try_wait()? {
-                if !status.success() {
-                    return Err(self.watch.why_stopped(Some(status)));
-                }
-                return Ok(());
+        let watch = &mut self.watch;
+        let ended = try_poll_until(
+            Instant::now() + Duration::from_secs(30),
+            Duration::from_millis(5),
+            || match watch.vm.try_wait()? {
+                Some(status) => Ok(Some(status)),
+                None => watch.check().map(|()| None),
+            },
+        )?;
+        match ended {
+            Some(status) if !status.success() => Err(self.watch.why_stopped(Some(status))),
+            Some(_) => Ok(()),
+            None => {
+                bail!("the VM did not stop within 30 s after the guest synced and powered off")
             }
-            self.watch.check()?;
-            if Instant::now() > limit {
-                bail!("the VM did not stop within 30 s after the guest synced and powered off");
-            }
-            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }
 
 fn accept(listener: &UnixListener, watch: &mut VmWatch, deadline: Instant) -> Result<UnixStream> {
-    loop {
+    let stream = try_poll_until(deadline, Duration::from_millis(2), || {
         match listener.accept() {
-            Ok((stream, _)) => return Ok(stream),
+            Ok((stream, _)) => return Ok(Some(stream)),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e).context("accepting the agent connection"),
         }
         watch.check()?;
-        if let Some(status) = watch.vm.try_wait()? {
-            return Err(watch.why_stopped(Some(status)));
+        match watch.vm.try_wait()? {
+            Some(status) => Err(watch.why_stopped(Some(status))),
+            None => Ok(None),
         }
-        if Instant::now() >= deadline {
-            bail!("the hypervisor did not connect the agent channel within 10 s of starting");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    })?;
+    stream.context("the hypervisor did not connect the agent channel within 10 s of starting")
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::interrupt;
 use crate::process::{detach_and_tie, Guarded};
+use crate::{interrupt, tail};
 
 /// Runs `cmd` to completion, logging to `log`. On failure the error carries
 /// the log's last lines.
@@ -61,6 +61,16 @@ pub fn run_logged(mut cmd: Command, what: &str, log: &Path) -> Result<()> {
     Ok(())
 }
 
+/// [`run_logged`], keeping a copy of the log at `keep` if `cmd` fails: the
+/// log itself is in a work directory that goes when the caller returns.
+pub fn run_logged_keeping(cmd: Command, what: &str, log: &Path, keep: &Path) -> Result<()> {
+    let result = run_logged(cmd, what, log);
+    if result.is_err() {
+        let _ = std::fs::copy(log, keep);
+    }
+    result
+}
+
 /// kiln's spinner for long work: what, elapsed time, and a message (the
 /// latest output line); hidden when `quiet` (e.g. under --json).
 pub fn spinner(what: &str, quiet: bool) -> ProgressBar {
@@ -77,19 +87,11 @@ pub fn spinner(what: &str, quiet: bool) -> ProgressBar {
     bar
 }
 
+/// The last `n` lines of the log at `path` that are not blank.
 fn last_lines(path: &Path, n: usize) -> Vec<String> {
     let Ok(f) = File::open(path) else {
         return vec![];
     };
-    let mut ring = std::collections::VecDeque::with_capacity(n + 1);
-    for line in BufReader::new(f).lines().map_while(Result::ok) {
-        if line.trim().is_empty() {
-            continue;
-        }
-        ring.push_back(line);
-        if ring.len() > n {
-            ring.pop_front();
-        }
-    }
-    ring.into()
+    let lines = BufReader::new(f).lines().map_while(Result::ok);
+    tail::last(lines.filter(|l| !l.trim().is_empty()), n)
 }

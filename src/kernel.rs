@@ -92,22 +92,12 @@ const FILES: &[&str] = &["vmlinux", "release"];
 const REBUILD: &str = "kiln kernel build --force";
 
 fn complete(dir: &Path) -> bool {
-    FILES.iter().all(|f| dir.join(f).is_file())
+    cache::complete(dir, FILES)
 }
 
-/// Whether the entry `dir` can be used as it is: complete and undamaged.
-/// Damage is said, as the build that follows replaces the entry.
+/// Whether the entry `dir` can be used as it is (see [`cache::usable`]).
 fn usable(dir: &Path) -> bool {
-    if !complete(dir) {
-        return false;
-    }
-    match cache::verify(dir, FILES, REBUILD) {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("kiln: {}; building it again", e.what());
-            false
-        }
-    }
+    cache::usable(dir, FILES, REBUILD)
 }
 
 /// The built kernel for the current config: the one for the installed source
@@ -182,14 +172,12 @@ pub fn build(force: bool) -> Result<Kernel> {
         .arg(staging.path())
         .env("TMPDIR", scratch.path())
         .env("KILN_KERNEL_SOURCE", source_path());
-    let log = scratch.path().join("build.log");
-    let result = job::run_logged(cmd, &format!("building guest kernel ({version})"), &log);
-    if let Err(e) = result {
-        // Keep the log where the user can read it.
-        let kept = kernel_dir()?.join("last-build.log");
-        let _ = fs::copy(&log, &kept);
-        return Err(e);
-    }
+    job::run_logged_keeping(
+        cmd,
+        &format!("building guest kernel ({version})"),
+        &scratch.path().join("build.log"),
+        &kernel_dir()?.join("last-build.log"),
+    )?;
     let dir = staging.commit_with_manifest(FILES)?;
     Ok(Kernel { dir })
 }

@@ -12,14 +12,18 @@ mod initramfs;
 mod interrupt;
 mod job;
 mod kernel;
+mod mmdebstrap;
 mod owned_dir;
 mod process;
 mod recipe;
 mod run;
 mod session;
 mod share;
+mod size;
+mod tail;
 mod tools;
 mod userns;
+mod which;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -252,17 +256,15 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A memory size in MiB: a bare number counts MiB, and only M and G are
+/// taken.
 pub(crate) fn parse_mem(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('G' | 'g') => (&s[..s.len() - 1], 1024),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1),
-        _ => (s, 1),
+    let mib = match size::parse(s) {
+        Some((n, size::Unit::None | size::Unit::M)) => n,
+        Some((n, size::Unit::G)) => n.saturating_mul(1024),
+        _ => return Err(format!("expected a size such as 512M or 2G, got '{s}'")),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("expected a size such as 512M or 2G, got '{s}'"))?;
-    let mib = n.saturating_mul(mult);
     if !(64..=1024 * 1024).contains(&mib) {
         return Err(format!("memory must be between 64M and 1024G, got {mib}M"));
     }
@@ -373,5 +375,31 @@ fn main() -> ExitCode {
             eprintln!("kiln: {e:#}");
             ExitCode::from(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mem;
+
+    #[test]
+    fn memory_is_in_mib_with_m_or_g() {
+        assert_eq!(parse_mem("2G"), Ok(2048));
+        assert_eq!(parse_mem(" 1g "), Ok(1024));
+        assert_eq!(parse_mem("512"), Ok(512));
+        assert_eq!(parse_mem("512m"), Ok(512));
+        for bad in ["512K", "1T", "", "G", "1.5G"] {
+            assert_eq!(
+                parse_mem(bad),
+                Err(format!(
+                    "expected a size such as 512M or 2G, got '{}'",
+                    bad.trim()
+                ))
+            );
+        }
+        let range = |mib: u64| Err(format!("memory must be between 64M and 1024G, got {mib}M"));
+        assert_eq!(parse_mem("63M"), range(63));
+        assert_eq!(parse_mem("1025G"), range(1025 * 1024));
+        assert_eq!(parse_mem("18446744073709551615G"), range(u64::MAX));
     }
 }

@@ -8,7 +8,6 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -58,7 +57,7 @@ impl OwnedDir {
             .write(true)
             .create_new(true)
             .open(&pending)?;
-        flock(&lock, libc::LOCK_EX | libc::LOCK_NB)?;
+        try_lock(&lock)?;
         fs::rename(&pending, dir.path().join(LOCK_FILE))?;
         Ok(OwnedDir { dir, lock })
     }
@@ -109,8 +108,7 @@ pub fn sweep(parent: &Path, is_ours: impl Fn(&str) -> bool) {
     let Ok(entries) = fs::read_dir(parent) else {
         return;
     };
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
+    let uid = rustix::process::geteuid().as_raw();
     for entry in entries.flatten() {
         let name = entry.file_name();
         if !name.to_str().is_some_and(&is_ours) {
@@ -138,9 +136,7 @@ fn claim(dir: &Path, uid: u32) -> Option<Option<File>> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(dir.join(LOCK_FILE))
     {
-        Ok(lock) => flock(&lock, libc::LOCK_EX | libc::LOCK_NB)
-            .ok()
-            .map(|()| Some(lock)),
+        Ok(lock) => try_lock(&lock).ok().map(|()| Some(lock)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             // Stat again now the lock file is known to be missing: an owner
             // that just removed it to publish the directory changed the
@@ -155,11 +151,10 @@ fn claim(dir: &Path, uid: u32) -> Option<Option<File>> {
     }
 }
 
-fn flock(f: &File, op: libc::c_int) -> io::Result<()> {
-    // SAFETY: flock on a descriptor `f` owns; it touches no memory.
-    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+/// Takes the exclusive lock on `f`, or fails at once if another open file
+/// description holds it.
+fn try_lock(f: &File) -> io::Result<()> {
+    rustix::fs::flock(f, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
     Ok(())
 }
 
@@ -172,7 +167,7 @@ mod tests {
     /// holds it, as another process could not.
     fn lock_is_free(dir: &Path) -> bool {
         let f = File::open(dir.join(LOCK_FILE)).expect("lock file");
-        flock(&f, libc::LOCK_EX | libc::LOCK_NB).is_ok()
+        try_lock(&f).is_ok()
     }
 
     #[test]

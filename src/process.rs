@@ -3,9 +3,12 @@
 //! them in order; and tied to kiln's life so they die with it even if kiln
 //! is killed outright.
 
-use std::process::{Child, Command};
-
 use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use kiln_agent::poll::poll_until;
+use rustix::process::{self, Pid, Signal, WaitId, WaitIdOptions};
 
 /// Runs a short host tool (qemu-img, mkfs.fat, tar…) to completion with no
 /// input and returns its stdout; a failure carries the tool's stderr.
@@ -35,23 +38,15 @@ pub fn detach_and_tie(cmd: &mut Command) -> &mut Command {
 /// Makes `cmd` receive SIGKILL when the thread that spawns it ends, so it
 /// does not outlive a kiln killed outright (kiln waits for it otherwise).
 pub fn tie(cmd: &mut Command) -> &mut Command {
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs between fork and exec and calls only prctl and
-    // getppid, both async-signal-safe; it touches no memory of the parent.
+    let parent = Pid::from_raw(std::process::id() as i32);
+    // SAFETY: the closure runs between fork and exec and makes only the
+    // prctl and getppid system calls, both async-signal-safe; it touches no
+    // memory of the parent.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
+            process::set_parent_process_death_signal(Some(Signal::KILL))?;
             // The parent may have died before prctl took effect.
-            if libc::getppid() != parent {
+            if process::getppid() != parent {
                 return Err(std::io::Error::other("kiln exited while starting a helper"));
             }
             Ok(())
@@ -85,40 +80,32 @@ impl Guarded {
     /// Asks the child's process group to stop with SIGTERM, so tools that
     /// clean up after themselves (mmdebstrap's temporary root) can, then
     /// SIGKILLs what is left after `grace` and reaps the child.
-    pub fn terminate(&mut self, grace: std::time::Duration) {
+    pub fn terminate(&mut self, grace: Duration) {
         if self.reaped {
             return;
         }
-        let pgid = self.child.id() as libc::pid_t;
-        // SAFETY: plain syscall; the child is not reaped, so the group id
-        // is still ours.
-        unsafe {
-            libc::kill(-pgid, libc::SIGTERM);
-        }
-        let deadline = std::time::Instant::now() + grace;
-        while std::time::Instant::now() < deadline && !self.has_exited() {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        // The child is not reaped, so the group id is still ours.
+        let _ = process::kill_process_group(self.pid(), Signal::TERM);
+        poll_until(Instant::now() + grace, Duration::from_millis(50), || {
+            self.has_exited().then_some(())
+        });
         self.kill();
     }
 
     /// Whether the child has exited, leaving it unreaped (a zombie keeps
     /// its pid, and so the group id, from being reused before `kill`).
     fn has_exited(&self) -> bool {
-        // SAFETY: an all-zero siginfo_t is a valid value to be overwritten.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid writes only into `info`; WNOWAIT leaves the child
-        // waitable for the reap in `kill`.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                self.child.id(),
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            )
-        };
-        // SAFETY: waitid filled `info` (si_pid is 0 if nothing has exited).
-        r == 0 && unsafe { info.si_pid() } != 0
+        // WNOWAIT leaves the child waitable for the reap in `kill`.
+        let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+        matches!(
+            process::waitid(WaitId::Pid(self.pid()), options),
+            Ok(Some(_))
+        )
+    }
+
+    /// The child's pid, which is also its process group's id.
+    fn pid(&self) -> Pid {
+        Pid::from_child(&self.child)
     }
 
     /// SIGKILLs the child's process group and reaps the child.
@@ -126,12 +113,9 @@ impl Guarded {
         if self.reaped {
             return;
         }
-        let pgid = self.child.id() as libc::pid_t;
-        // SAFETY: plain syscall; the group was created for this child and the
-        // child is not yet reaped, so its id cannot have been reused.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
+        // The group was created for this child and the child is not yet
+        // reaped, so its id cannot have been reused.
+        let _ = process::kill_process_group(self.pid(), Signal::KILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.reaped = true;

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
+use crate::size;
+
 pub const MIB: u64 = 1 << 20;
 
 /// Keys that live at the top of a recipe, before any table.
@@ -70,19 +72,12 @@ pub fn parse_size(s: &str) -> Result<Size, String> {
     if t == "rest" {
         return Ok(Size::Rest);
     }
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
-        Some((i, 'T' | 't')) => (&t[..i], 1 << 40),
-        _ => (t, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| {
+    let (n, unit) = size::parse(t).ok_or_else(|| {
         format!(
             "invalid size '{s}': expected a number with K, M, G or T (e.g. 512M, 4G), or \"rest\""
         )
     })?;
-    n.checked_mul(mult)
+    n.checked_mul(unit.bytes())
         .map(Size::Bytes)
         .ok_or_else(|| format!("size '{s}' is too large"))
 }

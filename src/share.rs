@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use kiln_agent::poll::poll_until;
 use kiln_agent::MountRequest;
 
-use crate::backend::qemu::which;
 use crate::backend::{ShareDevice, ShareSpec, ShareTransport};
 use crate::console::Console;
 use crate::process::{detach_and_tie, Guarded};
+use crate::which::which_also_in;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShareArg {
@@ -95,12 +96,16 @@ impl Share {
         match v.process.try_wait() {
             Ok(Some(status)) => {
                 // Its last words may still be in the pipe.
-                let start = Instant::now();
-                while v.reader.as_ref().is_some_and(|r| !r.is_finished())
-                    && start.elapsed() < Duration::from_millis(200)
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                poll_until(
+                    Instant::now() + Duration::from_millis(200),
+                    Duration::from_millis(5),
+                    || {
+                        v.reader
+                            .as_ref()
+                            .map_or(true, |r| r.is_finished())
+                            .then_some(())
+                    },
+                );
                 Err(ShareLost {
                     host: self.arg.host.clone(),
                     guest: self.arg.guest.clone(),
@@ -139,14 +144,12 @@ pub fn find_virtiofsd() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("KILN_VIRTIOFSD").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    if let Some(p) = which("virtiofsd") {
-        return Ok(p);
-    }
-    let mut candidates = vec![PathBuf::from("/usr/libexec/virtiofsd")];
+    // Debian's package puts it outside PATH; `cargo install` in ~/.cargo/bin.
+    let mut more = vec![PathBuf::from("/usr/libexec")];
     if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cargo/bin/virtiofsd"));
+        more.push(PathBuf::from(home).join(".cargo/bin"));
     }
-    candidates.into_iter().find(|p| p.is_file()).context(
+    which_also_in("virtiofsd", &more).context(
         "virtiofsd not found (needed for --share): install it with \
          'sudo apt-get install libseccomp-dev libcap-ng-dev && cargo install virtiofsd'",
     )
@@ -196,8 +199,7 @@ fn start_virtiofsd(arg: &ShareArg, socket: &Path) -> Result<Virtiofsd> {
     let binary = find_virtiofsd()?;
     // Unprivileged, virtiofsd cannot build its namespace sandbox; it then
     // serves only what this user may access anyway.
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = rustix::process::geteuid().is_root();
     let mut cmd = Command::new(&binary);
     cmd.arg("--socket-path")
         .arg(socket)
@@ -219,9 +221,22 @@ fn start_virtiofsd(arg: &ShareArg, socket: &Path) -> Result<Virtiofsd> {
     // Always drained, so virtiofsd never blocks on a full stderr pipe.
     let log = Console::new();
     let reader = process.child.stderr.take().map(|e| log.capture(e, false));
-    let start = Instant::now();
-    while !socket.exists() {
-        if let Ok(Some(status)) = process.try_wait() {
+    let started = poll_until(
+        Instant::now() + Duration::from_secs(10),
+        Duration::from_millis(5),
+        || {
+            if socket.exists() {
+                return Some(Ok(()));
+            }
+            match process.try_wait() {
+                Ok(Some(status)) => Some(Err(status)),
+                _ => None,
+            }
+        },
+    );
+    match started {
+        Some(Ok(())) => {}
+        Some(Err(status)) => {
             if let Some(r) = reader {
                 let _ = r.join();
             }
@@ -231,13 +246,10 @@ fn start_virtiofsd(arg: &ShareArg, socket: &Path) -> Result<Virtiofsd> {
                 log.tail(10).join("\n")
             );
         }
-        if start.elapsed() > Duration::from_secs(10) {
-            bail!(
-                "virtiofsd for {} did not create its socket in 10 s",
-                arg.host.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
+        None => bail!(
+            "virtiofsd for {} did not create its socket in 10 s",
+            arg.host.display()
+        ),
     }
     Ok(Virtiofsd {
         process,
@@ -273,7 +285,7 @@ mod tests {
         let mut process = Guarded::new(cmd.spawn().expect("spawn sh"));
         let log = Console::new();
         let reader = process.child.stderr.take().map(|e| log.capture(e, false));
-        let pid = process.child.id() as libc::pid_t;
+        let pid = rustix::process::Pid::from_child(&process.child);
         let mut share = Share {
             arg: "/srv/data:/s".parse().expect("share"),
             spec: ShareSpec {
@@ -289,22 +301,12 @@ mod tests {
             }),
         };
         assert!(share.check().is_ok(), "a running virtiofsd is fine");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while log.tail(1).is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        // SAFETY: plain kill(2) on the child spawned above, not reaped.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let lost = loop {
-            match share.check() {
-                Err(lost) => break lost,
-                Ok(()) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                Ok(()) => panic!("virtiofsd's death went unnoticed"),
-            }
-        };
+        let within = || Instant::now() + Duration::from_secs(10);
+        let every = Duration::from_millis(10);
+        poll_until(within(), every, || log.tail(1).pop());
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill");
+        let lost = poll_until(within(), every, || share.check().err())
+            .expect("virtiofsd's death went unnoticed");
         let msg = lost.to_string();
         assert!(
             msg.starts_with("virtiofsd serving /srv/data stopped (signal: 9"),

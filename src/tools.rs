@@ -7,9 +7,9 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::backend::qemu::which;
-use crate::owned_dir::{self, OwnedDir};
-use crate::{cache, job, userns};
+use crate::cache;
+use crate::mmdebstrap::Mmdebstrap;
+use crate::owned_dir;
 
 pub const SUITE: &str = "bookworm";
 
@@ -174,19 +174,9 @@ fn rebuild(extra: &Extra) -> String {
     format!("kiln tools build --force{}", package_args(extra))
 }
 
-/// Whether the entry `dir` can be used as it is: the image is there and
-/// undamaged. Damage is said, as the build that follows replaces it.
+/// Whether the entry `dir` can be used as it is (see [`cache::usable`]).
 fn usable(dir: &Path, extra: &Extra) -> bool {
-    if !dir.join(IMAGE_NAME).is_file() {
-        return false;
-    }
-    match cache::verify(dir, &[IMAGE_NAME], &rebuild(extra)) {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("kiln: {}; building it again", e.what());
-            false
-        }
-    }
+    cache::usable(dir, &[IMAGE_NAME], &rebuild(extra))
 }
 
 /// Builds the tools image with `extra` packages into the cache unless it
@@ -197,23 +187,15 @@ pub fn build(force: bool, extra: &Extra) -> Result<PathBuf> {
         cache::Begin::Done(dir) => return Ok(dir.join(IMAGE_NAME)),
         cache::Begin::Build(s) => s,
     };
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let needed = [
-        ("mmdebstrap", "mmdebstrap"),
-        ("tar2sqfs", "squashfs-tools-ng"),
-    ];
-    for (tool, package) in needed {
-        if which(tool).is_none() {
-            bail!(
-                "{tool} not found, needed to build the tools image: sudo apt-get install {package}"
-            );
-        }
-    }
-    if !root {
-        userns::check_unshare_mode("the tools image")?;
-    }
-    let scratch = OwnedDir::new(owned_dir::TOOLS).context("creating a work directory")?;
+    let bootstrap = Mmdebstrap::prepare(
+        &[
+            ("mmdebstrap", "mmdebstrap"),
+            ("tar2sqfs", "squashfs-tools-ng"),
+        ],
+        "to build the tools image",
+        "the tools image",
+        owned_dir::TOOLS,
+    )?;
     // mmdebstrap writes a tar (ownership kept, no root needed in unshare
     // mode) that tar2sqfs turns into the image.
     let mut script = String::from("set -euo pipefail\nmmdebstrap \"$@\" | tar2sqfs");
@@ -226,11 +208,7 @@ pub fn build(force: bool, extra: &Extra) -> Result<PathBuf> {
     cmd.arg("-c")
         .arg(script)
         .arg("kiln-tools-build")
-        .arg(if root {
-            "--mode=root"
-        } else {
-            "--mode=unshare"
-        })
+        .arg(bootstrap.mode())
         .args(MMDEBSTRAP_OPTIONS)
         .arg(format!(
             "--include={}",
@@ -244,12 +222,10 @@ pub fn build(force: bool, extra: &Extra) -> Result<PathBuf> {
         .arg("--format=tar")
         .arg(SUITE)
         .arg("-")
-        .env("KILN_TOOLS_OUT", staging.path().join(IMAGE_NAME))
-        .env("TMPDIR", scratch.path());
+        .env("KILN_TOOLS_OUT", staging.path().join(IMAGE_NAME));
     if let Some(mirror) = std::env::var_os("KILN_DEBIAN_MIRROR").filter(|m| !m.is_empty()) {
         cmd.arg(mirror);
     }
-    let log = scratch.path().join("build.log");
     let what = if extra.is_empty() {
         format!("building tools image ({SUITE})")
     } else {
@@ -258,10 +234,12 @@ pub fn build(force: bool, extra: &Extra) -> Result<PathBuf> {
             extra.0.join(", ")
         )
     };
-    if let Err(e) = job::run_logged(cmd, &what, &log) {
-        let _ = std::fs::copy(&log, cache::root()?.join("tools").join("last-build.log"));
-        return Err(e);
-    }
+    bootstrap.run(
+        cmd,
+        &what,
+        "build.log",
+        &cache::root()?.join("tools").join("last-build.log"),
+    )?;
     Ok(staging
         .commit_with_manifest(&[IMAGE_NAME])?
         .join(IMAGE_NAME))

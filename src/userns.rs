@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Result};
 
-use crate::backend::qemu::which;
+use crate::which::which;
 
 /// The ids unshare mode maps the image's users onto: 0..65535 at least.
 const SUBIDS_NEEDED: u64 = 65536;
@@ -23,8 +23,7 @@ pub fn check_unshare_mode(what: &str) -> Result<()> {
              sudo apt-get install uidmap"
         );
     }
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
+    let uid = rustix::process::getuid().as_raw();
     let name = user_name(
         uid,
         &std::fs::read_to_string("/etc/passwd").unwrap_or_default(),

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use kiln_agent::poll::poll_until;
 use leftovers::{mounts_and_loop_devices_mentioning, processes_left_after, processes_mentioning};
+use rustix::process::{geteuid, kill_process, Pid, Signal};
 
 /// The kiln binary under test: cargo's, or the one `KILN_TEST_KILN` names
 /// (the unprivileged CI run, whose user may not reach cargo's).
@@ -424,8 +426,7 @@ fn a_fresh_debian_bootstrap_builds_with_the_users_own_rights() {
 /// stops before it starts, and says how to add them.
 #[test]
 fn a_bootstrap_without_subordinate_ids_names_the_fix() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !geteuid().is_root() {
         // Only root can act as a user without subordinate ids here.
         return;
     }
@@ -494,18 +495,24 @@ fn a_sigkilled_build_is_cleaned_up_by_the_next_kiln() {
         .expect("spawn kiln build");
     // Killed once the build VM is up: its runtime directory exists, and
     // so does the build's work directory beside the outputs.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while entries(&runtime, "kiln-run-").is_empty() || entries(&out_dir, ".kiln-build-").is_empty()
-    {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("kiln build ended ({status}) before the test could kill it");
-        }
-        assert!(Instant::now() < deadline, "the build VM never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let started = poll_until(
+        Instant::now() + Duration::from_secs(120),
+        Duration::from_millis(50),
+        || {
+            if !entries(&runtime, "kiln-run-").is_empty()
+                && !entries(&out_dir, ".kiln-build-").is_empty()
+            {
+                return Some(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("kiln build ended ({status}) before the test could kill it");
+            }
+            None
+        },
+    );
+    assert!(started.is_some(), "the build VM never started");
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: plain kill(2) on the child we spawned and have not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    kill_process(Pid::from_child(&child), Signal::KILL).expect("kill kiln");
     child.wait().expect("wait");
     let needle = dir.to_string_lossy().into_owned();
     let procs = processes_left_after(&needle, Duration::from_secs(10));

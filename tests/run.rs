@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use kiln_agent::poll::poll_until;
+use rustix::process::{geteuid, kill_process, Pid, Signal};
 use sha2::{Digest, Sha256};
 
 use leftovers::{processes_left_after, processes_mentioning};
@@ -540,16 +542,16 @@ fn timeout_gives_124_and_leaves_nothing_behind(k: &Kiln) {
 }
 
 fn ctrl_c_stops_everything_and_cleans_up(k: &Kiln) {
-    interrupted_run_cleans_up(k, libc::SIGINT);
+    interrupted_run_cleans_up(k, Signal::INT);
 }
 
 fn sigterm_stops_everything_and_cleans_up(k: &Kiln) {
-    interrupted_run_cleans_up(k, libc::SIGTERM);
+    interrupted_run_cleans_up(k, Signal::TERM);
 }
 
 /// `signal` while the command runs: exit 130, the VM and helpers stopped,
 /// temp files gone.
-fn interrupted_run_cleans_up(k: &Kiln, signal: libc::c_int) {
+fn interrupted_run_cleans_up(k: &Kiln, signal: Signal) {
     let mut child = k
         .command(&["run", "--", "sh", "-c", "echo started; exec sleep 600"])
         .stdout(Stdio::piped())
@@ -559,8 +561,7 @@ fn interrupted_run_cleans_up(k: &Kiln, signal: libc::c_int) {
     // Wait until the command runs in the guest, then interrupt kiln.
     let first = first_output(&mut child, 8);
     assert_eq!(&first, b"started\n");
-    // SAFETY: plain kill(2) on the child we spawned and have not reaped.
-    unsafe { libc::kill(child.id() as i32, signal) };
+    kill_process(Pid::from_child(&child), signal).expect("kill kiln");
     let out = child.wait_with_output().expect("wait");
     k.assert_clean();
     assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
@@ -613,12 +614,11 @@ fn a_sigkilled_run_is_cleaned_up_by_the_next_run(k: &Kiln) {
         .collect();
     assert!(!helpers.is_empty(), "no helper process of kiln's is seen");
 
-    // SAFETY: plain kill(2) on the child we spawned and have not reaped.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    kill_process(Pid::from_child(&child), Signal::KILL).expect("kill kiln");
     let status = child.wait().expect("wait");
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(libc::SIGKILL)
+        Some(Signal::KILL.as_raw())
     );
     let procs = processes_left_after(&needle, Duration::from_secs(10));
     assert!(procs.is_empty(), "helpers outlived kiln: {procs:?}");
@@ -712,8 +712,7 @@ fn copy_out_drops_setuid_setgid_and_sticky_bits(k: &Kiln) {
     assert_eq!(mode_of(&u), 0o755, "setuid kept");
     assert_eq!(mode_of(&g), 0o755, "setgid kept");
     assert_eq!(mode_of(&t), 0o777, "sticky kept");
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = geteuid().as_raw();
     for p in [&u, &g, &t] {
         let uid = fs::metadata(p).expect("stat").uid();
         assert_eq!(uid, euid, "{} is not the invoking user's", p.display());
@@ -886,8 +885,8 @@ fn a_killed_virtiofsd_ends_the_run_naming_the_share(k: &Kiln) {
         "kiln said '{transport}', but no virtiofsd serving it is seen"
     );
     for pid in &virtiofsd {
-        // SAFETY: plain kill(2); a pid that has meanwhile exited gets ESRCH.
-        unsafe { libc::kill(*pid, libc::SIGKILL) };
+        // A pid that has meanwhile exited gets ESRCH.
+        let _ = kill_process(*pid, Signal::KILL);
     }
     let status = wait_at_most(&mut child, Duration::from_secs(60), &stderr);
     k.assert_clean();
@@ -902,11 +901,17 @@ fn a_killed_virtiofsd_ends_the_run_naming_the_share(k: &Kiln) {
 
 /// The pids of the virtiofsd processes whose arguments mention `runtime`
 /// (their sockets are in kiln's runtime directory there).
-fn virtiofsd_serving(runtime: &Path) -> Vec<libc::pid_t> {
+fn virtiofsd_serving(runtime: &Path) -> Vec<Pid> {
     let needle = runtime.to_string_lossy().into_owned();
     let mut pids = Vec::new();
     for e in fs::read_dir("/proc").expect("proc").flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+        let Some(pid) = e
+            .file_name()
+            .to_string_lossy()
+            .parse()
+            .ok()
+            .and_then(Pid::from_raw)
+        else {
             continue;
         };
         let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
@@ -951,19 +956,10 @@ impl Lines {
 
     /// The first line starting with `prefix`, waiting up to `limit` for it.
     fn wait_for(&self, prefix: &str, limit: Duration) -> Option<String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            {
-                let lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(l) = lines.iter().find(|l| l.starts_with(prefix)) {
-                    return Some(l.clone());
-                }
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll_until(Instant::now() + limit, Duration::from_millis(20), || {
+            let lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            lines.iter().find(|l| l.starts_with(prefix)).cloned()
+        })
     }
 }
 
@@ -974,23 +970,20 @@ fn wait_at_most(
     limit: Duration,
     stderr: &Lines,
 ) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            // Whatever it said last is read before it is looked at.
-            std::thread::sleep(Duration::from_millis(100));
-            return status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "kiln did not end within {limit:?}; it said:\n{}",
-                stderr.text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let ended = poll_until(Instant::now() + limit, Duration::from_millis(50), || {
+        child.try_wait().expect("try_wait")
+    });
+    let Some(status) = ended else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "kiln did not end within {limit:?}; it said:\n{}",
+            stderr.text()
+        );
+    };
+    // Whatever it said last is read before it is looked at.
+    std::thread::sleep(Duration::from_millis(100));
+    status
 }
 
 fn running_out_of_memory_is_an_answer_not_a_hang(k: &Kiln) {
@@ -1119,8 +1112,7 @@ fn disk_in_use_by_another_kiln_is_refused(k: &Kiln) {
         .command(&["run", "--disk", disk_s, "--", "true"])
         .output()
         .expect("second");
-    // SAFETY: plain kill(2) on the child we spawned and have not reaped.
-    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    kill_process(Pid::from_child(&first), Signal::TERM).expect("kill the first kiln");
     let _ = first.wait();
     k.assert_clean();
     assert_eq!(code(&second), 125);
@@ -1408,8 +1400,7 @@ const NOGROUP: u32 = 65534;
 /// The point of kiln: partitioning and formatting as an unprivileged user.
 /// When the tests run as root, this one drops to `nobody` with runuser.
 fn an_unprivileged_user_partitions_and_formats_a_disk(k: &Kiln) {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !geteuid().is_root() {
         // Every other test already runs unprivileged.
         return;
     }

@@ -237,6 +237,8 @@ impl Backend for Kvm {
 mod tests {
     use super::*;
     use crate::backend::{DiskSpec, ShareDevice, ShareSpec};
+    use kiln_agent::poll::poll_until;
+    use std::time::{Duration, Instant};
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -364,21 +366,15 @@ mod tests {
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let backend = Kvm { exe, seccomp: true };
         let mut vm = backend.launch(&spec()).expect("launch");
-        let start = std::time::Instant::now();
-        let status = loop {
-            if let Some(s) = vm.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(start.elapsed().as_secs() < 10, "the child did not end");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let every = Duration::from_millis(5);
+        let status = poll_until(deadline, every, || vm.try_wait().expect("wait"))
+            .expect("the child did not end");
         assert_eq!(status.code(), Some(2));
         // The readers finish once the pipes close.
-        while start.elapsed().as_secs() < 10
-            && (vm.console().tail(5).len() < 2 || vm.diagnostics().is_empty())
-        {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        poll_until(deadline, every, || {
+            (vm.console().tail(5).len() >= 2 && !vm.diagnostics().is_empty()).then_some(())
+        });
         assert_eq!(
             vm.console().tail(5),
             vec!["Linux version 6.1", "no newline"]

@@ -1,13 +1,14 @@
 //! The QEMU backend: `qemu-system-x86_64 -M microvm`, direct kernel boot
 //! through the PVH entry (no firmware), virtio-mmio devices only.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result};
 use kiln_agent::AGENT_PORT_NAME;
 
 use super::{spawn_child, Backend, ShareDevice, ShareTransport, Vm, VmSpec};
+use crate::which::which;
 
 /// qemu-system-x86_64: `$KILN_QEMU`, else from PATH.
 pub fn binary() -> Result<PathBuf> {
@@ -87,7 +88,7 @@ impl Qemu {
         for (i, d) in spec.disks.iter().enumerate() {
             let mut drive = format!(
                 "file={},if=none,id=disk{i},format={},cache=writeback,discard=unmap",
-                escape(&d.path.to_string_lossy()),
+                escape_path(&d.path),
                 d.format
             );
             if d.readonly {
@@ -101,10 +102,7 @@ impl Qemu {
         }
         push(&[
             "-chardev",
-            &format!(
-                "socket,id=agent,path={}",
-                escape(&spec.agent_socket.to_string_lossy())
-            ),
+            &format!("socket,id=agent,path={}", escape_path(&spec.agent_socket)),
         ]);
         push(&["-device", "virtio-serial-device,max_ports=2"]);
         push(&[
@@ -117,7 +115,7 @@ impl Qemu {
                 ShareDevice::Virtiofs { socket } => {
                     push(&[
                         "-chardev",
-                        &format!("socket,id=fs{i},path={}", escape(&socket.to_string_lossy())),
+                        &format!("socket,id=fs{i},path={}", escape_path(socket)),
                     ]);
                     push(&[
                         "-device",
@@ -130,7 +128,7 @@ impl Qemu {
                     // is not an error (as with virtiofsd unprivileged).
                     let mut fsdev = format!(
                         "local,id=fs{i},path={},security_model=none",
-                        escape(&dir.to_string_lossy())
+                        escape_path(dir)
                     );
                     if *readonly {
                         fsdev.push_str(",readonly=on");
@@ -147,16 +145,10 @@ impl Qemu {
     }
 }
 
-/// QEMU's option syntax doubles commas inside values.
-fn escape(s: &str) -> String {
-    s.replace(',', ",,")
-}
-
-pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+/// A path as a value in a QEMU option list (`-drive file=PATH,if=none`),
+/// where a comma inside a value is written twice.
+pub fn escape_path(p: &Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
 }
 
 impl Backend for Qemu {
@@ -231,6 +223,13 @@ mod tests {
         assert_eq!(append(&kvm), "console=ttyS0");
         let unknown = Qemu { kvm: false, ..kvm };
         assert_eq!(append(&unknown), "console=ttyS0");
+    }
+
+    #[test]
+    fn commas_in_paths_are_doubled() {
+        assert_eq!(escape_path(Path::new("/a,b/c.raw")), "/a,,b/c.raw");
+        assert_eq!(escape_path(Path::new("/a/b.raw")), "/a/b.raw");
+        assert_eq!(escape_path(Path::new(",,")), ",,,,");
     }
 
     fn shared(q: &Qemu, device: ShareDevice) -> String {

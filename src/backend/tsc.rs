@@ -80,14 +80,7 @@ fn sample() -> Option<(u64, u64)> {
 
 /// CLOCK_MONOTONIC_RAW in ns: not slewed by NTP, as the TSC is not.
 fn monotonic_raw_ns() -> Option<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec we own.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_RAW, &mut ts) } != 0 {
-        return None;
-    }
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicRaw);
     let secs = u64::try_from(ts.tv_sec).ok()?;
     let nanos = u64::try_from(ts.tv_nsec).ok()?;
     secs.checked_mul(1_000_000_000)?.checked_add(nanos)

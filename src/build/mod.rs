@@ -8,7 +8,6 @@ mod output;
 mod rootfs;
 mod script;
 
-use std::collections::VecDeque;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -23,6 +22,7 @@ use crate::guest::{Guest, GuestConfig};
 use crate::owned_dir::{self, OwnedDir};
 use crate::recipe::{Checked, Format};
 use crate::session::ExecOutcome;
+use crate::tail::Tail;
 
 pub use output::{detect_format, qemu_img};
 
@@ -89,10 +89,13 @@ struct OutputSummary {
     sha256: String,
 }
 
+/// The output lines of a step kept for its error message.
+const STEP_TAIL_LINES: usize = 30;
+
 /// Shows a step's progress; keeps its last output lines for the error.
 struct StepLog {
     bar: ProgressBar,
-    lines: VecDeque<String>,
+    lines: Tail,
     partial: Vec<u8>,
     echo: bool,
 }
@@ -102,7 +105,7 @@ impl StepLog {
         let bar = crate::job::spinner(name, quiet);
         StepLog {
             bar,
-            lines: VecDeque::new(),
+            lines: Tail::new(STEP_TAIL_LINES),
             partial: Vec::new(),
             echo: false,
         }
@@ -123,20 +126,18 @@ impl StepLog {
             }
             self.bar
                 .set_message(line.chars().take(120).collect::<String>());
-            self.lines.push_back(line);
-            if self.lines.len() > 30 {
-                self.lines.pop_front();
-            }
+            self.lines.push(line);
         }
     }
 
+    /// The lines kept, and after them an unfinished last line.
     fn tail(&mut self) -> String {
+        let mut lines: Vec<String> = self.lines.iter().cloned().collect();
         if !self.partial.is_empty() {
             let rest = std::mem::take(&mut self.partial);
-            self.lines
-                .push_back(String::from_utf8_lossy(&rest).into_owned());
+            lines.push(String::from_utf8_lossy(&rest).into_owned());
         }
-        self.lines.iter().cloned().collect::<Vec<_>>().join("\n")
+        lines.join("\n")
     }
 }
 
@@ -453,4 +454,24 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_keeps_its_last_lines_and_an_unfinished_one() {
+        let mut log = StepLog::new("step", true);
+        let text: String = (0..40).map(|i| format!("line {i}\n\n")).collect();
+        log.take(text.as_bytes());
+        log.take(b"no newline");
+        assert_eq!(log.lines.iter().count(), STEP_TAIL_LINES);
+        let tail = log.tail();
+        let lines: Vec<&str> = tail.lines().collect();
+        assert_eq!(lines.len(), STEP_TAIL_LINES + 1);
+        assert_eq!(lines[0], "line 10");
+        assert_eq!(lines[STEP_TAIL_LINES - 1], "line 39");
+        assert_eq!(lines[STEP_TAIL_LINES], "no newline");
+    }
 }

@@ -13,9 +13,10 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::backend::qemu::which;
+use crate::disk::is_qcow2;
 use crate::process::run_tool;
 use crate::recipe::{Compression, Format};
+use crate::which::which;
 
 /// One finished output, still under its temporary name.
 pub struct Output {
@@ -193,7 +194,7 @@ pub fn detect_format(p: &Path) -> Result<&'static str> {
     let n = f.read(&mut magic)?;
     // A fixed VHD has its "conectix" footer only in the last sector.
     let len = f.metadata()?.len();
-    if len >= 512 && n == 8 && !magic.starts_with(b"QFI") {
+    if len >= 512 && n == 8 && !is_qcow2(&magic) {
         use std::io::{Seek, SeekFrom};
         let mut footer = [0u8; 8];
         f.seek(SeekFrom::Start(len - 512))?;
@@ -202,7 +203,7 @@ pub fn detect_format(p: &Path) -> Result<&'static str> {
         }
     }
     Ok(match &magic[..n] {
-        [b'Q', b'F', b'I', 0xfb, ..] => "qcow2",
+        header if is_qcow2(header) => "qcow2",
         [b'K', b'D', b'M', b'V', ..] => "vmdk",
         b"vhdxfile" => "vhdx",
         b"conectix" => "vpc",
@@ -319,4 +320,37 @@ pub fn write_sha256(out: &Output, temp_dir: &Path) -> Result<(PathBuf, PathBuf)>
     writeln!(f, "{}  {file_name}", out.sha256)?;
     f.sync_all()?;
     Ok((tmp, dir.join(format!("{file_name}.sha256"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_are_told_by_their_magic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let detect = |name: &str, data: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, data).expect("write");
+            detect_format(&p).expect("detect")
+        };
+        let with = |head: &[u8], len: usize| {
+            let mut d = head.to_vec();
+            d.resize(len, 0);
+            d
+        };
+        assert_eq!(detect("q", &with(b"QFI\xfb\0\0\0\x03", 4096)), "qcow2");
+        assert_eq!(detect("k", &with(b"KDMV", 4096)), "vmdk");
+        assert_eq!(detect("h", &with(b"vhdxfile", 4096)), "vhdx");
+        assert_eq!(detect("r", &with(b"", 4096)), "raw");
+        assert_eq!(detect("e", b""), "raw");
+        // A fixed VHD: the footer in the last sector only.
+        let mut vpc = vec![0u8; 4096];
+        vpc[4096 - 512..4096 - 504].copy_from_slice(b"conectix");
+        assert_eq!(detect("v", &vpc), "vpc");
+        // A qcow2 image's last sector is its data, never read as a footer.
+        let mut q = with(b"QFI\xfb\0\0\0\x03", 4096);
+        q[4096 - 512..4096 - 504].copy_from_slice(b"conectix");
+        assert_eq!(detect("qv", &q), "qcow2");
+    }
 }

@@ -11,11 +11,11 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::backend::qemu::which;
-use crate::owned_dir::{self, OwnedDir};
+use crate::cache;
+use crate::mmdebstrap::Mmdebstrap;
+use crate::owned_dir;
 use crate::process::tie;
 use crate::recipe::RootSource;
-use crate::{cache, job, userns};
 
 /// A root archive ready to attach as a disk.
 pub struct RootTar {
@@ -174,40 +174,30 @@ fn debian(
         }
         cache::Begin::Build(s) => s,
     };
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if which("mmdebstrap").is_none() {
-        bail!("mmdebstrap not found, needed for root.suite: sudo apt-get install mmdebstrap");
-    }
-    if !root {
-        userns::check_unshare_mode(&format!("a root.suite = \"{suite}\" image"))?;
-    }
-    let scratch = OwnedDir::new(owned_dir::ROOTFS).context("creating a work directory")?;
+    let bootstrap = Mmdebstrap::prepare(
+        &[("mmdebstrap", "mmdebstrap")],
+        "for root.suite",
+        &format!("a root.suite = \"{suite}\" image"),
+        owned_dir::ROOTFS,
+    )?;
     let mut cmd = Command::new("mmdebstrap");
-    cmd.arg(if root {
-        "--mode=root"
-    } else {
-        "--mode=unshare"
-    })
-    .arg(format!("--variant={variant}"))
-    .args(MMDEBSTRAP_OPTIONS)
-    .arg(format!("--components={}", components.join(",")));
+    cmd.arg(bootstrap.mode())
+        .arg(format!("--variant={variant}"))
+        .args(MMDEBSTRAP_OPTIONS)
+        .arg(format!("--components={}", components.join(",")));
     if !packages.is_empty() {
         cmd.arg(format!("--include={}", packages.join(",")));
     }
     cmd.arg(suite)
         .arg(staging.path().join("root.tar"))
         .arg(mirror)
-        .env("SOURCE_DATE_EPOCH", epoch.to_string())
-        .env("TMPDIR", scratch.path());
-    let log = scratch.path().join("bootstrap.log");
-    if let Err(e) = job::run_logged(cmd, &format!("root: bootstrapping {suite}"), &log) {
-        let _ = std::fs::copy(
-            &log,
-            cache::root()?.join("rootfs").join("last-bootstrap.log"),
-        );
-        return Err(e);
-    }
+        .env("SOURCE_DATE_EPOCH", epoch.to_string());
+    bootstrap.run(
+        cmd,
+        &format!("root: bootstrapping {suite}"),
+        "bootstrap.log",
+        &cache::root()?.join("rootfs").join("last-bootstrap.log"),
+    )?;
     let dir = staging.commit()?;
     finish(dir.join("root.tar"), "", &dir)
 }

@@ -4,6 +4,8 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
+use kiln_agent::poll::poll_until;
+
 /// Live processes whose command line or environment (kiln's helpers
 /// inherit its TMPDIR) mentions `needle`.
 pub fn processes_mentioning(needle: &str) -> Vec<String> {
@@ -30,10 +32,9 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
 /// `grace` to end (a killed parent's helpers die with it, not at once).
 #[allow(dead_code)] // Not every test crate that includes this uses it.
 pub fn processes_left_after(needle: &str, grace: Duration) -> Vec<String> {
-    let deadline = Instant::now() + grace;
-    while !processes_mentioning(needle).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_until(Instant::now() + grace, Duration::from_millis(50), || {
+        processes_mentioning(needle).is_empty().then_some(())
+    });
     processes_mentioning(needle)
 }
 

@@ -19,6 +19,9 @@
 //!   `--share` works under kiln-vmm too.
 #![allow(dead_code)] // each user takes the part it needs
 
+#[path = "../../src/which.rs"]
+mod which;
+
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -181,24 +184,19 @@ fn cache_root(kiln: &Path) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("unexpected kernel path {}", vmlinux.display()))
 }
 
-/// virtiofsd as kiln finds it: `KILN_VIRTIOFSD`, PATH, `~/.cargo/bin`.
+/// virtiofsd as kiln finds it: `KILN_VIRTIOFSD`, PATH, /usr/libexec,
+/// `~/.cargo/bin`.
 fn find_virtiofsd() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("KILN_VIRTIOFSD").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    dirs.push(PathBuf::from("/usr/libexec"));
+    let mut more = vec![PathBuf::from("/usr/libexec")];
     if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+        more.push(PathBuf::from(home).join(".cargo/bin"));
     }
-    dirs.into_iter()
-        .map(|d| d.join("virtiofsd"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            "virtiofsd not found: the nested harness copies it into L1 (run .ci/setup)".into()
-        })
+    which::which_also_in("virtiofsd", &more).ok_or_else(|| {
+        "virtiofsd not found: the nested harness copies it into L1 (run .ci/setup)".into()
+    })
 }
 
 /// The shared libraries `binary` links, but for the C library's own.

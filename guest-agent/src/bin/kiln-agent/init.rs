@@ -5,11 +5,13 @@ use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kiln_agent::poll::poll_until;
 use kiln_agent::TOOLS_DISK_SERIAL;
 use nix::mount::{mount, MsFlags};
 use nix::unistd::{chdir, chroot};
 
 use crate::disks;
+use crate::mount::{mount_on, MountError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -34,11 +36,13 @@ fn do_mount(
     flags: MsFlags,
     data: Option<&str>,
 ) -> Result<(), InitError> {
-    fs::create_dir_all(target)?;
-    mount(Some(source), target, Some(fstype), flags, data).map_err(|source_err| InitError::Mount {
-        what: format!("{fstype} ({source})"),
-        target: target.to_string(),
-        source: source_err,
+    mount_on(source, target, fstype, flags, data).map_err(|e| match e {
+        MountError::MountPoint(e) => InitError::Io(e),
+        MountError::Mount(source_err) => InitError::Mount {
+            what: format!("{fstype} ({source})"),
+            target: target.to_string(),
+            source: source_err,
+        },
     })
 }
 
@@ -123,16 +127,11 @@ pub fn enter_tools_root() -> Result<(), InitError> {
 }
 
 fn wait_for_tools_disk(limit: Duration) -> Result<String, InitError> {
-    let start = Instant::now();
-    loop {
-        if let Some(name) = disks::by_serial(TOOLS_DISK_SERIAL) {
-            return Ok(format!("/dev/{name}"));
-        }
-        if start.elapsed() > limit {
-            return Err(InitError::NoToolsDisk);
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    poll_until(Instant::now() + limit, Duration::from_millis(5), || {
+        disks::by_serial(TOOLS_DISK_SERIAL)
+    })
+    .map(|name| format!("/dev/{name}"))
+    .ok_or(InitError::NoToolsDisk)
 }
 
 /// Mount points that stay until the end: the root and the kernel's own.
@@ -147,10 +146,11 @@ pub fn quiesce() {
     use nix::sys::signal::{kill, Signal};
     // -1: every process but PID 1 (us); ESRCH means there was none.
     if kill(nix::unistd::Pid::from_raw(-1), Signal::SIGKILL).is_ok() {
-        let start = Instant::now();
-        while user_processes_left() && start.elapsed() < Duration::from_secs(2) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        poll_until(
+            Instant::now() + Duration::from_secs(2),
+            Duration::from_millis(10),
+            || (!user_processes_left()).then_some(()),
+        );
     }
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let points: Vec<String> = mounts

@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use kiln_agent::poll::poll_until;
 use kiln_agent::LimitsReport;
+
+use crate::mount::mount_on;
 
 const ROOT: &str = "/sys/fs/cgroup";
 /// The parent of every command's group; it carries the limits.
@@ -38,12 +41,10 @@ static LIMITS: OnceLock<Limits> = OnceLock::new();
 /// Mounts cgroup2 and creates the commands' parent group with its limits.
 /// Commands run without a group (and without these limits) if it fails.
 pub fn setup() -> io::Result<()> {
-    fs::create_dir_all(ROOT)?;
     let flags = nix::mount::MsFlags::MS_NOSUID
         | nix::mount::MsFlags::MS_NODEV
         | nix::mount::MsFlags::MS_NOEXEC;
-    nix::mount::mount(Some("cgroup2"), ROOT, Some("cgroup2"), flags, None::<&str>)
-        .map_err(io::Error::from)?;
+    mount_on("cgroup2", ROOT, "cgroup2", flags, None)?;
     fs::write(
         Path::new(ROOT).join("cgroup.subtree_control"),
         "+memory +pids",
@@ -178,11 +179,12 @@ impl Drop for Group {
 /// Kills every process in the group at `path` and removes it.
 fn remove(path: &Path) {
     let _ = fs::write(path.join("cgroup.kill"), "1");
-    let start = Instant::now();
     // rmdir fails with EBUSY until the last process has been reaped.
-    while fs::remove_dir(path).is_err() && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    poll_until(
+        Instant::now() + Duration::from_secs(5),
+        Duration::from_millis(10),
+        || fs::remove_dir(path).ok(),
+    );
 }
 
 /// The value of `key` in a flat-keyed cgroup file ("key value" lines).

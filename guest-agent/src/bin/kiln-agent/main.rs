@@ -10,6 +10,7 @@ mod exec;
 mod files;
 mod init;
 mod limits;
+mod mount;
 mod port;
 mod reaper;
 mod serve;

@@ -4,27 +4,23 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::time::{Duration, Instant};
 
+use kiln_agent::poll::poll_until;
 use kiln_agent::AGENT_PORT_NAME;
 
 /// Opens `/dev/vportNpM` whose name is [`AGENT_PORT_NAME`], waiting for the
 /// virtio-console driver to register it.
 pub fn open() -> io::Result<File> {
-    let start = Instant::now();
-    loop {
-        if let Some(dev) = find() {
-            return OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(format!("/dev/{dev}"));
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("no virtio-console port named '{AGENT_PORT_NAME}'"),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let Some(dev) = poll_until(deadline, Duration::from_millis(5), find) else {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no virtio-console port named '{AGENT_PORT_NAME}'"),
+        ));
+    };
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/dev/{dev}"))
 }
 
 fn find() -> Option<String> {

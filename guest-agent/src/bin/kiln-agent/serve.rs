@@ -1,7 +1,6 @@
 //! The request loop.
 
 use std::collections::HashMap;
-use std::fs;
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
@@ -9,8 +8,9 @@ use kiln_agent::{
     FrameError, FrameReader, FrameWriter, MountRequest, Reply, Request, SpawnErrorKind,
     AGENT_VERSION, PROTOCOL_VERSION,
 };
-use nix::mount::{mount, MsFlags};
+use nix::mount::MsFlags;
 
+use crate::mount::{mount_on, MountError};
 use crate::{disks, exec, files};
 
 /// The write half of the channel, shared by every thread that replies.
@@ -138,21 +138,18 @@ pub fn serve(
 }
 
 fn do_mount(m: &MountRequest) -> Result<(), String> {
-    fs::create_dir_all(&m.target).map_err(|e| format!("creating {}: {e}", m.target))?;
     let flags = if m.readonly {
         MsFlags::MS_RDONLY
     } else {
         MsFlags::empty()
     };
     let data = (!m.options.is_empty()).then_some(m.options.as_str());
-    mount(
-        Some(m.source.as_str()),
-        m.target.as_str(),
-        Some(m.fstype.as_str()),
-        flags,
-        data,
-    )
-    .map_err(|e| format!("mounting {} ({}) on {}: {e}", m.source, m.fstype, m.target))
+    mount_on(&m.source, &m.target, &m.fstype, flags, data).map_err(|e| match e {
+        MountError::MountPoint(e) => format!("creating {}: {e}", m.target),
+        MountError::Mount(e) => {
+            format!("mounting {} ({}) on {}: {e}", m.source, m.fstype, m.target)
+        }
+    })
 }
 
 fn set_clock(unix_time_ms: u64) {

@@ -1,0 +1,119 @@
+//! Running mmdebstrap, for the tools image and `root.suite` bootstraps:
+//! in root mode when kiln runs as root, otherwise in unshare mode once this
+//! user is found able to (userns.rs); with its temporary files in a work
+//! directory kiln owns, and its output in a log that is kept in the cache
+//! when it fails. What it bootstraps, and into what, is the caller's.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::owned_dir::OwnedDir;
+use crate::which::which;
+use crate::{job, userns};
+
+/// A bootstrap about to run: its mode chosen and its work directory made.
+pub struct Mmdebstrap {
+    root: bool,
+    scratch: OwnedDir,
+}
+
+impl Mmdebstrap {
+    /// Checks that `programs` (mmdebstrap and any the caller pipes it into,
+    /// each with its Debian package) are installed, `needed_for` naming
+    /// the job in the message ("to build the tools image"), and that
+    /// unshare mode can run unless kiln is root (`unshare_job` naming the
+    /// job there); then makes the work directory, `scratch_prefix<random>`.
+    pub fn prepare(
+        programs: &[(&str, &str)],
+        needed_for: &str,
+        unshare_job: &str,
+        scratch_prefix: &str,
+    ) -> Result<Mmdebstrap> {
+        let root = rustix::process::geteuid().is_root();
+        for (program, package) in programs {
+            if which(program).is_none() {
+                bail!("{program} not found, needed {needed_for}: sudo apt-get install {package}");
+            }
+        }
+        if !root {
+            userns::check_unshare_mode(unshare_job)?;
+        }
+        let scratch = OwnedDir::new(scratch_prefix).context("creating a work directory")?;
+        Ok(Mmdebstrap { root, scratch })
+    }
+
+    /// mmdebstrap's `--mode`.
+    pub fn mode(&self) -> &'static str {
+        mode(self.root)
+    }
+
+    /// Runs `cmd` (mmdebstrap, or a pipeline around it) as the long job
+    /// `what`, its temporary files in the work directory and its output in
+    /// `log_name` there; the log is copied to `keep_log` if it fails.
+    pub fn run(&self, mut cmd: Command, what: &str, log_name: &str, keep_log: &Path) -> Result<()> {
+        cmd.env("TMPDIR", self.scratch.path());
+        let log = self.scratch.path().join(log_name);
+        job::run_logged_keeping(cmd, what, &log, keep_log)
+    }
+}
+
+fn mode(root: bool) -> &'static str {
+    if root {
+        "--mode=root"
+    } else {
+        "--mode=unshare"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_bootstraps_in_root_mode_and_others_in_unshare_mode() {
+        assert_eq!(mode(true), "--mode=root");
+        assert_eq!(mode(false), "--mode=unshare");
+    }
+
+    #[test]
+    fn a_missing_program_is_named_with_its_package() {
+        let e = Mmdebstrap::prepare(
+            &[("kiln-no-such-program", "kiln-package")],
+            "to test this",
+            "a test",
+            "kiln-test-",
+        )
+        .err()
+        .expect("found a program that does not exist");
+        assert_eq!(
+            e.to_string(),
+            "kiln-no-such-program not found, needed to test this: \
+             sudo apt-get install kiln-package"
+        );
+    }
+
+    #[test]
+    fn the_log_of_a_failed_run_is_kept_and_the_work_directory_is_its_temp_dir() {
+        let keep = tempfile::tempdir().expect("tempdir");
+        let m = Mmdebstrap {
+            root: false,
+            scratch: OwnedDir::new_in(keep.path(), "kiln-test-").expect("scratch"),
+        };
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo \"tmp=$TMPDIR\"; exit 3"]);
+        let kept = keep.path().join("last.log");
+        let e = m
+            .run(cmd, "a failing job", "job.log", &kept)
+            .expect_err("exit 3 succeeded");
+        assert!(e.to_string().contains("a failing job failed"), "{e}");
+        let log = std::fs::read_to_string(&kept).expect("the log was not kept");
+        assert_eq!(log, format!("tmp={}\n", m.scratch.path().display()));
+
+        let ok = keep.path().join("ok.log");
+        m.run(Command::new("true"), "a job", "job.log", &ok)
+            .expect("true failed");
+        assert!(!ok.exists(), "the log of a job that succeeded was kept");
+    }
+}
