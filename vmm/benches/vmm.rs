@@ -15,9 +15,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kiln_vmm::boot::Entry;
+use kiln_vmm::arch::boot::Entry;
 use kiln_vmm::devices::virtio::block::Block;
-use kiln_vmm::machine::{Exit, Machine, StartupTimes};
+use kiln_vmm::vstate::machine::{Exit, Machine, StartupTimes};
 
 const LOAD: u64 = 0x10_0000;
 const DISK_MIB: u64 = 64;

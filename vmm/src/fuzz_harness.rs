@@ -5,13 +5,14 @@
 
 use std::sync::Arc;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{IrqLine, VirtioDevice};
-use crate::memory;
+use crate::vstate::memory;
 
 const MEM_SIZE: usize = 0x10000;
 const DESC: u64 = 0x0;

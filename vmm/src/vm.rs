@@ -11,8 +11,8 @@ use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::console::{Console, ConsoleError, PortConfig};
 use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::rng::Rng;
-use crate::machine::{Exit, Machine, MachineError, Stopper};
-use crate::memory::Backing;
+use crate::vstate::machine::{Exit, Machine, MachineError, Stopper};
+use crate::vstate::memory::Backing;
 
 /// The first bytes of a qcow2 image.
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";

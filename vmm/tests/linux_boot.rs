@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_vmm::host::{probe, KvmSupport};
-use kiln_vmm::machine::Machine;
+use kiln_vmm::vstate::machine::Machine;
 
 #[derive(Clone, Default)]
 struct SharedLog(Arc<Mutex<Vec<u8>>>);

@@ -3,8 +3,9 @@
 //! hosts whose KVM is a PVM hypervisor these guests still run, through its
 //! instruction emulator.
 
-use kiln_vmm::boot::Entry;
-use kiln_vmm::machine::{Exit, Machine, EXIT_PORT};
+use kiln_vmm::arch::boot::Entry;
+use kiln_vmm::vstate::bus::EXIT_PORT;
+use kiln_vmm::vstate::machine::{Exit, Machine};
 
 const LOAD: u64 = 0x10_0000;
 

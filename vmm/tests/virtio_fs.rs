@@ -8,8 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use kiln_vmm::devices::virtio::fs::Fs;
-use kiln_vmm::devices::virtio::{IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
-use kiln_vmm::memory;
+use kiln_vmm::devices::virtio::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use kiln_vmm::vstate::memory;
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -146,7 +147,11 @@ fn virtiofsd_answers_fuse_init_through_our_rings() {
     let n = unsafe { libc::poll(&mut pfd, 1, 60_000) };
     assert_eq!(n, 1, "virtiofsd never signalled the call eventfd");
     fs.host_ready();
-    assert_ne!(irq.status() & INT_VRING, 0, "no interrupt relayed");
+    assert_ne!(
+        irq.status() & VIRTIO_MMIO_INT_VRING,
+        0,
+        "no interrupt relayed"
+    );
 
     assert_eq!(requests.used().idx().load(), 1);
     let used = requests.used().ring().ref_at(0).expect("used").load();

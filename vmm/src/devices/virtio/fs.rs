@@ -14,19 +14,21 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    read_config_bytes, ActivateError, HostInterest, IrqLine, VirtioDevice, INT_VRING,
-    VIRTIO_F_VERSION_1,
+    check_ready_queues, read_config_bytes, ActivateError, DeviceState, HostInterest, IrqLine,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
-pub const DEVICE_TYPE: u32 = 26;
 /// One high-priority queue and one request queue.
 pub const NUM_QUEUES: usize = 2;
 pub const QUEUE_SIZE: u16 = 1024;
@@ -72,7 +74,10 @@ pub struct Fs {
     kicks: Vec<EventFd>,
     /// Completions from the backend, relayed as interrupts.
     calls: Vec<EventFd>,
-    irq: Option<Arc<IrqLine>>,
+    /// The backend serves the queues; the device keeps them with the
+    /// interrupt it relays completions to.
+    state: DeviceState,
+    /// The rings the backend was told to start.
     started: Vec<usize>,
 }
 
@@ -123,7 +128,7 @@ impl Fs {
             memfd: memfd.try_clone().map_err(FsError::EventFd)?,
             kicks: Vec::new(),
             calls,
-            irq: None,
+            state: DeviceState::Inactive,
             started: Vec::new(),
         })
     }
@@ -218,7 +223,7 @@ impl Fs {
 
 impl VirtioDevice for Fs {
     fn device_type(&self) -> u32 {
-        DEVICE_TYPE
+        VIRTIO_ID_FS
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -250,14 +255,13 @@ impl VirtioDevice for Fs {
                 got: queues.len(),
             });
         }
-        for (i, q) in queues.iter().enumerate() {
-            if q.ready() && !q.is_valid(&mem) {
-                return Err(ActivateError::InvalidQueue(i));
-            }
-        }
-        self.irq = Some(irq);
+        check_ready_queues(&mem, &queues)?;
+        let started = self.start(&queues);
+        // Activated even if the backend refused part of the set-up: what
+        // it did start still completes through the interrupt.
+        self.state = DeviceState::activated(mem, queues, irq);
         // A backend that refuses the set-up leaves the device needing reset.
-        self.start(&queues).map_err(|_| ActivateError::Backend)
+        started.map_err(|_| ActivateError::Backend)
     }
 
     fn queue_notify(&mut self, _index: u32) {
@@ -274,7 +278,7 @@ impl VirtioDevice for Fs {
             let _ = self.frontend.get_vring_base(index);
         }
         self.acked_features = 0;
-        self.irq = None;
+        self.state = DeviceState::Inactive;
     }
 
     fn take_queue_notifiers(&mut self, notifiers: &[EventFd]) -> bool {
@@ -308,8 +312,8 @@ impl VirtioDevice for Fs {
             called |= c.read().is_ok();
         }
         if called {
-            if let Some(irq) = &self.irq {
-                let _ = irq.trigger(INT_VRING);
+            if let Some(active) = self.state.active() {
+                let _ = active.irq.trigger(VIRTIO_MMIO_INT_VRING);
             }
         }
     }

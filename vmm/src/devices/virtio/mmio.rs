@@ -9,45 +9,23 @@
 
 use std::sync::Arc;
 
+use crate::vstate::memory::GuestMemoryMmap;
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
-use super::{status, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
 
-const MAGIC: u32 = 0x7472_6976; // "virt"
+/// MagicValue: "virt" in little-endian.
+const MAGIC: u32 = 0x7472_6976;
+/// The modern (virtio 1.x) register layout.
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x4e4c_494b; // "KILN"
-
-/// Register offsets.
-pub mod reg {
-    pub const MAGIC_VALUE: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    pub const CONFIG: u64 = 0x100;
-}
-
-/// Size of one device's register window.
-pub const WINDOW: u64 = 0x1000;
+/// Where device configuration space starts in the window.
+const CONFIG: u64 = VIRTIO_MMIO_CONFIG as u64;
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -93,18 +71,19 @@ impl MmioTransport {
 
     /// Queue registers may be written only between FEATURES_OK and DRIVER_OK.
     fn queue_config_allowed(&self) -> bool {
-        self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0
+        self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
     }
 
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= reg::CONFIG {
-            self.device.read_config(offset - reg::CONFIG, data);
+        if offset >= CONFIG {
+            self.device.read_config(offset - CONFIG, data);
             return;
         }
-        let value = if data.len() == 4 && offset % 4 == 0 {
-            self.read_reg(offset)
-        } else {
-            0
+        // Below CONFIG, so the offset fits.
+        let value = match u32::try_from(offset) {
+            Ok(offset) if data.len() == 4 && offset % 4 == 0 => self.read_reg(offset),
+            _ => 0,
         };
         let bytes = value.to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
@@ -112,34 +91,39 @@ impl MmioTransport {
         }
     }
 
-    fn read_reg(&mut self, offset: u64) -> u32 {
+    fn read_reg(&mut self, offset: u32) -> u32 {
         match offset {
-            reg::MAGIC_VALUE => MAGIC,
-            reg::VERSION => VERSION,
-            reg::DEVICE_ID => self.device.device_type(),
-            reg::VENDOR_ID => VENDOR,
-            reg::DEVICE_FEATURES => match self.device_features_sel {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
                 0 => self.device.features() as u32,
                 1 => (self.device.features() >> 32) as u32,
                 _ => 0,
             },
-            reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
-            reg::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            reg::INTERRUPT_STATUS => self.irq.status(),
-            reg::STATUS => self.status,
-            reg::CONFIG_GENERATION => self.config_generation,
+            VIRTIO_MMIO_QUEUE_NUM_MAX => {
+                self.selected_queue().map_or(0, |q| u32::from(q.max_size()))
+            }
+            VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.irq.status(),
+            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             _ => 0,
         }
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset >= reg::CONFIG {
-            if self.status & status::DRIVER != 0 {
-                self.device.write_config(offset - reg::CONFIG, data);
+        if offset >= CONFIG {
+            if self.status & VIRTIO_CONFIG_S_DRIVER != 0 {
+                self.device.write_config(offset - CONFIG, data);
             }
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        let Ok(offset) = u32::try_from(offset) else {
             return;
         };
         if offset % 4 != 0 {
@@ -147,11 +131,13 @@ impl MmioTransport {
         }
         let v = u32::from_le_bytes(bytes);
         match offset {
-            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            reg::DRIVER_FEATURES => {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES => {
                 // Features are negotiated after DRIVER and before FEATURES_OK.
-                if self.status & status::DRIVER == 0 || self.status & status::FEATURES_OK != 0 {
+                if self.status & VIRTIO_CONFIG_S_DRIVER == 0
+                    || self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+                {
                     return;
                 }
                 match self.driver_features_sel {
@@ -165,25 +151,25 @@ impl MmioTransport {
                     _ => {}
                 }
             }
-            reg::QUEUE_SEL => self.queue_sel = v,
-            reg::QUEUE_NUM if self.queue_config_allowed() => {
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM if self.queue_config_allowed() => {
                 if let Some(q) = self.selected_queue() {
                     // Queue refuses sizes that are not a power of two or
                     // exceed the maximum, keeping the old size.
                     q.set_size(v as u16);
                 }
             }
-            reg::QUEUE_READY if self.queue_config_allowed() => {
+            VIRTIO_MMIO_QUEUE_READY if self.queue_config_allowed() => {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(v == 1);
                 }
             }
-            reg::QUEUE_DESC_LOW
-            | reg::QUEUE_DESC_HIGH
-            | reg::QUEUE_DRIVER_LOW
-            | reg::QUEUE_DRIVER_HIGH
-            | reg::QUEUE_DEVICE_LOW
-            | reg::QUEUE_DEVICE_HIGH => {
+            VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH => {
                 if !self.queue_config_allowed() {
                     return;
                 }
@@ -200,18 +186,18 @@ impl MmioTransport {
                     (None, Some(v))
                 };
                 match offset {
-                    reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH => {
+                    VIRTIO_MMIO_QUEUE_DESC_LOW | VIRTIO_MMIO_QUEUE_DESC_HIGH => {
                         q.set_desc_table_address(low, high)
                     }
-                    reg::QUEUE_DRIVER_LOW | reg::QUEUE_DRIVER_HIGH => {
+                    VIRTIO_MMIO_QUEUE_AVAIL_LOW | VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
                         q.set_avail_ring_address(low, high)
                     }
                     _ => q.set_used_ring_address(low, high),
                 }
             }
-            reg::QUEUE_NOTIFY => self.notify_queue(v),
-            reg::INTERRUPT_ACK => self.irq.ack(v),
-            reg::STATUS => self.write_status(v),
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify_queue(v),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.irq.ack(v),
+            VIRTIO_MMIO_STATUS => self.write_status(v),
             _ => {}
         }
     }
@@ -219,7 +205,9 @@ impl MmioTransport {
     /// The driver notified queue `index`, through the QueueNotify register
     /// or its ioeventfd. Ignored unless the device is running.
     pub fn notify_queue(&mut self, index: u32) {
-        if self.status & status::DRIVER_OK != 0 && self.status & status::DEVICE_NEEDS_RESET == 0 {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0
+        {
             self.device.queue_notify(index);
         }
     }
@@ -248,19 +236,19 @@ impl MmioTransport {
             return;
         }
         let new = v & !self.status;
-        if new & status::FEATURES_OK != 0 {
+        if new & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             let offered = self.device.features();
             let ok = self.driver_features & !offered == 0
                 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
             if !ok {
                 // Leave FEATURES_OK clear: the driver reads it back and fails.
-                self.status = v & !status::FEATURES_OK;
+                self.status = v & !VIRTIO_CONFIG_S_FEATURES_OK;
                 return;
             }
             self.device.ack_features(self.driver_features);
         }
-        if new & status::DRIVER_OK != 0 {
-            if v & status::FEATURES_OK == 0 {
+        if new & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            if v & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
                 return;
             }
             self.status = v;
@@ -272,8 +260,8 @@ impl MmioTransport {
                 .map(|q| Queue::try_from(q.state()))
                 .collect();
             let Ok(queues) = queues else {
-                self.status |= status::DEVICE_NEEDS_RESET;
-                let _ = self.irq.trigger(super::INT_CONFIG);
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                let _ = self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
                 return;
             };
             if self
@@ -281,8 +269,8 @@ impl MmioTransport {
                 .activate(self.mem.clone(), queues, self.irq.clone())
                 .is_err()
             {
-                self.status |= status::DEVICE_NEEDS_RESET;
-                let _ = self.irq.trigger(super::INT_CONFIG);
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                let _ = self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
             }
             return;
         }
@@ -304,21 +292,21 @@ impl MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::block::tests::{add_chain, header, memory, DATA, HDR, STATUS};
     use crate::devices::virtio::block::Block;
-    use crate::devices::virtio::INT_VRING;
+    use crate::devices::virtio::test_utils::{add_chain, blk_header, memory, DATA, HDR, STATUS};
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
+    use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+    fn rd(t: &mut MmioTransport, off: u32) -> u32 {
         let mut b = [0u8; 4];
-        t.read(off, &mut b);
+        t.read(u64::from(off), &mut b);
         u32::from_le_bytes(b)
     }
 
-    fn wr(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
+    fn wr(t: &mut MmioTransport, off: u32, v: u32) {
+        t.write(u64::from(off), &v.to_le_bytes());
     }
 
     fn transport(mem: &GuestMemoryMmap) -> (MmioTransport, tempfile::NamedTempFile) {
@@ -336,68 +324,78 @@ mod tests {
 
     /// The driver side of initialization up to FEATURES_OK.
     fn negotiate(t: &mut MmioTransport) {
-        wr(t, reg::STATUS, status::ACKNOWLEDGE);
-        wr(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        wr(t, reg::DEVICE_FEATURES_SEL, 1);
-        let hi = rd(t, reg::DEVICE_FEATURES);
-        wr(t, reg::DRIVER_FEATURES_SEL, 1);
-        wr(t, reg::DRIVER_FEATURES, hi);
-        wr(t, reg::DRIVER_FEATURES_SEL, 0);
-        wr(t, reg::DRIVER_FEATURES, 0);
+        wr(t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
         wr(
             t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+        );
+        wr(t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        let hi = rd(t, VIRTIO_MMIO_DEVICE_FEATURES);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES, hi);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        wr(t, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+        wr(
+            t,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
         );
     }
 
     fn setup_queue(t: &mut MmioTransport, vq: &MockSplitQueue<GuestMemoryMmap>, size: u32) {
-        wr(t, reg::QUEUE_SEL, 0);
-        wr(t, reg::QUEUE_NUM, size);
+        wr(t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        wr(t, VIRTIO_MMIO_QUEUE_NUM, size);
         for (lo, hi, addr) in [
             (
-                reg::QUEUE_DESC_LOW,
-                reg::QUEUE_DESC_HIGH,
+                VIRTIO_MMIO_QUEUE_DESC_LOW,
+                VIRTIO_MMIO_QUEUE_DESC_HIGH,
                 vq.desc_table_addr(),
             ),
             (
-                reg::QUEUE_DRIVER_LOW,
-                reg::QUEUE_DRIVER_HIGH,
+                VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+                VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
                 vq.avail_addr(),
             ),
             (
-                reg::QUEUE_DEVICE_LOW,
-                reg::QUEUE_DEVICE_HIGH,
+                VIRTIO_MMIO_QUEUE_USED_LOW,
+                VIRTIO_MMIO_QUEUE_USED_HIGH,
                 vq.used_addr(),
             ),
         ] {
             wr(t, lo, addr.0 as u32);
             wr(t, hi, (addr.0 >> 32) as u32);
         }
-        wr(t, reg::QUEUE_READY, 1);
+        wr(t, VIRTIO_MMIO_QUEUE_READY, 1);
     }
 
-    const RUNNING: u32 =
-        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+    const RUNNING: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
+        | VIRTIO_CONFIG_S_DRIVER
+        | VIRTIO_CONFIG_S_FEATURES_OK
+        | VIRTIO_CONFIG_S_DRIVER_OK;
 
     #[test]
     fn identifies_itself() {
         let mem = memory();
         let (mut t, _f) = transport(&mem);
-        assert_eq!(rd(&mut t, reg::MAGIC_VALUE), 0x7472_6976);
-        assert_eq!(rd(&mut t, reg::VERSION), 2);
-        assert_eq!(rd(&mut t, reg::DEVICE_ID), 2);
-        assert_eq!(rd(&mut t, reg::VENDOR_ID), VENDOR);
-        wr(&mut t, reg::DEVICE_FEATURES_SEL, 1);
-        assert_eq!(rd(&mut t, reg::DEVICE_FEATURES) & 1, 1, "VERSION_1 offered");
-        wr(&mut t, reg::DEVICE_FEATURES_SEL, 7);
-        assert_eq!(rd(&mut t, reg::DEVICE_FEATURES), 0);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_DEVICE_ID), 2);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_VENDOR_ID), VENDOR);
+        wr(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(
+            rd(&mut t, VIRTIO_MMIO_DEVICE_FEATURES) & 1,
+            1,
+            "VERSION_1 offered"
+        );
+        wr(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 7);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 0);
         // Capacity through the config window, byte by byte too.
         let mut cap = [0u8; 8];
-        t.read(reg::CONFIG, &mut cap);
+        t.read(CONFIG, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 8);
         let mut one = [0u8; 1];
-        t.read(reg::CONFIG, &mut one);
+        t.read(CONFIG, &mut one);
         assert_eq!(one[0], 8);
     }
 
@@ -409,22 +407,22 @@ mod tests {
         std::fs::write(file.path(), vec![0x5A; 4096]).expect("fill disk");
         negotiate(&mut t);
         assert_eq!(
-            rd(&mut t, reg::STATUS) & status::FEATURES_OK,
-            status::FEATURES_OK
+            rd(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK,
+            VIRTIO_CONFIG_S_FEATURES_OK
         );
-        assert_eq!(rd(&mut t, reg::QUEUE_NUM_MAX), 256);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
         setup_queue(&mut t, &vq, 16);
-        assert_eq!(rd(&mut t, reg::QUEUE_READY), 1);
-        wr(&mut t, reg::STATUS, RUNNING);
-        assert_eq!(rd(&mut t, reg::STATUS), RUNNING);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_QUEUE_READY), 1);
+        wr(&mut t, VIRTIO_MMIO_STATUS, RUNNING);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), RUNNING);
 
-        header(&mem, VIRTIO_BLK_T_IN, 3);
+        blk_header(&mem, VIRTIO_BLK_T_IN, 3);
         add_chain(
             &vq,
             0,
             &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
         );
-        wr(&mut t, reg::QUEUE_NOTIFY, 0);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         let used = vq.used().ring().ref_at(0).expect("used").load();
         assert_eq!(used.len(), 513);
         assert_eq!(
@@ -435,35 +433,52 @@ mod tests {
         mem.read_slice(&mut sector, GuestAddress(DATA))
             .expect("data");
         assert!(sector.iter().all(|&b| b == 0x5A));
-        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INT_VRING);
-        wr(&mut t, reg::INTERRUPT_ACK, INT_VRING);
-        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), 0);
+        assert_eq!(
+            rd(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING
+        );
+        wr(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
     }
 
     #[test]
     fn features_must_include_version_1_and_only_offered_bits() {
         let mem = memory();
         let (mut t, _f) = transport(&mem);
-        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        // Legacy driver: no VERSION_1.
-        wr(&mut t, reg::DRIVER_FEATURES, 0);
         wr(
             &mut t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
         );
-        assert_eq!(rd(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
+        // Legacy driver: no VERSION_1.
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+        wr(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        assert_eq!(
+            rd(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK,
+            0
+        );
 
         let (mut t, _f) = transport(&mem);
-        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        wr(&mut t, reg::DRIVER_FEATURES_SEL, 1);
-        wr(&mut t, reg::DRIVER_FEATURES, 1 | 1 << 20); // VERSION_1 + a bit never offered
         wr(
             &mut t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
         );
-        assert_eq!(rd(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1 | 1 << 20); // VERSION_1 + a bit never offered
+        wr(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        assert_eq!(
+            rd(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK,
+            0
+        );
     }
 
     #[test]
@@ -471,22 +486,22 @@ mod tests {
         let mem = memory();
         let (mut t, _f) = transport(&mem);
         // Before FEATURES_OK.
-        wr(&mut t, reg::QUEUE_NUM, 16);
-        wr(&mut t, reg::QUEUE_READY, 1);
-        assert_eq!(rd(&mut t, reg::QUEUE_READY), 0);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
         // A queue that does not exist.
         negotiate(&mut t);
-        wr(&mut t, reg::QUEUE_SEL, 5);
-        wr(&mut t, reg::QUEUE_READY, 1);
-        assert_eq!(rd(&mut t, reg::QUEUE_READY), 0);
-        assert_eq!(rd(&mut t, reg::QUEUE_NUM_MAX), 0);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_SEL, 5);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
         // Unaligned and short accesses.
-        wr(&mut t, reg::QUEUE_SEL, 0);
-        t.write(reg::QUEUE_READY + 1, &[1, 0, 0, 0]);
-        t.write(reg::QUEUE_READY, &[1]);
-        assert_eq!(rd(&mut t, reg::QUEUE_READY), 0);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        t.write(u64::from(VIRTIO_MMIO_QUEUE_READY) + 1, &[1, 0, 0, 0]);
+        t.write(u64::from(VIRTIO_MMIO_QUEUE_READY), &[1]);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
         let mut two = [0xFFu8; 2];
-        t.read(reg::MAGIC_VALUE, &mut two);
+        t.read(u64::from(VIRTIO_MMIO_MAGIC_VALUE), &mut two);
         assert_eq!(two, [0, 0]);
     }
 
@@ -498,20 +513,23 @@ mod tests {
         negotiate(&mut t);
         setup_queue(&mut t, &vq, 16);
         // Move the descriptor table outside guest memory.
-        wr(&mut t, reg::QUEUE_READY, 0);
-        wr(&mut t, reg::QUEUE_DESC_LOW, 0xF000_0000);
-        wr(&mut t, reg::QUEUE_READY, 1);
-        wr(&mut t, reg::STATUS, RUNNING);
-        assert_ne!(rd(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_READY, 0);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0xF000_0000);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        wr(&mut t, VIRTIO_MMIO_STATUS, RUNNING);
+        assert_ne!(
+            rd(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
+        );
         // Notifications are ignored in that state.
-        wr(&mut t, reg::QUEUE_NOTIFY, 0);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         // Reset brings it back.
-        wr(&mut t, reg::STATUS, 0);
-        assert_eq!(rd(&mut t, reg::STATUS), 0);
+        wr(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), 0);
         negotiate(&mut t);
         setup_queue(&mut t, &vq, 16);
-        wr(&mut t, reg::STATUS, RUNNING);
-        assert_eq!(rd(&mut t, reg::STATUS), RUNNING);
+        wr(&mut t, VIRTIO_MMIO_STATUS, RUNNING);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), RUNNING);
     }
 
     #[test]
@@ -519,26 +537,36 @@ mod tests {
         let mem = memory();
         let (mut t, _f) = transport(&mem);
         negotiate(&mut t);
-        let before = rd(&mut t, reg::STATUS);
-        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE);
-        assert_eq!(rd(&mut t, reg::STATUS), before);
+        let before = rd(&mut t, VIRTIO_MMIO_STATUS);
+        wr(&mut t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        assert_eq!(rd(&mut t, VIRTIO_MMIO_STATUS), before);
         // DRIVER_OK without FEATURES_OK is refused.
-        wr(&mut t, reg::STATUS, 0);
+        wr(&mut t, VIRTIO_MMIO_STATUS, 0);
         wr(
             &mut t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_DRIVER_OK,
         );
-        assert_eq!(rd(&mut t, reg::STATUS) & status::DRIVER_OK, 0);
+        assert_eq!(
+            rd(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_DRIVER_OK,
+            0
+        );
         // Reset clears negotiated features: FEATURES_OK needs them again.
-        wr(&mut t, reg::STATUS, 0);
-        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr(&mut t, VIRTIO_MMIO_STATUS, 0);
         wr(
             &mut t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
         );
-        assert_eq!(rd(&mut t, reg::STATUS) & status::FEATURES_OK, 0);
+        wr(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        assert_eq!(
+            rd(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK,
+            0
+        );
     }
 
     #[test]
@@ -550,8 +578,8 @@ mod tests {
         let (mut t, _f) = transport(&mem);
         negotiate(&mut t);
         setup_queue(&mut t, &vq, 16);
-        wr(&mut t, reg::STATUS, RUNNING);
-        header(&mem, VIRTIO_BLK_T_IN, 0);
+        wr(&mut t, VIRTIO_MMIO_STATUS, RUNNING);
+        blk_header(&mem, VIRTIO_BLK_T_IN, 0);
         // 0 -> 1 -> 0 -> ...
         let next = VRING_DESC_F_NEXT as u16;
         vq.desc_table()
@@ -572,7 +600,7 @@ mod tests {
             .expect("avail")
             .store(0u16.to_le());
         vq.avail().idx().store(1u16.to_le());
-        wr(&mut t, reg::QUEUE_NOTIFY, 0);
+        wr(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         assert_eq!(vq.used().idx().load(), 1, "the bad chain was not returned");
         assert_eq!(vq.used().ring().ref_at(0).expect("used").load().len(), 0);
     }

@@ -4,10 +4,13 @@ use std::fs::File;
 use std::io::Read;
 use std::sync::Arc;
 
+use crate::vstate::memory::GuestMemoryMmap;
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{Queue, Writer};
-use vm_memory::GuestMemoryMmap;
 
-use super::{serve_queue, single_queue, ActivateError, IrqLine, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    single_queue, ActivateError, DeviceState, IrqLine, Served, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 
 pub const QUEUE_SIZE: u16 = 64;
 /// At most this much entropy per request, so one request cannot keep the
@@ -16,7 +19,7 @@ const MAX_REQUEST: usize = 64 * 1024;
 
 pub struct Rng {
     source: File,
-    active: Option<(GuestMemoryMmap, Queue, Arc<IrqLine>)>,
+    state: DeviceState,
 }
 
 impl Rng {
@@ -24,33 +27,35 @@ impl Rng {
     pub fn new(source: File) -> Rng {
         Rng {
             source,
-            active: None,
+            state: DeviceState::Inactive,
         }
     }
 
     /// Serves every available request; returns how many.
     pub fn process_queue(&mut self) -> usize {
-        let Some((mem, queue, irq)) = self.active.as_mut() else {
+        let Some(active) = self.state.active_mut() else {
             return 0;
         };
         let source = &mut self.source;
-        serve_queue(mem, queue, irq, |chain| {
-            let Ok(mut w) = Writer::new(&*mem, chain) else {
-                return 0;
+        let done = active.serve(0, |mem, chain| {
+            let Ok(mut w) = Writer::new(mem, chain) else {
+                return Served::more(0);
             };
             let n = w.available_bytes().min(MAX_REQUEST);
             let mut buf = vec![0u8; n];
-            match source.read_exact(&mut buf) {
+            Served::more(match source.read_exact(&mut buf) {
                 Ok(()) => std::io::Write::write_all(&mut w, &buf).map_or(0, |()| n as u32),
                 Err(_) => 0,
-            }
-        })
+            })
+        });
+        active.signal_used();
+        done
     }
 }
 
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
-        4
+        VIRTIO_ID_RNG
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -74,7 +79,7 @@ impl VirtioDevice for Rng {
         irq: Arc<IrqLine>,
     ) -> Result<(), ActivateError> {
         let queue = single_queue(&mem, queues)?;
-        self.active = Some((mem, queue, irq));
+        self.state = DeviceState::activated(mem, vec![queue], irq);
         Ok(())
     }
 
@@ -85,15 +90,15 @@ impl VirtioDevice for Rng {
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.state = DeviceState::Inactive;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::block::tests::{add_chain, memory};
-    use crate::devices::virtio::INT_VRING;
+    use crate::devices::virtio::test_utils::{add_chain, memory};
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -123,6 +128,6 @@ mod tests {
         assert_eq!(rng.process_queue(), 2);
         assert_eq!(vq.used().ring().ref_at(1).expect("used").load().len(), 0);
         assert_eq!(vq.used().ring().ref_at(2).expect("used").load().len(), 0);
-        assert_ne!(irq.status() & INT_VRING, 0);
+        assert_ne!(irq.status() & VIRTIO_MMIO_INT_VRING, 0);
     }
 }

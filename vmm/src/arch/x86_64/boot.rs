@@ -1,26 +1,23 @@
 //! Direct boot of a Linux kernel (uncompressed vmlinux, 64-bit entry):
 //! kernel, initramfs and command line into guest memory, and the "zero
-//! page" (boot_params) with the e820 map.
+//! page" (boot_params) with the e820 map. Where each goes is in
+//! [`super::layout`].
 
 use std::fs::File;
 
+use crate::vstate::memory::GuestMemoryMmap;
 use linux_loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::{load_cmdline, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-/// boot_params for the kernel (Firecracker and Cloud Hypervisor use the
-/// same low-memory layout).
-pub const ZERO_PAGE: u64 = 0x7000;
-pub const BOOT_STACK: u64 = 0x8ff0;
-pub const CMDLINE_ADDR: u64 = 0x20000;
-pub const CMDLINE_MAX: usize = 4096;
-pub const HIMEM_START: u64 = 0x10_0000;
-/// The end of conventional memory below 1 MiB (the EBDA starts here).
-const EBDA_START: u64 = 0x9fc00;
+use super::layout::{
+    CMDLINE_ADDR, CMDLINE_MAX, EBDA_START, FIRST_ADDR_PAST_32BITS, HIMEM_START, ZERO_PAGE,
+};
+
 const E820_RAM: u32 = 1;
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -78,7 +75,7 @@ pub fn load_linux(
 
     if let Some(data) = initrd {
         // At the top of memory (below 4 GiB), page-aligned.
-        let top = mem_end.min(1 << 32);
+        let top = mem_end.min(FIRST_ADDR_PAST_32BITS);
         let size = data.len() as u64;
         let start = top
             .checked_sub(size)

@@ -2,19 +2,17 @@
 //! without ACPI finds its application processors, the I/O APIC and the
 //! routing of ISA interrupts (the virtio-mmio lines among them).
 //!
-//! It lives at the start of the EBDA (0x9fc00), the last KiB of base memory,
-//! which Linux scans and which the e820 map leaves out of RAM.
+//! It lives at the start of the EBDA ([`EBDA_START`]), the last KiB of
+//! base memory, which Linux scans and which the e820 map leaves out of RAM.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vstate::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
-pub const MPTABLE_START: u64 = 0x9fc00;
+use super::layout::{EBDA_END, EBDA_START, IOAPIC_ADDR, IOAPIC_PINS, LAPIC_ADDR};
+
 /// The room the table has (up to the end of base memory).
-const MPTABLE_ROOM: usize = 0x400;
-pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
-pub const LAPIC_ADDR: u32 = 0xfee0_0000;
-/// I/O APIC input lines (KVM's in-kernel I/O APIC has 24).
-pub const IOAPIC_PINS: u8 = 24;
-/// The most vCPUs whose entries fit in [`MPTABLE_ROOM`].
+const MPTABLE_ROOM: usize = (EBDA_END - EBDA_START) as usize;
+/// The most vCPUs whose entries fit in `MPTABLE_ROOM`.
 pub const MAX_CPUS: u8 = 32;
 
 const FLOATING_LEN: usize = 16;
@@ -57,7 +55,7 @@ fn checksum(bytes: &[u8]) -> u8 {
 }
 
 /// The table's bytes for `cpus` processors, to be placed at
-/// [`MPTABLE_START`].
+/// [`EBDA_START`].
 pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     if cpus == 0 || cpus > MAX_CPUS {
         return Err(MptableError::CpuCount(cpus));
@@ -113,7 +111,7 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
 
     let mut floating = Vec::with_capacity(FLOATING_LEN);
     floating.extend_from_slice(b"_MP_");
-    floating.extend_from_slice(&((MPTABLE_START as u32) + FLOATING_LEN as u32).to_le_bytes());
+    floating.extend_from_slice(&((EBDA_START as u32) + FLOATING_LEN as u32).to_le_bytes());
     floating.push(1); // length in 16-byte units
     floating.push(4);
     floating.push(0); // checksum, below
@@ -129,7 +127,7 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
 /// Writes the table for `cpus` processors into guest memory.
 pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), MptableError> {
     let bytes = build(cpus)?;
-    mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
+    mem.write_slice(&bytes, GuestAddress(EBDA_START))
         .map_err(MptableError::Memory)
 }
 
@@ -145,7 +143,7 @@ mod tests {
             assert_eq!(&t[0..4], b"_MP_");
             assert_eq!(t[..16].iter().fold(0u8, |a, &b| a.wrapping_add(b)), 0);
             let ptr = u32::from_le_bytes([t[4], t[5], t[6], t[7]]) as u64;
-            let table = &t[(ptr - MPTABLE_START) as usize..];
+            let table = &t[(ptr - EBDA_START) as usize..];
             assert_eq!(&table[0..4], b"PCMP");
             let len = u16::from_le_bytes([table[4], table[5]]) as usize;
             assert_eq!(len, table.len());

@@ -7,12 +7,11 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::layout::{MMIO_BASE, MMIO_WINDOW_SIZE};
 use crate::devices::serial::{SerialConsole, COM1, PORTS};
-use crate::devices::virtio::mmio::{MmioTransport, WINDOW};
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::event_loop::lock;
 
-/// Where virtio-mmio windows start in guest physical memory.
-pub const MMIO_BASE: u64 = 0xd000_0000;
 /// Writing a byte here ends the run with that byte as the guest's status
 /// (like QEMU's isa-debug-exit); used by test guests.
 pub const EXIT_PORT: u16 = 0xf4;
@@ -91,10 +90,10 @@ impl<W: Write> Bus<W> {
 
     fn virtio_at(&self, addr: u64) -> Option<(&Mutex<MmioTransport>, u64)> {
         let offset = addr.checked_sub(MMIO_BASE)?;
-        let index = usize::try_from(offset / WINDOW).ok()?;
+        let index = usize::try_from(offset / MMIO_WINDOW_SIZE).ok()?;
         self.virtio
             .get(index)
-            .map(|t| (t.as_ref(), offset % WINDOW))
+            .map(|t| (t.as_ref(), offset % MMIO_WINDOW_SIZE))
     }
 
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {

@@ -1,80 +1,26 @@
-//! virtio-console (device ID 3) with VIRTIO_CONSOLE_F_MULTIPORT: each port
-//! moves bytes between a guest queue pair and a host file descriptor (a
-//! Unix socket, a pipe, anything non-blocking-capable). With MULTIPORT the
-//! device announces its ports over the control queues and names them, so a
-//! Linux guest finds e.g. `kiln.agent` in /sys/class/virtio-ports/*/name.
-//!
-//! Both directions are bounded: the device holds at most [`BUFFER_LIMIT`]
-//! bytes per direction and per port. Guest→host: when the host side does not
-//! keep up, the device stops taking the guest's tx buffers (the guest blocks
-//! on a full queue). Host→guest: when the guest has no rx buffers, or has
-//! not opened the port yet (Linux drops data for closed ports), the device
-//! stops reading the host side.
+//! The console device: its queues (a pair per port plus, with MULTIPORT,
+//! the control pair) and what moves through them.
 
-use std::collections::VecDeque;
-use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use crate::vstate::memory::GuestMemoryMmap;
+use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+use virtio_queue::{Queue, Reader, Writer};
 
-use super::{
-    read_config_bytes, ActivateError, HostInterest, IrqLine, VirtioDevice, INT_VRING,
-    VIRTIO_F_VERSION_1,
+use super::control::{event, Control, Outbox, CONTROL_LEN};
+use super::port::{Port, PortConfig};
+use super::{F_MULTIPORT, QUEUE_SIZE};
+use crate::devices::virtio::{
+    check_ready_queues, read_config_bytes, ActivateError, ActiveState, DeviceState, HostInterest,
+    IrqLine, Served, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
-pub const DEVICE_TYPE: u32 = 3;
-pub const QUEUE_SIZE: u16 = 128;
-/// VIRTIO_CONSOLE_F_MULTIPORT.
-pub const F_MULTIPORT: u64 = 1 << 1;
-/// Bytes buffered per port and direction.
-pub const BUFFER_LIMIT: usize = 64 * 1024;
 /// At most this much is taken from one tx chain; the rest is dropped, so a
 /// chain that names guest memory many times over cannot cost host memory.
 const MAX_CHAIN: usize = 1 << 20;
-/// Control messages waiting for the driver's control rx buffers. The
-/// driver causes at most a few per port; more means it is misbehaving.
-const MAX_PENDING_CONTROL: usize = 64;
-
-/// Control message events (virtio 1.2, 5.3.6.2).
-pub mod event {
-    pub const DEVICE_READY: u16 = 0;
-    pub const DEVICE_ADD: u16 = 1;
-    pub const PORT_READY: u16 = 3;
-    pub const CONSOLE_PORT: u16 = 4;
-    pub const PORT_OPEN: u16 = 6;
-    pub const PORT_NAME: u16 = 7;
-}
-
-const CONTROL_LEN: usize = 8;
-
-/// A control message: port id, event, value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Control {
-    pub id: u32,
-    pub event: u16,
-    pub value: u16,
-}
-
-impl Control {
-    pub fn to_bytes(self) -> [u8; CONTROL_LEN] {
-        let mut b = [0u8; CONTROL_LEN];
-        b[0..4].copy_from_slice(&self.id.to_le_bytes());
-        b[4..6].copy_from_slice(&self.event.to_le_bytes());
-        b[6..8].copy_from_slice(&self.value.to_le_bytes());
-        b
-    }
-
-    pub fn from_bytes(b: [u8; CONTROL_LEN]) -> Control {
-        Control {
-            id: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            event: u16::from_le_bytes([b[4], b[5]]),
-            value: u16::from_le_bytes([b[6], b[7]]),
-        }
-    }
-}
+const CONTROL_RX: usize = 2;
+const CONTROL_TX: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
@@ -84,61 +30,12 @@ pub enum ConsoleError {
     NonBlocking(usize, io::Error),
 }
 
-/// One port as configured by the VMM.
-pub struct PortConfig {
-    /// Sent to the guest as PORT_NAME (empty: no name).
-    pub name: String,
-    /// Announce as a console port (hvc in Linux).
-    pub console: bool,
-    /// The host side; without one, guest output is discarded and the guest
-    /// reads nothing.
-    pub host: Option<OwnedFd>,
-}
-
-struct Port {
-    name: String,
-    console: bool,
-    host: Option<File>,
-    /// The host side reached end of file (or failed): nothing more to read.
-    host_eof: bool,
-    /// Guest output waiting for the host side to accept it.
-    to_host: VecDeque<u8>,
-    /// Host input waiting for guest rx buffers.
-    from_host: VecDeque<u8>,
-    /// Whether the guest has the port open (always, without MULTIPORT).
-    guest_open: bool,
-    /// The guest was told the host side closed.
-    told_eof: bool,
-}
-
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    irq: Arc<IrqLine>,
-    /// Queues that got used entries since the last interrupt decision.
-    used: Vec<bool>,
-}
-
 pub struct Console {
     ports: Vec<Port>,
     queue_sizes: Vec<u16>,
     acked_features: u64,
-    pending_control: VecDeque<Vec<u8>>,
-    active: Option<Active>,
-}
-
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL take and
-    // return plain integers.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    outbox: Outbox,
+    state: DeviceState,
 }
 
 impl Console {
@@ -150,26 +47,7 @@ impl Console {
         let ports = ports
             .into_iter()
             .enumerate()
-            .map(|(i, p)| {
-                let host = match p.host {
-                    Some(fd) => {
-                        set_nonblocking(fd.as_raw_fd())
-                            .map_err(|e| ConsoleError::NonBlocking(i, e))?;
-                        Some(File::from(fd))
-                    }
-                    None => None,
-                };
-                Ok(Port {
-                    name: p.name,
-                    console: p.console,
-                    host,
-                    host_eof: false,
-                    to_host: VecDeque::new(),
-                    from_host: VecDeque::new(),
-                    guest_open: false,
-                    told_eof: false,
-                })
-            })
+            .map(|(i, p)| Port::new(p).map_err(|e| ConsoleError::NonBlocking(i, e)))
             .collect::<Result<Vec<_>, ConsoleError>>()?;
         // Port 0's pair, the control pair, then a pair per further port.
         let queues = 2 + if n > 1 { 2 * n } else { 0 };
@@ -177,8 +55,8 @@ impl Console {
             ports,
             queue_sizes: vec![QUEUE_SIZE; queues],
             acked_features: 0,
-            pending_control: VecDeque::new(),
-            active: None,
+            outbox: Outbox::default(),
+            state: DeviceState::Inactive,
         })
     }
 
@@ -195,38 +73,24 @@ impl Console {
         }
     }
 
-    const CONTROL_RX: usize = 2;
-    const CONTROL_TX: usize = 3;
-
-    /// Queues a control message (with an optional payload) for the driver.
-    fn send_control(&mut self, msg: Control, payload: &[u8]) {
-        if self.pending_control.len() >= MAX_PENDING_CONTROL {
-            return;
-        }
-        let mut v = msg.to_bytes().to_vec();
-        v.extend_from_slice(payload);
-        self.pending_control.push_back(v);
-    }
-
     /// Moves everything that can move, in both directions and on the
     /// control queues, then interrupts the driver once if needed. Called on
     /// every queue notification and host-side readiness.
     pub fn pump(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        if self.state.active().is_none() {
             // Not running: still take host input, up to the bound.
             for port in &mut self.ports {
-                read_host(port);
+                port.read_host();
             }
             return;
-        };
-        active.used.iter_mut().for_each(|u| *u = false);
-        if self.multiport() {
+        }
+        let multiport = self.multiport();
+        if multiport {
             self.control_tx();
         }
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active_mut() else {
             return;
         };
-        let multiport = self.acked_features & F_MULTIPORT != 0;
         let mut eofs = Vec::new();
         for (i, port) in self.ports.iter_mut().enumerate() {
             if i > 0 && !multiport {
@@ -236,7 +100,7 @@ impl Console {
             guest_to_host(active, tx, port);
             // Alternate until neither the host nor the guest side moves.
             loop {
-                let got = read_host(port);
+                let got = port.read_host();
                 let gave = host_to_guest(active, rx, port);
                 if got == 0 && gave == 0 {
                     break;
@@ -248,7 +112,7 @@ impl Console {
             }
         }
         for id in eofs {
-            self.send_control(
+            self.outbox.push(
                 Control {
                     id,
                     event: event::PORT_OPEN,
@@ -260,41 +124,24 @@ impl Console {
         if multiport {
             self.control_rx();
         }
-        if let Some(active) = self.active.as_mut() {
-            for (q, used) in active.queues.iter_mut().zip(&active.used) {
-                if *used && q.needs_notification(&active.mem).unwrap_or(true) {
-                    let _ = active.irq.trigger(INT_VRING);
-                    break;
-                }
-            }
+        if let Some(active) = self.state.active_mut() {
+            active.signal_used();
         }
     }
 
     /// Handles the driver's control messages.
     fn control_tx(&mut self) {
         let mut msgs = Vec::new();
-        if let Some(active) = self.active.as_mut() {
-            let Some(q) = active.queues.get_mut(Self::CONTROL_TX) else {
-                return;
-            };
-            if !q.ready() {
-                return;
-            }
-            while let Some(chain) = q.pop_descriptor_chain(&active.mem) {
-                let head = chain.head_index();
-                if let Ok(mut r) = Reader::new(&active.mem, chain) {
+        if let Some(active) = self.state.active_mut() {
+            active.serve(CONTROL_TX, |mem, chain| {
+                if let Ok(mut r) = Reader::new(mem, chain) {
                     let mut b = [0u8; CONTROL_LEN];
                     if r.read_exact(&mut b).is_ok() {
                         msgs.push(Control::from_bytes(b));
                     }
                 }
-                if q.add_used(&active.mem, head, 0).is_err() {
-                    break;
-                }
-                if let Some(u) = active.used.get_mut(Self::CONTROL_TX) {
-                    *u = true;
-                }
-            }
+                Served::more(0)
+            });
         }
         for m in msgs {
             self.handle_control(m);
@@ -305,7 +152,7 @@ impl Console {
         match m.event {
             event::DEVICE_READY if m.value == 1 => {
                 for id in 0..self.ports.len() as u32 {
-                    self.send_control(
+                    self.outbox.push(
                         Control {
                             id,
                             event: event::DEVICE_ADD,
@@ -319,13 +166,8 @@ impl Console {
                 let Some(port) = self.ports.get(m.id as usize) else {
                     return;
                 };
-                let (console, name, connected) = (
-                    port.console,
-                    port.name.clone().into_bytes(),
-                    port.host.is_some() && !port.host_eof,
-                );
-                if console {
-                    self.send_control(
+                if port.console {
+                    self.outbox.push(
                         Control {
                             id: m.id,
                             event: event::CONSOLE_PORT,
@@ -334,18 +176,18 @@ impl Console {
                         &[],
                     );
                 }
-                if !name.is_empty() {
-                    self.send_control(
+                if !port.name.is_empty() {
+                    self.outbox.push(
                         Control {
                             id: m.id,
                             event: event::PORT_NAME,
                             value: 1,
                         },
-                        &name,
+                        port.name.as_bytes(),
                     );
                 }
-                if connected {
-                    self.send_control(
+                if port.connected() {
+                    self.outbox.push(
                         Control {
                             id: m.id,
                             event: event::PORT_OPEN,
@@ -369,21 +211,21 @@ impl Console {
     /// Delivers pending control messages into the driver's control rx
     /// buffers.
     fn control_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.state.active_mut() else {
             return;
         };
-        let Some(q) = active.queues.get_mut(Self::CONTROL_RX) else {
-            return;
-        };
-        if !q.ready() {
+        let outbox = &mut self.outbox;
+        if outbox.is_empty() {
             return;
         }
-        while let Some(msg) = self.pending_control.front() {
-            let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
-                break;
+        active.serve(CONTROL_RX, |mem, chain| {
+            let Some(msg) = outbox.front() else {
+                return Served {
+                    len: 0,
+                    more: false,
+                };
             };
-            let head = chain.head_index();
-            let written = match Writer::new(&active.mem, chain) {
+            let written = match Writer::new(mem, chain) {
                 Ok(mut w) if w.available_bytes() >= msg.len() => {
                     w.write_all(msg).map_or(0, |()| msg.len() as u32)
                 }
@@ -392,102 +234,29 @@ impl Console {
                 _ => 0,
             };
             if written > 0 {
-                self.pending_control.pop_front();
+                outbox.pop();
             }
-            if q.add_used(&active.mem, head, written).is_err() {
-                break;
+            Served {
+                len: written,
+                more: !outbox.is_empty(),
             }
-            if let Some(u) = active.used.get_mut(Self::CONTROL_RX) {
-                *u = true;
-            }
-        }
+        });
     }
 
     /// The host-side descriptors and what the device waits for on each.
     pub fn interest(&self) -> Vec<HostInterest> {
-        self.ports
-            .iter()
-            .filter_map(|p| {
-                let host = p.host.as_ref()?;
-                Some(HostInterest {
-                    fd: host.as_raw_fd(),
-                    read: !p.host_eof && p.from_host.len() < BUFFER_LIMIT,
-                    write: !p.to_host.is_empty(),
-                })
-            })
-            .collect()
-    }
-}
-
-/// Reads what the host side has, up to the port's bound; returns how many
-/// bytes were read.
-fn read_host(port: &mut Port) -> usize {
-    let Some(host) = port.host.as_mut() else {
-        return 0;
-    };
-    let mut total = 0;
-    let mut buf = [0u8; 4096];
-    while !port.host_eof && port.from_host.len() < BUFFER_LIMIT {
-        let room = (BUFFER_LIMIT - port.from_host.len()).min(buf.len());
-        match host.read(&mut buf[..room]) {
-            Ok(0) => port.host_eof = true,
-            Ok(n) => {
-                port.from_host.extend(&buf[..n]);
-                total += n;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(_) => port.host_eof = true,
-        }
-    }
-    total
-}
-
-/// Writes buffered guest output to the host side until it would block.
-fn flush_to_host(port: &mut Port) {
-    let Some(host) = port.host.as_mut() else {
-        port.to_host.clear();
-        return;
-    };
-    let mut gone = false;
-    while !port.to_host.is_empty() {
-        let (a, _) = port.to_host.as_slices();
-        match host.write(a) {
-            Ok(0) => break,
-            Ok(n) => {
-                port.to_host.drain(..n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(_) => {
-                gone = true;
-                break;
-            }
-        }
-    }
-    if gone {
-        // The host side is gone: guest output has nowhere to go.
-        port.to_host.clear();
-        port.host = None;
-        port.host_eof = true;
+        self.ports.iter().filter_map(Port::interest).collect()
     }
 }
 
 /// Takes the guest's output from queue `tx` while the host side keeps up.
-fn guest_to_host(active: &mut Active, tx: usize, port: &mut Port) {
-    flush_to_host(port);
-    let Some(q) = active.queues.get_mut(tx) else {
-        return;
-    };
-    if !q.ready() {
+fn guest_to_host(active: &mut ActiveState, tx: usize, port: &mut Port) {
+    port.flush_to_host();
+    if !port.takes_guest_output() {
         return;
     }
-    while port.to_host.len() < BUFFER_LIMIT {
-        let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
-            break;
-        };
-        let head = chain.head_index();
-        if let Ok(mut r) = Reader::new(&active.mem, chain) {
+    active.serve(tx, |mem, chain| {
+        if let Ok(mut r) = Reader::new(mem, chain) {
             let n = r.available_bytes().min(MAX_CHAIN);
             let mut buf = vec![0u8; n];
             // A descriptor the device may not read makes the chain fail
@@ -498,36 +267,24 @@ fn guest_to_host(active: &mut Active, tx: usize, port: &mut Port) {
         }
         // Hand the bytes on before the guest sees the buffer used, so a
         // guest that writes and then stops the VM loses nothing.
-        flush_to_host(port);
-        if q.add_used(&active.mem, head, 0).is_err() {
-            break;
+        port.flush_to_host();
+        Served {
+            len: 0,
+            more: port.takes_guest_output(),
         }
-        if let Some(u) = active.used.get_mut(tx) {
-            *u = true;
-        }
-    }
+    });
 }
 
 /// Fills the guest's rx buffers on queue `rx` from the port's host input;
 /// returns how many bytes moved.
-fn host_to_guest(active: &mut Active, rx: usize, port: &mut Port) -> usize {
-    if !port.guest_open {
-        return 0;
-    }
-    let Some(q) = active.queues.get_mut(rx) else {
-        return 0;
-    };
-    if !q.ready() {
+fn host_to_guest(active: &mut ActiveState, rx: usize, port: &mut Port) -> usize {
+    if !port.guest_open || port.from_host.is_empty() {
         return 0;
     }
     let mut total = 0;
-    while !port.from_host.is_empty() {
-        let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
-            break;
-        };
-        let head = chain.head_index();
+    active.serve(rx, |mem, chain| {
         let mut written = 0;
-        if let Ok(mut w) = Writer::new(&active.mem, chain) {
+        if let Ok(mut w) = Writer::new(mem, chain) {
             let n = w.available_bytes().min(port.from_host.len());
             let data: Vec<u8> = port.from_host.iter().take(n).copied().collect();
             if w.write_all(&data).is_ok() {
@@ -536,19 +293,17 @@ fn host_to_guest(active: &mut Active, rx: usize, port: &mut Port) -> usize {
             }
         }
         total += written;
-        if q.add_used(&active.mem, head, written as u32).is_err() {
-            break;
+        Served {
+            len: written as u32,
+            more: !port.from_host.is_empty(),
         }
-        if let Some(u) = active.used.get_mut(rx) {
-            *u = true;
-        }
-    }
+    });
     total
 }
 
 impl VirtioDevice for Console {
     fn device_type(&self) -> u32 {
-        DEVICE_TYPE
+        VIRTIO_ID_CONSOLE
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -585,30 +340,20 @@ impl VirtioDevice for Console {
         } else {
             2
         };
-        if queues.len() < expected {
+        let Some(in_use) = queues.get(..expected) else {
             return Err(ActivateError::QueueCount {
                 expected,
                 got: queues.len(),
             });
-        }
-        for (i, q) in queues.iter().enumerate().take(expected) {
-            // Unused queues stay not ready; those in use must be sound.
-            if q.ready() && !q.is_valid(&mem) {
-                return Err(ActivateError::InvalidQueue(i));
-            }
-        }
+        };
+        // Unused queues stay not ready; those in use must be sound.
+        check_ready_queues(&mem, in_use)?;
         let multiport = self.multiport();
         for (i, p) in self.ports.iter_mut().enumerate() {
             // Without MULTIPORT port 0 is the only one and always open.
             p.guest_open = !multiport && i == 0;
         }
-        let used = vec![false; queues.len()];
-        self.active = Some(Active {
-            mem,
-            queues,
-            irq,
-            used,
-        });
+        self.state = DeviceState::activated(mem, queues, irq);
         self.pump();
         Ok(())
     }
@@ -618,9 +363,9 @@ impl VirtioDevice for Console {
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.state = DeviceState::Inactive;
         self.acked_features = 0;
-        self.pending_control.clear();
+        self.outbox.clear();
         for p in &mut self.ports {
             p.guest_open = false;
             p.told_eof = false;
@@ -639,8 +384,11 @@ impl VirtioDevice for Console {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::block::tests::{add_chain, memory};
+    use crate::devices::virtio::console::BUFFER_LIMIT;
+    use crate::devices::virtio::test_utils::{add_chain, memory};
+    use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixStream;
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -808,7 +556,7 @@ mod tests {
         r.add(1, &[(BUF + 0x1000, 4, false), (BUF + 0x2000, 2, false)]);
         assert_eq!(r.host_read(0), b"hello, host!\n");
         assert_eq!(r.used(1), vec![(0, 0), (1, 0)]);
-        assert_ne!(r.irq.status() & INT_VRING, 0);
+        assert_ne!(r.irq.status() & VIRTIO_MMIO_INT_VRING, 0);
     }
 
     #[test]

@@ -6,7 +6,12 @@ use std::fs::File;
 use std::io;
 use std::os::fd::FromRawFd;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{FileOffset, GuestAddress};
+
+use crate::arch::layout::HIMEM_START;
+
+/// Guest memory as the whole crate sees it.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -50,7 +55,8 @@ pub enum Backing {
 /// `size` bytes of guest memory at guest physical address 0, and, for
 /// [`Backing::Shared`], the memfd behind them.
 pub fn create(size: u64, backing: Backing) -> Result<(GuestMemoryMmap, Option<File>), MemoryError> {
-    if size < 0x10_0000 || size % 4096 != 0 {
+    // Below HIMEM_START there is no room for a kernel.
+    if size < HIMEM_START || size % 4096 != 0 {
         return Err(MemoryError::BadSize(size));
     }
     if backing == Backing::Private {

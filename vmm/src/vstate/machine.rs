@@ -6,30 +6,27 @@
 use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use crate::vstate::memory::GuestMemoryMmap;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::bus::Bus;
-pub use crate::bus::{Exit, EXIT_PORT, MMIO_BASE};
+use super::bus::Bus;
+pub use super::bus::Exit;
+use super::memory::{self, Backing};
+use super::vcpu::{install_kick_handler, kick_signal, run_vcpu};
+use crate::arch::layout::{BOOT_STACK, IRQ_BASE, IRQ_MAX, MMIO_BASE, MMIO_WINDOW_SIZE, SERIAL_IRQ};
+use crate::arch::{boot, cpuid, mptable, regs, vm as arch_vm};
 use crate::devices::serial::SerialConsole;
-use crate::devices::virtio::mmio::{reg, MmioTransport, WINDOW};
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{IrqLine, VirtioDevice};
 use crate::event_loop::{EventLoop, QueueNotifier};
-use crate::memory::{self, Backing};
-use crate::{boot, mptable, seccomp, vcpu};
-
-/// The first interrupt line given to virtio devices.
-pub const VIRTIO_IRQ_BASE: u32 = 5;
-/// The last line the I/O APIC has; virtio devices get 5..=23.
-const IRQ_MAX: u32 = mptable::IOAPIC_PINS as u32 - 1;
-const TSS_ADDR: usize = 0xfffb_d000;
+use crate::seccomp;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
@@ -40,7 +37,7 @@ pub enum MachineError {
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
     #[error(transparent)]
-    Vcpu(#[from] vcpu::VcpuError),
+    Vcpu(#[from] regs::RegsError),
     #[error(transparent)]
     Boot(#[from] boot::BootError),
     #[error(transparent)]
@@ -77,7 +74,7 @@ impl Stopper {
 }
 
 /// How the threads of a run agree that it is over.
-struct RunState {
+pub(super) struct RunState {
     stopping: AtomicBool,
     outcome: Mutex<Option<Result<Exit, MachineError>>>,
     done: Condvar,
@@ -93,7 +90,7 @@ impl RunState {
     }
 
     /// Records how the run ended; the first outcome wins.
-    fn finish(&self, outcome: Result<Exit, MachineError>) {
+    pub(super) fn finish(&self, outcome: Result<Exit, MachineError>) {
         let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
         if o.is_none() {
             *o = Some(outcome);
@@ -112,14 +109,9 @@ impl RunState {
         }
     }
 
-    fn stopping(&self) -> bool {
+    pub(super) fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
-}
-
-/// The signal that kicks a vCPU thread out of KVM_RUN at the end of a run.
-fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN()
 }
 
 /// How long each step of starting a machine took, up to the guest's first
@@ -151,8 +143,6 @@ impl StartupTimes {
         }
     }
 }
-
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 pub struct Machine<W: Write> {
     _kvm: Kvm,
@@ -223,37 +213,31 @@ impl<W: Write + Send> Machine<W> {
         // after KVM_CREATE_IRQCHIP waits 5-10 ms in the kernel (an SRCU
         // grace period; measured on 6.18), before it ~0.1 ms. Firecracker
         // uses the same order.
-        vm.set_tss_address(TSS_ADDR)
-            .map_err(|e| MachineError::Setup("TSS address", e))?;
+        arch_vm::set_tss_address(&vm).map_err(|e| MachineError::Setup("TSS address", e))?;
         let t = times.record("TSS address", t);
-        vm.create_irq_chip()
-            .map_err(|e| MachineError::Setup("in-kernel irqchip", e))?;
+        arch_vm::create_irqchip(&vm).map_err(|e| MachineError::Setup("in-kernel irqchip", e))?;
         let t = times.record("irqchip", t);
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| MachineError::Setup("supported CPUID", e))?;
+        let supported =
+            cpuid::supported(&kvm).map_err(|e| MachineError::Setup("supported CPUID", e))?;
         let mut t = times.record("KVM_GET_SUPPORTED_CPUID", t);
-        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+        let tsc_deadline = cpuid::tsc_deadline_timer(&kvm);
         let mut fds = Vec::with_capacity(usize::from(vcpus));
         for index in 0..vcpus {
             let fd = vm
                 .create_vcpu(u64::from(index))
                 .map_err(|e| MachineError::Setup("create vCPU", e))?;
             t = times.record("vCPU: create", t);
-            let mut cpuid = supported.clone();
-            vcpu::filter_cpuid(&mut cpuid, index, vcpus, tsc_deadline);
-            fd.set_cpuid2(&cpuid)
+            cpuid::set_vcpu_cpuid(&fd, &supported, index, vcpus, tsc_deadline)
                 .map_err(|e| MachineError::Setup("vCPU CPUID", e))?;
             t = times.record("vCPU: CPUID", t);
-            vcpu::setup_cpu_state(&fd)?;
+            regs::setup_cpu_state(&fd)?;
             t = times.record("vCPU: FPU, MSRs, LAPIC", t);
             fds.push(fd);
         }
-        vm.create_pit2(kvm_bindings::kvm_pit_config::default())
-            .map_err(|e| MachineError::Setup("PIT", e))?;
+        arch_vm::create_pit(&vm).map_err(|e| MachineError::Setup("PIT", e))?;
         let t = times.record("PIT", t);
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
-        vm.register_irqfd(&serial_irq, 4)
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| MachineError::Setup("serial irqfd", e))?;
         let wake = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
         let bus_wake = wake.try_clone().map_err(MachineError::EventFd)?;
@@ -322,7 +306,10 @@ impl<W: Write + Send> Machine<W> {
     /// The base address and interrupt line the next virtio device gets.
     pub fn next_virtio_slot(&self) -> (u64, u32) {
         let index = self.transports.len() as u64;
-        (MMIO_BASE + index * WINDOW, VIRTIO_IRQ_BASE + index as u32)
+        (
+            MMIO_BASE + index * MMIO_WINDOW_SIZE,
+            IRQ_BASE + index as u32,
+        )
     }
 
     /// Adds a virtio-mmio device; returns the base of its register window.
@@ -346,7 +333,7 @@ impl<W: Write + Send> Machine<W> {
             self.vm
                 .register_ioevent(
                     &eventfd,
-                    &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY),
+                    &IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY)),
                     queue,
                 )
                 .map_err(|e| MachineError::Setup("queue ioeventfd", e))?;
@@ -372,7 +359,7 @@ impl<W: Write + Send> Machine<W> {
             return Err(MachineError::VcpuCount(0));
         };
         let t = Instant::now();
-        vcpu::setup_long_mode(bsp, &self.mem, entry.rip, boot::BOOT_STACK, entry.rsi)?;
+        regs::setup_long_mode(bsp, &self.mem, entry.rip, BOOT_STACK, entry.rsi)?;
         self.times.record("long mode: page tables, sregs", t);
         Ok(())
     }
@@ -397,12 +384,7 @@ impl<W: Write + Send> Machine<W> {
     /// then ends every thread it started.
     pub fn run(&mut self) -> Result<Exit, MachineError> {
         let t = Instant::now();
-        static HANDLER: Once = Once::new();
-        let mut handler = Ok(());
-        HANDLER.call_once(|| {
-            handler = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick);
-        });
-        handler.map_err(|e| MachineError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+        install_kick_handler().map_err(MachineError::Thread)?;
         let t = self.times.record("run: kick signal handler", t);
 
         let filters = if self.seccomp {
@@ -524,56 +506,5 @@ impl<W: Write + Send> Machine<W> {
         self.state = Arc::new(RunState::new());
         self.state.stopping.store(false, Ordering::SeqCst);
         result
-    }
-}
-
-/// One vCPU's loop: run, dispatch the exit, until the run is over.
-/// `first_exit` marks the time the guest first exits to the VMM.
-fn run_vcpu<W: Write>(
-    index: usize,
-    vcpu: &mut VcpuFd,
-    bus: &Bus<W>,
-    state: &RunState,
-    mut first_exit: Option<&(dyn Fn(&'static str) + Sync)>,
-) {
-    while !state.stopping() {
-        let result = vcpu.run();
-        if let Some(mark) = first_exit.take() {
-            mark("run: KVM_RUN to first exit");
-        }
-        let exit = match result {
-            Ok(VcpuExit::IoOut(port, data)) => bus.pio_out(port, data),
-            Ok(VcpuExit::IoIn(port, data)) => {
-                bus.pio_in(port, data);
-                None
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                bus.mmio_read(addr, data);
-                None
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                bus.mmio_write(addr, data);
-                None
-            }
-            Ok(VcpuExit::Hlt) => Some(Exit::Halted),
-            Ok(VcpuExit::Shutdown) | Ok(VcpuExit::SystemEvent(..)) => Some(Exit::Shutdown),
-            Ok(other) => {
-                state.finish(Err(MachineError::UnexpectedExit(
-                    index,
-                    format!("{other:?}"),
-                )));
-                return;
-            }
-            // A kick (or any signal): look at the stop flag again.
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-            Err(e) => {
-                state.finish(Err(MachineError::Run(index, e)));
-                return;
-            }
-        };
-        if let Some(exit) = exit {
-            state.finish(Ok(exit));
-            return;
-        }
     }
 }

@@ -1,18 +1,16 @@
-//! vCPU register setup for a 64-bit entry: an identity-mapped first GiB,
-//! a flat GDT, long mode on.
+//! vCPU register state at entry: for vCPU 0 a 64-bit entry (a flat GDT,
+//! the first 4 GiB identity-mapped, long mode on); for every vCPU the FPU,
+//! boot MSRs and LAPIC as firmware would leave them.
 
+use crate::vstate::memory::GuestMemoryMmap;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
-/// Where the boot-time tables live (below 1 MiB, away from the load address).
-pub const GDT_ADDR: u64 = 0x500;
-pub const IDT_ADDR: u64 = 0x520;
-pub const PML4_ADDR: u64 = 0x9000;
-pub const PDPTE_ADDR: u64 = 0xa000;
-/// Four page directories (0xb000..0xf000) map the first 4 GiB, so the
-/// virtio-mmio windows below 4 GiB are reachable too.
-pub const PDE_ADDR: u64 = 0xb000;
+use super::layout::{FIRST_ADDR_PAST_32BITS, GDT_ADDR, IDT_ADDR, PDE_ADDR, PDPTE_ADDR, PML4_ADDR};
+
+/// One page directory of 2 MiB pages per GiB identity-mapped.
+const PAGE_DIRECTORIES: u64 = FIRST_ADDR_PAST_32BITS >> 30;
 
 const CR0_PE: u64 = 1;
 const CR0_ET: u64 = 1 << 4;
@@ -22,7 +20,7 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
 #[derive(Debug, thiserror::Error)]
-pub enum VcpuError {
+pub enum RegsError {
     #[error("writing boot tables into guest memory: {0}")]
     Memory(vm_memory::GuestMemoryError),
     #[error("KVM rejected the vCPU registers: {0}")]
@@ -67,7 +65,7 @@ pub fn setup_long_mode(
     entry: u64,
     stack: u64,
     rsi: u64,
-) -> Result<(), VcpuError> {
+) -> Result<(), RegsError> {
     let gdt = [
         gdt_entry(0, 0, 0),            // null
         gdt_entry(0xa09b, 0, 0xfffff), // code, 64-bit
@@ -76,17 +74,17 @@ pub fn setup_long_mode(
     ];
     for (i, e) in gdt.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_ADDR + 8 * i as u64))
-            .map_err(VcpuError::Memory)?;
+            .map_err(RegsError::Memory)?;
     }
     mem.write_obj(0u64, GuestAddress(IDT_ADDR))
-        .map_err(VcpuError::Memory)?;
+        .map_err(RegsError::Memory)?;
     // Identity-map the first 4 GiB with 2 MiB pages.
     mem.write_obj(PDPTE_ADDR | 3, GuestAddress(PML4_ADDR))
-        .map_err(VcpuError::Memory)?;
-    for gib in 0..4u64 {
+        .map_err(RegsError::Memory)?;
+    for gib in 0..PAGE_DIRECTORIES {
         let pd = PDE_ADDR + gib * 0x1000;
         mem.write_obj(pd | 3, GuestAddress(PDPTE_ADDR + 8 * gib))
-            .map_err(VcpuError::Memory)?;
+            .map_err(RegsError::Memory)?;
         // One write per table: 512 checked writes of 8 bytes cost more.
         let mut table = [0u8; 4096];
         for (i, entry) in table.chunks_exact_mut(8).enumerate() {
@@ -94,10 +92,10 @@ pub fn setup_long_mode(
             entry.copy_from_slice(&(page | 0x83).to_le_bytes());
         }
         mem.write_slice(&table, GuestAddress(pd))
-            .map_err(VcpuError::Memory)?;
+            .map_err(RegsError::Memory)?;
     }
 
-    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(VcpuError::Registers)?;
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(RegsError::Registers)?;
     let code = segment(gdt[1], 1);
     let data = segment(gdt[2], 2);
     let tss = segment(gdt[3], 3);
@@ -116,7 +114,7 @@ pub fn setup_long_mode(
     sregs.cr3 = PML4_ADDR;
     sregs.cr4 |= CR4_PAE;
     sregs.efer |= EFER_LME | EFER_LMA;
-    vcpu.set_sregs(&sregs).map_err(VcpuError::Registers)?;
+    vcpu.set_sregs(&sregs).map_err(RegsError::Registers)?;
 
     let regs = kvm_regs {
         rip: entry,
@@ -126,7 +124,7 @@ pub fn setup_long_mode(
         rflags: 2,
         ..Default::default()
     };
-    vcpu.set_regs(&regs).map_err(VcpuError::Registers)?;
+    vcpu.set_regs(&regs).map_err(RegsError::Registers)?;
     Ok(())
 }
 
@@ -150,56 +148,14 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
-/// CPUID bits the guest must see differently from the host.
-const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// KVM emulates the TSC-deadline LAPIC timer but leaves advertising it to
-/// the VMM. Without it Linux calibrates the LAPIC timer against the PIT at
-/// boot: 100 ms of ticks, over a second under nested KVM.
-const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
-
-/// Adapts the host's supported CPUID for vCPU `index` of `count`: the
-/// hypervisor bit on, the TSC-deadline timer on where KVM has it
-/// (`tsc_deadline`, KVM_CAP_TSC_DEADLINE_TIMER), the APIC ID and logical
-/// processor count right, leaves describing caches shared by host cores
-/// not passed through as is.
-pub fn filter_cpuid(cpuid: &mut kvm_bindings::CpuId, index: u8, count: u8, tsc_deadline: bool) {
-    for e in cpuid.as_mut_slice() {
-        match e.function {
-            1 => {
-                e.ecx |= LEAF1_ECX_HYPERVISOR;
-                if tsc_deadline {
-                    e.ecx |= LEAF1_ECX_TSC_DEADLINE;
-                }
-                // APIC ID in EBX[31:24], logical processors in [23:16].
-                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
-                if count > 1 {
-                    e.edx |= 1 << 28; // HTT: the count field is valid
-                }
-            }
-            // Extended topology: the x2APIC ID of this vCPU.
-            0xb | 0x1f => e.edx = u32::from(index),
-            // Deterministic cache parameters: cores sharing each cache.
-            4 => {
-                e.eax &= !0xfc00_0000;
-                if count > 1 {
-                    e.eax |= (u32::from(count) - 1) << 26;
-                }
-            }
-            // Power management features the VM cannot honour.
-            6 => e.ecx &= !(1 << 3),
-            _ => {}
-        }
-    }
-}
-
 /// FPU, MSRs and LAPIC as a 64-bit kernel expects them at entry.
-pub fn setup_cpu_state(vcpu: &VcpuFd) -> Result<(), VcpuError> {
+pub fn setup_cpu_state(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let fpu = kvm_bindings::kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu).map_err(VcpuError::Registers)?;
+    vcpu.set_fpu(&fpu).map_err(RegsError::Registers)?;
 
     let entries: Vec<kvm_bindings::kvm_msr_entry> = [
         (MSR_IA32_SYSENTER_CS, 0),
@@ -220,17 +176,17 @@ pub fn setup_cpu_state(vcpu: &VcpuFd) -> Result<(), VcpuError> {
         ..Default::default()
     })
     .collect();
-    let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs)?;
-    let set = vcpu.set_msrs(&msrs).map_err(VcpuError::Registers)?;
+    let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| RegsError::Msrs)?;
+    let set = vcpu.set_msrs(&msrs).map_err(RegsError::Registers)?;
     if set != entries.len() {
-        return Err(VcpuError::Msrs);
+        return Err(RegsError::Msrs);
     }
 
     // LINT0 delivers the legacy PIC's interrupts, LINT1 NMIs.
-    let mut lapic = vcpu.get_lapic().map_err(VcpuError::Registers)?;
+    let mut lapic = vcpu.get_lapic().map_err(RegsError::Registers)?;
     set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
     set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
-    vcpu.set_lapic(&lapic).map_err(VcpuError::Registers)?;
+    vcpu.set_lapic(&lapic).map_err(RegsError::Registers)?;
     Ok(())
 }
 
@@ -251,35 +207,6 @@ fn set_lvt_mode(regs: &mut [std::os::raw::c_char], offset: usize, mode: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvm_bindings::{kvm_cpuid_entry2, CpuId};
-
-    #[test]
-    fn cpuid_says_hypervisor_and_names_the_vcpu() {
-        let entries = [
-            kvm_cpuid_entry2 {
-                function: 1,
-                ebx: 0xff00_1234,
-                ..Default::default()
-            },
-            kvm_cpuid_entry2 {
-                function: 0xb,
-                edx: 7,
-                ..Default::default()
-            },
-        ];
-        let mut cpuid = CpuId::from_entries(&entries).expect("cpuid");
-        let mut without = cpuid.clone();
-        filter_cpuid(&mut without, 2, 4, false);
-        assert_eq!(without.as_slice()[0].ecx & (1 << 24), 0);
-        filter_cpuid(&mut cpuid, 2, 4, true);
-        let e = cpuid.as_slice();
-        assert_ne!(e[0].ecx & (1 << 31), 0);
-        assert_ne!(e[0].ecx & (1 << 24), 0, "TSC-deadline timer");
-        assert_eq!(e[0].ebx >> 24, 2);
-        assert_eq!((e[0].ebx >> 16) & 0xff, 4);
-        assert_eq!(e[0].ebx & 0xffff, 0x1234);
-        assert_eq!(e[1].edx, 2);
-    }
 
     #[test]
     fn gdt_entries_round_trip_into_segments() {
