@@ -11,7 +11,7 @@
 //! not a test: nothing here fails on speed or memory; it fails if bytes go
 //! missing.
 
-#[path = "../src/size.rs"]
+#[path = "../src/util/size.rs"]
 mod size;
 
 use std::io::Read;

@@ -14,7 +14,7 @@
 #[path = "support/figures.rs"]
 mod figures;
 #[allow(dead_code)] // the bench takes the part it needs
-#[path = "../src/which.rs"]
+#[path = "../src/util/which.rs"]
 mod which;
 
 use std::path::{Path, PathBuf};

@@ -19,7 +19,7 @@
 //!   `--share` works under kiln-vmm too.
 #![allow(dead_code)] // each user takes the part it needs
 
-#[path = "../../src/which.rs"]
+#[path = "../../src/util/which.rs"]
 mod which;
 
 use std::ffi::OsString;

@@ -11,11 +11,11 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cache;
-use crate::mmdebstrap::Mmdebstrap;
-use crate::owned_dir;
-use crate::process::tie;
-use crate::recipe::RootSource;
+use crate::image::recipe::RootSource;
+use crate::sandbox::cache;
+use crate::sandbox::mmdebstrap::Mmdebstrap;
+use crate::util::owned_dir;
+use crate::util::process::tie;
 
 /// A root archive ready to attach as a disk.
 pub struct RootTar {

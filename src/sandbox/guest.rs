@@ -11,13 +11,14 @@ use anyhow::{bail, Context, Result};
 use kiln_agent::poll::{poll_until, try_poll_until};
 use kiln_agent::{ExecRequest, TOOLS_DISK_SERIAL};
 
-use crate::backend::{self, BackendChoice, DiskSpec, Vm, VmSpec};
-use crate::disk::DiskFormat;
-use crate::owned_dir::{self, OwnedDir};
-use crate::run::RunError;
-use crate::session::{ExecOutcome, Session, Watch};
-use crate::share::{self, Share, ShareArg};
-use crate::{initramfs, interrupt, kernel, tools};
+use crate::sandbox::backend::{self, BackendChoice, DiskSpec, Vm, VmSpec};
+use crate::sandbox::disk::DiskFormat;
+use crate::sandbox::session::{ExecOutcome, Session, Watch};
+use crate::sandbox::share::{self, Share, ShareArg};
+use crate::sandbox::SandboxError;
+use crate::sandbox::{initramfs, kernel, tools};
+use crate::util::ctrl_c;
+use crate::util::owned_dir::{self, OwnedDir};
 
 /// What to boot.
 pub struct GuestConfig {
@@ -71,7 +72,7 @@ impl VmWatch {
                  outside its allow list. This is a bug in kiln; please report it with \
                  these lines ({} runs without the filters, to confirm).\n\
                  hypervisor said:\n{diag}\nlast console lines:\n{console}",
-                format_args!("{}=1", crate::backend::kvm::NO_SECCOMP_ENV)
+                format_args!("{}=1", crate::sandbox::backend::kvm::NO_SECCOMP_ENV)
             );
         }
         let status = status
@@ -86,11 +87,11 @@ impl VmWatch {
 
 impl Watch for VmWatch {
     fn check(&mut self) -> Result<()> {
-        if interrupt::requested() {
-            bail!(RunError::Interrupted);
+        if ctrl_c::requested() {
+            bail!(SandboxError::Interrupted);
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
-            bail!(RunError::Timeout(self.timeout));
+            bail!(SandboxError::Timeout(self.timeout));
         }
         if self.shares_in_use {
             for s in &mut self.shares {
@@ -285,19 +286,19 @@ fn accept(listener: &UnixListener, watch: &mut VmWatch, deadline: Instant) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::console::Console;
+    use crate::util::stream_tail::StreamTail;
 
     /// A VM that has already ended with `status`.
     struct Ended {
         status: std::process::ExitStatus,
-        console: Console,
+        console: StreamTail,
     }
 
     impl Vm for Ended {
         fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
             Ok(Some(self.status))
         }
-        fn console(&self) -> &Console {
+        fn console(&self) -> &StreamTail {
             &self.console
         }
         fn diagnostics(&self) -> Vec<String> {
@@ -310,7 +311,7 @@ mod tests {
         let mut watch = VmWatch {
             vm: Box::new(Ended {
                 status,
-                console: Console::new(),
+                console: StreamTail::new(),
             }),
             shares: Vec::new(),
             shares_in_use: true,

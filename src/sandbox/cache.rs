@@ -22,7 +22,7 @@ use rustix::fs::{flock, FlockOperation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::owned_dir::{self, OwnedDir};
+use crate::util::owned_dir::{self, OwnedDir};
 
 pub fn root() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("KILN_CACHE_DIR").filter(|v| !v.is_empty()) {

@@ -11,10 +11,10 @@ use anyhow::{bail, Context, Result};
 use kiln_agent::poll::poll_until;
 use kiln_agent::MountRequest;
 
-use crate::backend::{ShareDevice, ShareSpec, ShareTransport};
-use crate::console::Console;
-use crate::process::{detach_and_tie, Guarded};
-use crate::which::which_also_in;
+use crate::sandbox::backend::{ShareDevice, ShareSpec, ShareTransport};
+use crate::util::process::{detach_and_tie, Guarded};
+use crate::util::stream_tail::StreamTail;
+use crate::util::which::which_also_in;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShareArg {
@@ -56,7 +56,7 @@ pub struct Share {
 /// A running virtiofsd and what it has said on stderr.
 struct Virtiofsd {
     process: Guarded,
-    log: Console,
+    log: StreamTail,
     /// The thread reading its stderr into `log`.
     reader: Option<std::thread::JoinHandle<()>>,
 }
@@ -219,7 +219,7 @@ fn start_virtiofsd(arg: &ShareArg, socket: &Path) -> Result<Virtiofsd> {
         .with_context(|| format!("starting {}", binary.display()))?;
     let mut process = Guarded::new(child);
     // Always drained, so virtiofsd never blocks on a full stderr pipe.
-    let log = Console::new();
+    let log = StreamTail::new();
     let reader = process.child.stderr.take().map(|e| log.capture(e, false));
     let started = poll_until(
         Instant::now() + Duration::from_secs(10),
@@ -283,7 +283,7 @@ mod tests {
             .stdin(Stdio::null())
             .stderr(Stdio::piped());
         let mut process = Guarded::new(cmd.spawn().expect("spawn sh"));
-        let log = Console::new();
+        let log = StreamTail::new();
         let reader = process.child.stderr.take().map(|e| log.capture(e, false));
         let pid = rustix::process::Pid::from_child(&process.child);
         let mut share = Share {

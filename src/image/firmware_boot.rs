@@ -5,19 +5,20 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use kiln_vmm::host::{self, KvmSupport};
+use kiln_vmm::host::KvmSupport;
 
-use crate::backend::qemu::escape_path;
-use crate::build::detect_format;
-use crate::owned_dir::{self, OwnedDir};
-use crate::process::{detach_and_tie, run_tool, tie, Guarded};
-use crate::run::RunError;
-use crate::{interrupt, tail};
+use super::output::{detect_format, qemu_img};
+use crate::sandbox::backend::qemu_command::{self, Accel, Display, QemuCommand, Serial};
+use crate::sandbox::backend::{probe_kvm, spawn_hypervisor};
+use crate::sandbox::SandboxError;
+use crate::util::owned_dir::{self, OwnedDir};
+use crate::util::process::{run_tool, tie};
+use crate::util::{ctrl_c, tail};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Firmware {
@@ -25,36 +26,23 @@ pub enum Firmware {
     Bios,
 }
 
-#[derive(clap::Args)]
-pub struct BootArgs {
-    /// The image: raw, qcow2, vmdk, vhdx, vpc, ova or iso (optionally .xz/.zst).
-    image: PathBuf,
-    #[arg(long, value_enum, default_value_t = Firmware::Uefi)]
-    firmware: Firmware,
-    /// Succeed once the serial console matches this regular expression.
-    /// It is tried as text arrives: end it with \n to wait for a whole line.
-    #[arg(long, value_name = "REGEX", default_value = "login:")]
-    expect: String,
-    /// Give up (exit 124) after SECS seconds.
-    #[arg(long, value_name = "SECS", default_value = "600", value_parser = crate::parse_secs)]
-    timeout: f64,
-    /// Guest memory.
-    #[arg(long, default_value = "1G", value_parser = crate::parse_mem)]
-    mem: u64,
-    /// Boot with the disk enlarged to SIZE (e.g. 8G), in a throwaway
-    /// overlay, as a cloud gives a bigger disk: tests growing the root.
-    #[arg(long, value_name = "SIZE", value_parser = parse_disk_size)]
-    disk_size: Option<u64>,
-    /// Attach a cloud-init NoCloud seed (a CIDATA disk, like cloud-localds
-    /// makes) from DIR/user-data, DIR/meta-data and DIR/network-config.
-    #[arg(long, value_name = "DIR")]
-    cloud_init: Option<PathBuf>,
+/// What `kiln boot` boots, and how long it waits for what.
+pub struct BootOptions {
+    /// raw, qcow2, vmdk, vhdx, vpc, ova or iso (optionally .xz/.zst).
+    pub image: PathBuf,
+    pub firmware: Firmware,
+    /// The pattern the serial console has to match.
+    pub expect: String,
+    /// Seconds to wait for it.
+    pub timeout: f64,
+    pub mem_mib: u64,
+    /// The disk enlarged to this many bytes, in a throwaway overlay.
+    pub disk_size: Option<u64>,
+    /// A directory with cloud-init NoCloud seed files.
+    pub cloud_init: Option<PathBuf>,
     /// Show the console on stderr as it comes.
-    #[arg(long)]
-    console: bool,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
+    pub console: bool,
+    pub json: bool,
 }
 
 /// Where Debian's ovmf package puts the firmware.
@@ -141,17 +129,10 @@ fn unpack(image: &Path, work: &Path) -> Result<PathBuf> {
     Ok(image.to_path_buf())
 }
 
-fn parse_disk_size(s: &str) -> Result<u64, String> {
-    match crate::recipe::parse_size(s)? {
-        crate::recipe::Size::Bytes(n) if n > 0 => Ok(n),
-        _ => Err(format!("invalid disk size '{s}': give a size such as 8G")),
-    }
-}
-
 /// The size of the disk an image holds, from qemu-img.
 fn virtual_size(image: &Path, fmt: &str) -> Result<u64> {
     let out = run_tool(
-        Command::new(crate::build::qemu_img()?)
+        Command::new(qemu_img()?)
             .args(["info", "--output=json", "-f", fmt])
             .arg(image),
         "qemu-img info",
@@ -176,7 +157,7 @@ fn grown_overlay(image: &Path, fmt: &str, size: u64, work: &Path) -> Result<Path
     }
     let overlay = work.join("grown.qcow2");
     run_tool(
-        Command::new(crate::build::qemu_img()?)
+        Command::new(qemu_img()?)
             .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
             .arg(std::path::absolute(image)?)
             .arg(&overlay)
@@ -243,13 +224,13 @@ fn is_iso(p: &Path) -> bool {
         && &buf == b"CD001"
 }
 
-pub fn boot(a: BootArgs) -> Result<u8> {
+pub fn boot(a: BootOptions) -> Result<u8> {
     let re = regex::Regex::new(&a.expect)
         .with_context(|| format!("--expect '{}' is not a valid regular expression", a.expect))?;
     if !a.image.is_file() {
         bail!("image {} does not exist", a.image.display());
     }
-    let qemu = crate::backend::qemu::binary()?;
+    let qemu = qemu_command::binary()?;
     let work = OwnedDir::new(owned_dir::BOOT).context("creating a work directory")?;
     let image = unpack(&a.image, work.path())?;
     let iso = is_iso(&image);
@@ -257,19 +238,17 @@ pub fn boot(a: BootArgs) -> Result<u8> {
         bail!("--disk-size applies to disk images, not to an iso");
     }
 
-    let mut cmd = Command::new(&qemu);
-    cmd.args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-machine", "q35"])
-        .args(["-m", &format!("{}M", a.mem)])
-        .args(["-smp", "2"])
-        .args(["-chardev", "stdio,id=con,signal=off"])
-        .args(["-serial", "chardev:con"])
-        .args(["-device", "virtio-rng-pci"])
-        .args(["-nic", "user,model=virtio-net-pci"]);
-    let device = crate::backend::kvm_device();
-    match host::probe(&device, Path::new("/sys/module")) {
+    let mut q = QemuCommand::new(qemu, Display::Off);
+    q.opt("-machine", "q35")
+        .opt("-m", format!("{}M", a.mem_mib))
+        .opt("-smp", "2")
+        .serial(Serial::StdioNoSignals)
+        .opt("-device", "virtio-rng-pci")
+        .opt("-nic", "user,model=virtio-net-pci");
+    let (device, kvm) = probe_kvm();
+    match kvm {
         KvmSupport::Usable => {
-            cmd.args(["-accel", "kvm", "-cpu", "host"]);
+            q.accel(Accel::Kvm);
         }
         other => {
             if !a.json {
@@ -278,7 +257,9 @@ pub fn boot(a: BootArgs) -> Result<u8> {
                     other.explain(&device)
                 );
             }
-            cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
+            q.accel(Accel::Tcg {
+                thread_per_vcpu: true,
+            });
         }
     }
     if a.firmware == Firmware::Uefi {
@@ -288,51 +269,28 @@ pub fn boot(a: BootArgs) -> Result<u8> {
             .context("OVMF variables not found: sudo apt-get install ovmf")?;
         let vars = work.path().join("OVMF_VARS.fd");
         std::fs::copy(&vars_src, &vars)?;
-        cmd.arg("-drive").arg(format!(
-            "if=pflash,format=raw,unit=0,readonly=on,file={}",
-            escape_path(&code)
-        ));
-        cmd.arg("-drive").arg(format!(
-            "if=pflash,format=raw,unit=1,file={}",
-            escape_path(&vars)
-        ));
+        q.pflash(0, &code, true);
+        q.pflash(1, &vars, false);
     }
     if iso {
-        cmd.arg("-drive").arg(format!(
-            "file={},media=cdrom,readonly=on,if=ide",
-            escape_path(&image)
-        ));
+        q.drive(&image, "media=cdrom,readonly=on,if=ide");
     } else {
         let fmt = detect_format(&image)?;
         if let Some(size) = a.disk_size {
             let overlay = grown_overlay(&image, fmt, size, work.path())?;
-            cmd.arg("-drive").arg(format!(
-                "file={},format=qcow2,if=virtio",
-                escape_path(&overlay)
-            ));
+            q.drive(&overlay, "format=qcow2,if=virtio");
         } else {
             // snapshot: writes go to a temporary overlay, never to the image.
-            cmd.arg("-drive").arg(format!(
-                "file={},format={fmt},if=virtio,snapshot=on",
-                escape_path(&image)
-            ));
+            q.drive(&image, &format!("format={fmt},if=virtio,snapshot=on"));
         }
     }
     if let Some(dir) = &a.cloud_init {
         let seed = cloud_init_seed(dir, work.path())?;
-        cmd.arg("-drive").arg(format!(
-            "file={},format=raw,if=virtio,readonly=on",
-            escape_path(&seed)
-        ));
+        q.drive(&seed, "format=raw,if=virtio,readonly=on");
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    detach_and_tie(&mut cmd);
-    let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
-    let mut out = child.stdout.take().context("qemu's console")?;
-    let mut err = child.stderr.take().context("qemu's error stream")?;
-    let mut child = Guarded::new(child);
+    let mut child = spawn_hypervisor(q.into_command(), "qemu-system-x86_64")?;
+    let mut out = child.child.stdout.take().context("qemu's console")?;
+    let mut err = child.child.stderr.take().context("qemu's error stream")?;
     let (tx, rx) = mpsc::channel::<Vec<u8>>();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 8192];
@@ -356,8 +314,8 @@ pub fn boot(a: BootArgs) -> Result<u8> {
     let mut searched = 0usize;
     let mut pending: Vec<u8> = Vec::new();
     let result = loop {
-        if interrupt::requested() {
-            break Err(anyhow::anyhow!(RunError::Interrupted));
+        if ctrl_c::requested() {
+            break Err(anyhow::anyhow!(SandboxError::Interrupted));
         }
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(data) => {
@@ -405,7 +363,9 @@ pub fn boot(a: BootArgs) -> Result<u8> {
                 a.timeout,
                 last_lines(&text, 25)
             );
-            break Err(anyhow::anyhow!(RunError::Timeout(a.timeout.ceil() as u64)));
+            break Err(anyhow::anyhow!(SandboxError::Timeout(
+                a.timeout.ceil() as u64
+            )));
         }
     };
     child.kill();

@@ -7,9 +7,9 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cache;
-use crate::mmdebstrap::Mmdebstrap;
-use crate::owned_dir;
+use crate::sandbox::cache;
+use crate::sandbox::mmdebstrap::Mmdebstrap;
+use crate::util::owned_dir;
 
 pub const SUITE: &str = "bookworm";
 

@@ -64,7 +64,7 @@ mod tests {
         assert_ne!(a.uuid("root"), a.uuid("esp"));
         assert_ne!(a.uuid("root"), Ids::new(b"other").uuid("root"));
         let u = a.uuid("root");
-        assert!(crate::recipe::is_uuid(&u), "{u}");
+        assert!(crate::image::recipe::is_uuid(&u), "{u}");
         assert_eq!(&u[14..15], "4");
         assert!("89ab".contains(&u[19..20]));
         let v = a.vfat_id("esp");

@@ -1,6 +1,6 @@
 //! Running mmdebstrap, for the tools image and `root.suite` bootstraps:
 //! in root mode when kiln runs as root, otherwise in unshare mode once this
-//! user is found able to (userns.rs); with its temporary files in a work
+//! user is found able to (util/userns.rs); with its temporary files in a work
 //! directory kiln owns, and its output in a log that is kept in the cache
 //! when it fails. What it bootstraps, and into what, is the caller's.
 
@@ -9,9 +9,10 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::owned_dir::OwnedDir;
-use crate::which::which;
-use crate::{job, userns};
+use crate::sandbox::logged_job;
+use crate::util::owned_dir::OwnedDir;
+use crate::util::userns;
+use crate::util::which::which;
 
 /// A bootstrap about to run: its mode chosen and its work directory made.
 pub struct Mmdebstrap {
@@ -55,7 +56,7 @@ impl Mmdebstrap {
     pub fn run(&self, mut cmd: Command, what: &str, log_name: &str, keep_log: &Path) -> Result<()> {
         cmd.env("TMPDIR", self.scratch.path());
         let log = self.scratch.path().join(log_name);
-        job::run_logged_keeping(cmd, what, &log, keep_log)
+        logged_job::run_logged_keeping(cmd, what, &log, keep_log)
     }
 }
 

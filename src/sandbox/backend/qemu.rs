@@ -1,24 +1,13 @@
 //! The QEMU backend: `qemu-system-x86_64 -M microvm`, direct kernel boot
 //! through the PVH entry (no firmware), virtio-mmio devices only.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use kiln_agent::AGENT_PORT_NAME;
 
+use super::qemu_command::{binary, escape_path, Accel, Display, QemuCommand, Serial};
 use super::{spawn_child, Backend, ShareDevice, ShareTransport, Vm, VmSpec};
-use crate::which::which;
-
-/// qemu-system-x86_64: `$KILN_QEMU`, else from PATH.
-pub fn binary() -> Result<PathBuf> {
-    match std::env::var_os("KILN_QEMU").filter(|v| !v.is_empty()) {
-        Some(p) => Ok(PathBuf::from(p)),
-        None => which("qemu-system-x86_64").context(
-            "qemu-system-x86_64 not found: install it with 'sudo apt-get install qemu-system-x86'",
-        ),
-    }
-}
 
 #[derive(Clone)]
 pub struct Qemu {
@@ -44,11 +33,10 @@ impl Qemu {
     }
 
     /// The full QEMU command line for `spec`.
-    pub fn args(&self, spec: &VmSpec) -> Vec<String> {
+    pub fn command(&self, spec: &VmSpec) -> QemuCommand {
         let mem = spec.mem_mib;
-        let mut a: Vec<String> = Vec::new();
-        let mut push = |parts: &[&str]| a.extend(parts.iter().map(|s| s.to_string()));
-        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        let mut q = QemuCommand::new(self.binary.clone(), Display::None);
+        q.flag("-no-reboot");
         // With virtio-fs shares, the guest's memory is a shared memfd that
         // vhost-user backends (virtiofsd) can map; without, plain anonymous
         // memory is faster to set up.
@@ -57,70 +45,72 @@ impl Qemu {
             .iter()
             .any(|s| matches!(s.device, ShareDevice::Virtiofs { .. }));
         if !vhost_user {
-            push(&[
+            q.opt(
                 "-M",
                 "microvm,x-option-roms=off,rtc=on,acpi=off,isa-serial=on",
-            ]);
+            );
         } else {
-            push(&[
+            q.opt(
                 "-M",
                 "microvm,x-option-roms=off,rtc=on,acpi=off,isa-serial=on,memory-backend=mem",
-            ]);
-            push(&[
+            );
+            q.opt(
                 "-object",
-                &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
-            ]);
+                format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            );
         }
-        push(&["-m", &format!("{mem}M"), "-smp", &spec.cpus.to_string()]);
-        if self.kvm {
-            push(&["-accel", "kvm", "-cpu", "host"]);
+        q.opt("-m", format!("{mem}M"))
+            .opt("-smp", spec.cpus.to_string());
+        q.accel(if self.kvm {
+            Accel::Kvm
         } else {
-            push(&["-accel", "tcg", "-cpu", "max"]);
-        }
-        push(&["-serial", "stdio"]);
-        push(&["-kernel", &spec.kernel.to_string_lossy()]);
-        push(&["-initrd", &spec.initramfs.to_string_lossy()]);
+            Accel::Tcg {
+                thread_per_vcpu: false,
+            }
+        });
+        q.serial(Serial::Stdio);
+        q.opt("-kernel", spec.kernel.to_string_lossy());
+        q.opt("-initrd", spec.initramfs.to_string_lossy());
         let cmdline = match self.tsc_khz {
             Some(khz) => format!("{} tsc_early_khz={khz}", spec.cmdline),
             None => spec.cmdline.clone(),
         };
-        push(&["-append", &cmdline]);
+        q.opt("-append", cmdline);
         for (i, d) in spec.disks.iter().enumerate() {
             let mut drive = format!(
-                "file={},if=none,id=disk{i},format={},cache=writeback,discard=unmap",
-                escape_path(&d.path),
+                "if=none,id=disk{i},format={},cache=writeback,discard=unmap",
                 d.format
             );
             if d.readonly {
                 drive.push_str(",readonly=on");
             }
-            push(&["-drive", &drive]);
-            push(&[
+            q.drive(&d.path, &drive);
+            q.opt(
                 "-device",
-                &format!("virtio-blk-device,drive=disk{i},serial={}", d.serial),
-            ]);
+                format!("virtio-blk-device,drive=disk{i},serial={}", d.serial),
+            );
         }
-        push(&[
+        q.opt(
             "-chardev",
-            &format!("socket,id=agent,path={}", escape_path(&spec.agent_socket)),
-        ]);
-        push(&["-device", "virtio-serial-device,max_ports=2"]);
-        push(&[
+            format!("socket,id=agent,path={}", escape_path(&spec.agent_socket)),
+        );
+        q.opt("-device", "virtio-serial-device,max_ports=2");
+        q.opt(
             "-device",
-            &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
-        ]);
-        push(&["-device", "virtio-rng-device"]);
+            format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+        );
+        q.opt("-device", "virtio-rng-device");
         for (i, s) in spec.shares.iter().enumerate() {
             match &s.device {
                 ShareDevice::Virtiofs { socket } => {
-                    push(&[
+                    q.opt(
                         "-chardev",
-                        &format!("socket,id=fs{i},path={}", escape_path(socket)),
-                    ]);
-                    push(&[
+                        format!("socket,id=fs{i},path={}", escape_path(socket)),
+                    );
+                    q.opt(
                         "-device",
-                        &format!("vhost-user-fs-device,chardev=fs{i},tag={}", s.tag),
-                    ]);
+                        format!("vhost-user-fs-device,chardev=fs{i},tag={}", s.tag),
+                    );
                 }
                 ShareDevice::NineP { dir, readonly } => {
                     // security_model=none: files are created as the user
@@ -133,22 +123,22 @@ impl Qemu {
                     if *readonly {
                         fsdev.push_str(",readonly=on");
                     }
-                    push(&["-fsdev", &fsdev]);
-                    push(&[
+                    q.opt("-fsdev", fsdev);
+                    q.opt(
                         "-device",
-                        &format!("virtio-9p-device,fsdev=fs{i},mount_tag={}", s.tag),
-                    ]);
+                        format!("virtio-9p-device,fsdev=fs{i},mount_tag={}", s.tag),
+                    );
                 }
             }
         }
-        a
+        q
     }
-}
 
-/// A path as a value in a QEMU option list (`-drive file=PATH,if=none`),
-/// where a comma inside a value is written twice.
-pub fn escape_path(p: &Path) -> String {
-    p.to_string_lossy().replace(',', ",,")
+    /// The arguments of [`Qemu::command`].
+    #[cfg(test)]
+    pub fn args(&self, spec: &VmSpec) -> Vec<String> {
+        self.command(spec).args().to_vec()
+    }
 }
 
 impl Backend for Qemu {
@@ -176,8 +166,7 @@ impl Backend for Qemu {
     }
 
     fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
-        let mut cmd = Command::new(&self.binary);
-        cmd.args(self.args(spec));
+        let cmd = self.command(spec).into_command();
         spawn_child(cmd, &self.binary.display().to_string(), spec.echo_console)
     }
 }
@@ -185,7 +174,8 @@ impl Backend for Qemu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::ShareSpec;
+    use crate::sandbox::backend::ShareSpec;
+    use std::path::Path;
 
     fn spec() -> VmSpec {
         VmSpec {

@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use crate::recipe::{
+use crate::image::recipe::{
     BootloaderKind, Checked, FileEntry, Filesystem, Format, PartType, Table, ALIGN,
 };
 
@@ -577,7 +577,7 @@ fn filesystems(parts: &[PartPlan]) -> String {
                 );
             }
             (_, Some(Filesystem::Vfat)) => {
-                let fat = if p.size >= 64 * crate::recipe::MIB {
+                let fat = if p.size >= 64 * crate::image::recipe::MIB {
                     "-F 32 "
                 } else {
                     ""

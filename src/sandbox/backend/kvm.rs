@@ -16,7 +16,7 @@ use kiln_vmm::{AgentPort, DiskConfig, Exit, FsConfig, VmConfig, VmError};
 use serde::{Deserialize, Serialize};
 
 use super::{spawn_child, Backend, ShareDevice, ShareTransport, Vm, VmSpec};
-use crate::disk::DiskFormat;
+use crate::sandbox::disk::DiskFormat;
 
 /// Set to `1` to run kiln-vmm's threads without their seccomp filters
 /// (to debug a filter that kills the VMM).
@@ -236,7 +236,7 @@ impl Backend for Kvm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{DiskSpec, ShareDevice, ShareSpec};
+    use crate::sandbox::backend::{DiskSpec, ShareDevice, ShareSpec};
     use kiln_agent::poll::poll_until;
     use std::time::{Duration, Instant};
 

@@ -7,11 +7,11 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::owned_dir::{self, OwnedDir};
-use crate::{cache, job};
+use crate::sandbox::{cache, logged_job};
+use crate::util::owned_dir::{self, OwnedDir};
 
-pub const FRAGMENT: &str = include_str!("../kernel-config/kiln.config");
-pub const SCRIPT: &str = include_str!("../kernel-config/build.sh");
+pub const FRAGMENT: &str = include_str!("../../kernel-config/kiln.config");
+pub const SCRIPT: &str = include_str!("../../kernel-config/build.sh");
 const SOURCE_PACKAGE: &str = "linux-source-6.1";
 const DEFAULT_SOURCE: &str = "/usr/src/linux-source-6.1.tar.xz";
 const INSTALL_HINT: &str = "sudo apt-get install linux-source-6.1 build-essential bc bison \
@@ -172,7 +172,7 @@ pub fn build(force: bool) -> Result<Kernel> {
         .arg(staging.path())
         .env("TMPDIR", scratch.path())
         .env("KILN_KERNEL_SOURCE", source_path());
-    job::run_logged_keeping(
+    logged_job::run_logged_keeping(
         cmd,
         &format!("building guest kernel ({version})"),
         &scratch.path().join("build.log"),

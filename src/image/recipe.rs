@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
-use crate::size;
+use crate::util::size;
 
 pub const MIB: u64 = 1 << 20;
 
@@ -366,7 +366,10 @@ fn check(file: &Path, dir: &Path, mut recipe: Recipe, text: String) -> Result<Ch
             suite: suite.clone(),
             variant: r.variant.clone().unwrap_or_else(|| "minbase".into()),
             packages: r.packages.clone(),
-            mirror: r.mirror.clone().unwrap_or_else(crate::tools::mirror),
+            mirror: r
+                .mirror
+                .clone()
+                .unwrap_or_else(crate::sandbox::tools::mirror),
             components: if r.components.is_empty() {
                 vec!["main".into()]
             } else {
@@ -948,10 +951,10 @@ type = "grub-efi"
     #[test]
     fn mutated_shipped_recipes_never_panic() {
         let shipped = [
-            include_str!("../images/debian-bookworm-minimal.toml"),
-            include_str!("../images/debian-bookworm-cloud.toml"),
-            include_str!("../images/virtualbox-appliance.toml"),
-            include_str!("../images/live-iso.toml"),
+            include_str!("../../images/debian-bookworm-minimal.toml"),
+            include_str!("../../images/debian-bookworm-cloud.toml"),
+            include_str!("../../images/virtualbox-appliance.toml"),
+            include_str!("../../images/live-iso.toml"),
         ];
         for text in shipped {
             assert!(

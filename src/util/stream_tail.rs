@@ -1,11 +1,13 @@
-//! The guest's serial console: kept as a ring of recent lines for error
-//! messages (a kernel panic, say), and echoed to stderr with `--console`.
+//! The last lines of a stream read on a thread of its own (a guest's
+//! serial console, a helper's stderr): a [`Tail`] ring of recent lines for
+//! error messages (a kernel panic, say), optionally echoed to stderr as they
+//! come (`--console`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::tail::Tail;
+use crate::util::tail::Tail;
 
 const KEEP_LINES: usize = 200;
 /// Longer lines are split, so a guest printing without newlines cannot grow
@@ -13,21 +15,21 @@ const KEEP_LINES: usize = 200;
 const MAX_LINE: u64 = 4096;
 
 #[derive(Clone)]
-pub struct Console {
+pub struct StreamTail {
     lines: Arc<Mutex<Tail>>,
 }
 
-impl Default for Console {
-    fn default() -> Console {
-        Console {
+impl Default for StreamTail {
+    fn default() -> StreamTail {
+        StreamTail {
             lines: Arc::new(Mutex::new(Tail::new(KEEP_LINES))),
         }
     }
 }
 
-impl Console {
-    pub fn new() -> Console {
-        Console::default()
+impl StreamTail {
+    pub fn new() -> StreamTail {
+        StreamTail::default()
     }
 
     /// Reads `source` to its end on a thread of its own.
@@ -68,7 +70,7 @@ mod tests {
 
     #[test]
     fn keeps_the_last_lines() {
-        let c = Console::new();
+        let c = StreamTail::new();
         let text: String = (0..300).map(|i| format!("line {i}\r\n")).collect();
         c.capture(std::io::Cursor::new(text.into_bytes()), false)
             .join()
@@ -79,7 +81,7 @@ mod tests {
         );
         assert_eq!(c.tail(1000).len(), KEEP_LINES);
 
-        let c = Console::new();
+        let c = StreamTail::new();
         let long = vec![b'x'; 3 * MAX_LINE as usize];
         c.capture(std::io::Cursor::new(long), false)
             .join()

@@ -9,10 +9,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::process::{detach_and_tie, Guarded};
-use crate::{interrupt, tail};
+use crate::sandbox::SandboxError;
+use crate::util::process::{detach_and_tie, Guarded};
+use crate::util::spinner::spinner;
+use crate::util::{ctrl_c, tail};
 
 /// Runs `cmd` to completion, logging to `log`. On failure the error carries
 /// the log's last lines.
@@ -31,12 +32,12 @@ pub fn run_logged(mut cmd: Command, what: &str, log: &Path) -> Result<()> {
 
     let bar = spinner(what, false);
     let status = loop {
-        if interrupt::requested() {
+        if ctrl_c::requested() {
             // A grace period: mmdebstrap removes its temporary root on
             // SIGTERM, which a SIGKILL would leave behind.
             child.terminate(Duration::from_secs(10));
             bar.finish_and_clear();
-            bail!(crate::run::RunError::Interrupted);
+            bail!(SandboxError::Interrupted);
         }
         if let Some(status) = child.try_wait()? {
             break status;
@@ -69,22 +70,6 @@ pub fn run_logged_keeping(cmd: Command, what: &str, log: &Path, keep: &Path) -> 
         let _ = std::fs::copy(log, keep);
     }
     result
-}
-
-/// kiln's spinner for long work: what, elapsed time, and a message (the
-/// latest output line); hidden when `quiet` (e.g. under --json).
-pub fn spinner(what: &str, quiet: bool) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {prefix} [{elapsed_precise}] {wide_msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    bar.set_prefix(what.to_string());
-    bar.enable_steady_tick(Duration::from_millis(200));
-    bar
 }
 
 /// The last `n` lines of the log at `path` that are not blank.

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::cache;
+use crate::sandbox::cache;
 
-/// The static guest agent, built by build.rs.
+/// The static guest agent, built by the crate's build.rs.
 pub const AGENT: &[u8] = include_bytes!(env!("KILN_AGENT_PATH"));
 
 const S_IFDIR: u32 = 0o040000;

@@ -13,10 +13,10 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::disk::is_qcow2;
-use crate::process::run_tool;
-use crate::recipe::{Compression, Format};
-use crate::which::which;
+use crate::image::recipe::{Compression, Format};
+use crate::sandbox::disk::is_qcow2;
+use crate::util::process::run_tool;
+use crate::util::which::which;
 
 /// One finished output, still under its temporary name.
 pub struct Output {

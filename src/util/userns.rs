@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Result};
 
-use crate::which::which;
+use crate::util::which::which;
 
 /// The ids unshare mode maps the image's users onto: 0..65535 at least.
 const SUBIDS_NEEDED: u64 = 65536;

@@ -4,6 +4,7 @@
 
 pub mod kvm;
 pub mod qemu;
+pub mod qemu_command;
 mod tsc;
 
 use std::path::{Path, PathBuf};
@@ -12,9 +13,9 @@ use std::process::{Command, ExitStatus, Stdio};
 use anyhow::{bail, Context, Result};
 use kiln_vmm::host::{self, KvmSupport};
 
-use crate::console::Console;
-use crate::disk::DiskFormat;
-use crate::process::{detach_and_tie, Guarded};
+use crate::sandbox::disk::DiskFormat;
+use crate::util::process::{detach_and_tie, Guarded};
+use crate::util::stream_tail::StreamTail;
 
 /// Everything a backend needs to start the build VM.
 #[derive(Debug, Clone)]
@@ -73,7 +74,7 @@ pub trait Vm {
     /// Whether the VM has ended, and how.
     fn try_wait(&mut self) -> Result<Option<ExitStatus>>;
     /// The guest's serial console.
-    fn console(&self) -> &Console;
+    fn console(&self) -> &StreamTail;
     /// What the hypervisor itself reported on its error stream, if anything.
     fn diagnostics(&self) -> Vec<String>;
 }
@@ -83,8 +84,8 @@ pub trait Vm {
 /// it says about itself, and it is killed with its process group on drop.
 struct ChildVm {
     process: Guarded,
-    console: Console,
-    diagnostics: Console,
+    console: StreamTail,
+    diagnostics: StreamTail,
 }
 
 impl Vm for ChildVm {
@@ -92,7 +93,7 @@ impl Vm for ChildVm {
         Ok(self.process.try_wait()?)
     }
 
-    fn console(&self) -> &Console {
+    fn console(&self) -> &StreamTail {
         &self.console
     }
 
@@ -103,25 +104,34 @@ impl Vm for ChildVm {
 
 /// Starts `cmd` as a [`ChildVm`]; `what` names it in the error if it
 /// cannot start.
-fn spawn_child(mut cmd: Command, what: &str, echo_console: bool) -> Result<Box<dyn Vm>> {
+fn spawn_child(cmd: Command, what: &str, echo_console: bool) -> Result<Box<dyn Vm>> {
+    let mut process = spawn_hypervisor(cmd, what)?;
+    let console = StreamTail::new();
+    let diagnostics = StreamTail::new();
+    if let Some(out) = process.child.stdout.take() {
+        console.capture(out, echo_console);
+    }
+    if let Some(err) = process.child.stderr.take() {
+        diagnostics.capture(err, false);
+    }
+    Ok(Box::new(ChildVm {
+        process,
+        console,
+        diagnostics,
+    }))
+}
+
+/// Starts a hypervisor (or `kiln boot`'s QEMU): no stdin, its stdout (the
+/// guest's serial console) and stderr piped for the caller to read, and
+/// killed with its process group when the [`Guarded`] is dropped or kiln
+/// dies. `what` names it in the error if it cannot start.
+pub fn spawn_hypervisor(mut cmd: Command, what: &str) -> Result<Guarded> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     detach_and_tie(&mut cmd);
-    let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-    let console = Console::new();
-    let diagnostics = Console::new();
-    if let Some(out) = child.stdout.take() {
-        console.capture(out, echo_console);
-    }
-    if let Some(err) = child.stderr.take() {
-        diagnostics.capture(err, false);
-    }
-    Ok(Box::new(ChildVm {
-        process: Guarded::new(child),
-        console,
-        diagnostics,
-    }))
+    let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    Ok(Guarded::new(child))
 }
 
 pub trait Backend {
@@ -153,12 +163,18 @@ pub fn kvm_device() -> PathBuf {
 
 /// Picks the backend for a VM with `disks`. The note, if any, is the one
 /// line kiln prints to say it is falling back to something slower.
+/// The KVM device and whether it runs unmodified guests.
+pub fn probe_kvm() -> (PathBuf, KvmSupport) {
+    let device = kvm_device();
+    let kvm = host::probe(&device, Path::new("/sys/module"));
+    (device, kvm)
+}
+
 pub fn select(
     choice: BackendChoice,
     disks: &[DiskSpec],
 ) -> Result<(Box<dyn Backend>, Option<String>)> {
-    let device = kvm_device();
-    let kvm = host::probe(&device, Path::new("/sys/module"));
+    let (device, kvm) = probe_kvm();
     match pick(choice, &kvm, &device, disks)? {
         Pick::KilnVmm => Ok((Box::new(kvm::Kvm::new()?), None)),
         Pick::Qemu(note) => Ok((Box::new(qemu::Qemu::find(kvm.is_usable())?), note)),

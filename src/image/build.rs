@@ -3,11 +3,6 @@
 //! runs in one build VM, and the outputs are converted on the host. Nothing
 //! appears under a final name until every output is complete.
 
-mod ids;
-mod output;
-mod rootfs;
-mod script;
-
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -16,15 +11,17 @@ use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use kiln_agent::ExecRequest;
 
-use crate::backend::{BackendChoice, DiskSpec};
-use crate::disk::DiskFormat;
-use crate::guest::{Guest, GuestConfig};
-use crate::owned_dir::{self, OwnedDir};
-use crate::recipe::{Checked, Format};
-use crate::session::ExecOutcome;
-use crate::tail::Tail;
-
-pub use output::{detect_format, qemu_img};
+use super::recipe::{Checked, Format};
+use super::{ids, output, rootfs, script};
+use crate::sandbox::backend::{BackendChoice, DiskSpec};
+use crate::sandbox::disk::DiskFormat;
+use crate::sandbox::guest::{Guest, GuestConfig};
+use crate::sandbox::session::ExecOutcome;
+use crate::sandbox::SandboxError;
+use crate::util::ctrl_c;
+use crate::util::owned_dir::{self, OwnedDir};
+use crate::util::spinner::spinner;
+use crate::util::tail::Tail;
 
 pub struct BuildOptions {
     pub recipe: PathBuf,
@@ -54,7 +51,7 @@ fn epoch(c: &Checked) -> Result<u64> {
     if let Some(e) = c.recipe.source_date_epoch {
         return Ok(e);
     }
-    let h = crate::cache::hash(&[c.text.as_bytes()]);
+    let h = crate::sandbox::cache::hash(&[c.text.as_bytes()]);
     let n = u64::from_str_radix(&h[..8], 16).unwrap_or(0);
     Ok(1_577_836_800 + n % (5 * 365 * 86_400))
 }
@@ -102,7 +99,7 @@ struct StepLog {
 
 impl StepLog {
     fn new(name: &str, quiet: bool) -> StepLog {
-        let bar = crate::job::spinner(name, quiet);
+        let bar = spinner(name, quiet);
         StepLog {
             bar,
             lines: Tail::new(STEP_TAIL_LINES),
@@ -162,7 +159,7 @@ struct Progress {
 impl Progress {
     fn host<T>(&mut self, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let started = Instant::now();
-        let bar = crate::job::spinner(name, self.json);
+        let bar = spinner(name, self.json);
         let r = f();
         bar.finish_and_clear();
         let r = r.with_context(|| format!("step '{name}' failed"))?;
@@ -411,8 +408,8 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     let mut order = formats.clone();
     order.sort_by_key(|f| *f == Format::Raw);
     for f in &order {
-        if crate::interrupt::requested() {
-            bail!(crate::run::RunError::Interrupted);
+        if ctrl_c::requested() {
+            bail!(SandboxError::Interrupted);
         }
         let iso = iso_size.map(|_| iso_disk.as_path());
         let o = progress.host(&format!("write {}", f.ext()), || conv.make(*f, &raw, iso))?;
@@ -423,8 +420,8 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         .iter()
         .map(|o| output::write_sha256(o, &outputs_dir))
         .collect::<Result<Vec<_>>>()?;
-    if crate::interrupt::requested() {
-        bail!(crate::run::RunError::Interrupted);
+    if ctrl_c::requested() {
+        bail!(SandboxError::Interrupted);
     }
     let mut summary = Vec::new();
     for (o, (sum_tmp, sum_final)) in outputs.iter().zip(sums) {

@@ -1,0 +1,12 @@
+//! Disk images: recipes, `kiln build` (the root filesystem on the host,
+//! the privileged steps in a sandbox VM, the output formats) and
+//! `kiln boot` (a built image booted through firmware). Uses `sandbox`
+//! and `util`.
+
+pub mod build;
+pub mod firmware_boot;
+mod ids;
+mod output;
+pub mod recipe;
+mod rootfs;
+mod script;

@@ -1,0 +1,18 @@
+//! The throwaway VM and everything it runs on: the backends that boot it,
+//! the guest agent session, disks and shares, and the artifacts it boots
+//! (kernel, tools image, initramfs, in kiln's cache). Uses only `util`.
+
+pub mod backend;
+pub mod cache;
+pub mod disk;
+mod error;
+pub mod guest;
+pub mod initramfs;
+pub mod kernel;
+pub mod logged_job;
+pub mod mmdebstrap;
+pub mod session;
+pub mod share;
+pub mod tools;
+
+pub use error::SandboxError;

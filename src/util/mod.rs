@@ -1,0 +1,13 @@
+//! Host utilities with no notion of a VM: finding programs, sizes, output
+//! tails, child processes and directories kiln owns, Ctrl-C, the spinner,
+//! the user-namespace preflight.
+
+pub mod ctrl_c;
+pub mod owned_dir;
+pub mod process;
+pub mod size;
+pub mod spinner;
+pub mod stream_tail;
+pub mod tail;
+pub mod userns;
+pub mod which;
