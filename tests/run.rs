@@ -137,6 +137,7 @@ both_backends!(
     programs_run_from_a_share_run_the_host_bytes,
     a_killed_virtiofsd_ends_the_run_naming_the_share,
     running_out_of_memory_is_an_answer_not_a_hang,
+    a_fork_bomb_is_stopped_by_the_guests_limits,
     disks_keep_their_order_and_by_id_names,
     missing_disk_is_reported,
     disk_in_use_by_another_kiln_is_refused,
@@ -1007,14 +1008,6 @@ fn running_out_of_memory_is_an_answer_not_a_hang(k: &Kiln) {
     // The whole command was ended, and the guest still powered off cleanly
     // (k.run checks nothing was left behind).
     assert!(!text(&out.stdout).contains("survived"));
-}
-
-/// QEMU only for now: under kiln-vmm in the nested harness the same bomb
-/// left the run hanging until L1's timeout (900 s) in one CI run; that is
-/// open work on kiln-vmm (issue 9), not a behaviour to accept.
-#[test]
-fn a_fork_bomb_is_stopped_by_the_guests_limits_on_qemu() {
-    a_fork_bomb_is_stopped_by_the_guests_limits(&Kiln::new(Backend::Qemu));
 }
 
 fn a_fork_bomb_is_stopped_by_the_guests_limits(k: &Kiln) {

@@ -321,6 +321,7 @@ fn reply(s: &mut Source) -> Reply {
                 memory_max: s.u64(),
                 pids_refused: s.u64(),
                 pids_max: s.u64(),
+                memory_stall_kill: s.bool(),
             }),
         },
         6 => Reply::FileHeader {

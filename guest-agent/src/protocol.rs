@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The agent's version, sent in its hello.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -152,6 +152,9 @@ pub struct LimitsReport {
     /// Forks and clones refused because commands had `pids_max` tasks.
     pub pids_refused: u64,
     pub pids_max: u64,
+    /// The agent ended the command because it stalled on memory at the
+    /// limit (thrashing) before the OOM killer acted.
+    pub memory_stall_kill: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +268,7 @@ mod tests {
                     memory_max: 80 << 20,
                     pids_refused: 0,
                     pids_max: 700,
+                    memory_stall_kill: true,
                 }),
             },
             Reply::Exited {

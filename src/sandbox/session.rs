@@ -71,11 +71,21 @@ impl ExecOutcome {
             return None;
         };
         let mib = |b: u64| b.div_ceil(1 << 20);
-        if l.oom_kills > 0 {
+        let ended_by = if l.oom_kills > 0 {
+            Some("the guest's OOM killer ended it")
+        } else if l.memory_stall_kill {
+            Some(
+                "it stalled on memory (thrashing) for most of 10 s, so kiln's guest agent \
+                 ended it",
+            )
+        } else {
+            None
+        };
+        if let Some(ended_by) = ended_by {
             Some(format!(
-                "the command ran out of memory: the guest's OOM killer ended it at a peak of \
-                 {} MiB, the most commands may use in a VM with --mem {mem_mib}M ({} MiB; \
-                 the rest is kept for the guest's kernel and agent); give it more with --mem",
+                "the command ran out of memory: {ended_by} at a peak of {} MiB, the most \
+                 commands may use in a VM with --mem {mem_mib}M ({} MiB; the rest is kept for \
+                 the guest's kernel and agent); give it more with --mem",
                 mib(l.memory_peak),
                 mib(l.memory_max)
             ))
@@ -579,10 +589,21 @@ mod tests {
             memory_max: 76 << 20,
             pids_refused: 0,
             pids_max: 700,
+            memory_stall_kill: false,
         };
         let note = outcome(Some(oom)).limits_note(128).expect("a note");
         assert!(note.contains("ran out of memory"), "{note}");
+        assert!(note.contains("OOM killer ended it"), "{note}");
         assert!(note.contains("peak of 77 MiB"), "{note}");
+        assert!(note.contains("--mem 128M (76 MiB"), "{note}");
+        let stalled = LimitsReport {
+            oom_kills: 0,
+            memory_stall_kill: true,
+            ..oom
+        };
+        let note = outcome(Some(stalled)).limits_note(128).expect("a note");
+        assert!(note.contains("ran out of memory"), "{note}");
+        assert!(note.contains("stalled on memory"), "{note}");
         assert!(note.contains("--mem 128M (76 MiB"), "{note}");
         let pids = LimitsReport {
             oom_kills: 0,
