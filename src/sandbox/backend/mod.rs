@@ -161,8 +161,6 @@ pub fn kvm_device() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
 }
 
-/// Picks the backend for a VM with `disks`. The note, if any, is the one
-/// line kiln prints to say it is falling back to something slower.
 /// The KVM device and whether it runs unmodified guests.
 pub fn probe_kvm() -> (PathBuf, KvmSupport) {
     let device = kvm_device();
@@ -170,6 +168,8 @@ pub fn probe_kvm() -> (PathBuf, KvmSupport) {
     (device, kvm)
 }
 
+/// Picks the backend for a VM with `disks`. The note, if any, is the one
+/// line kiln prints to say it is falling back to something slower.
 pub fn select(
     choice: BackendChoice,
     disks: &[DiskSpec],

@@ -80,7 +80,13 @@ fn sample() -> Option<(u64, u64)> {
 
 /// CLOCK_MONOTONIC_RAW in ns: not slewed by NTP, as the TSC is not.
 fn monotonic_raw_ns() -> Option<u64> {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicRaw);
+    // The fallible call: `clock_gettime` panics where the clock is refused
+    // (a seccomp sandbox), and without the reading kiln just goes on
+    // without tsc_early_khz.
+    let ts = rustix::time::clock_gettime_dynamic(rustix::time::DynamicClockId::Known(
+        rustix::time::ClockId::MonotonicRaw,
+    ))
+    .ok()?;
     let secs = u64::try_from(ts.tv_sec).ok()?;
     let nanos = u64::try_from(ts.tv_nsec).ok()?;
     secs.checked_mul(1_000_000_000)?.checked_add(nanos)
