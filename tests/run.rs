@@ -139,6 +139,7 @@ both_backends!(
     running_out_of_memory_is_an_answer_not_a_hang,
     a_fork_bomb_is_stopped_by_the_guests_limits,
     disks_keep_their_order_and_by_id_names,
+    a_block_device_is_attached_whole_with_device,
     missing_disk_is_reported,
     disk_in_use_by_another_kiln_is_refused,
     kvm_backend_runs_true_where_kvm_is_usable,
@@ -1070,6 +1071,53 @@ fn disks_keep_their_order_and_by_id_names(k: &Kiln) {
     ]);
     assert_eq!(code(&out), 0, "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "16384\n32768\n../../vda\n../../vdb\n");
+}
+
+/// A loop device over a file, detached when dropped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn over(file: &Path) -> LoopDevice {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .expect("running losetup");
+        assert!(
+            out.status.success(),
+            "losetup (this case needs root, for a loop device): {}",
+            text(&out.stderr)
+        );
+        LoopDevice(text(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+fn a_block_device_is_attached_whole_with_device(k: &Kiln) {
+    // A block device's st_size is 0: the guest must see its real size (a
+    // bug kiln-vmm had), and what it writes must reach the device.
+    let backing = k.dir().join("backing.img");
+    sparse_file(&backing, 24 << 20);
+    let dev = LoopDevice::over(&backing);
+    let out = k.run(&[
+        "run",
+        "--disk",
+        &format!("{},device", dev.0),
+        "--",
+        "sh",
+        "-c",
+        "cat /sys/block/vda/size; printf kiln-was-here | dd of=/dev/vda bs=512 seek=100 conv=fsync 2>/dev/null",
+    ]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "49152\n");
+    drop(dev);
+    let bytes = fs::read(&backing).expect("read backing file");
+    assert_eq!(&bytes[51200..51213], b"kiln-was-here");
 }
 
 // Errors a user can cause, each with a message that names the fix.
