@@ -82,9 +82,9 @@ fn the_child_runs_a_guest_to_its_reset_with_the_console_on_stdout() {
         "cmdline": "console=ttyS0 reboot=t",
         "mem_mib": 64,
         "vcpus": 1,
-        "disks": [{ "path": disk, "read_only": false, "serial": "kiln0" }],
-        "shares": [],
-        "agent_socket": agent,
+        "disks": [{ "path": disk, "format": "raw", "read_only": false, "serial": "kiln0" }],
+        "fs": [],
+        "agent_port": { "name": "kiln.agent", "socket": agent },
         "seccomp": true,
     });
     // With the filters on (the default), and with them off for debugging.
@@ -115,7 +115,7 @@ fn an_end_other_than_the_reset_is_a_failure_with_a_reason() {
     );
     let spec = serde_json::json!({
         "kernel": kernel, "initrd": null, "cmdline": "", "mem_mib": 64, "vcpus": 1,
-        "disks": [], "shares": [], "agent_socket": null, "seccomp": true,
+        "disks": [], "fs": [], "agent_port": null, "seccomp": true,
     });
     let out = vmm(&spec, &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
@@ -136,11 +136,12 @@ fn a_qcow2_disk_is_refused_with_the_conversion_to_run() {
     let mut data = b"QFI\xfb\0\0\0\x03".to_vec();
     data.resize(4096, 0);
     std::fs::write(&disk, data).expect("disk");
+    // kiln decided the format (from the magic); kiln-vmm goes by it.
     let spec = serde_json::json!({
         "kernel": dir.path().join("vmlinux"), "initrd": null, "cmdline": "",
         "mem_mib": 64, "vcpus": 1,
-        "disks": [{ "path": disk, "read_only": true, "serial": "kiln0" }],
-        "shares": [], "agent_socket": null, "seccomp": true,
+        "disks": [{ "path": disk, "format": "qcow2", "read_only": true, "serial": "kiln0" }],
+        "fs": [], "agent_port": null, "seccomp": true,
     });
     let out = vmm(&spec, &[]);
     let err = text(&out.stderr);

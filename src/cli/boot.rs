@@ -24,7 +24,7 @@ pub struct BootArgs {
     timeout: f64,
     /// Guest memory.
     #[arg(long, default_value = "1G", value_parser = parse_mem)]
-    mem: u64,
+    mem: u32,
     /// Boot with the disk enlarged to SIZE (e.g. 8G), in a throwaway
     /// overlay, as a cloud gives a bigger disk: tests growing the root.
     #[arg(long, value_name = "SIZE", value_parser = parse_disk_size)]

@@ -51,7 +51,7 @@ enum Cmd {
     /// Internal: runs kiln-vmm in the child process the kvm backend starts.
     #[command(name = "__vmm", hide = true)]
     Vmm {
-        /// The VM, as JSON (written by the parent kiln).
+        /// The VM, kiln-vmm's VmConfig as JSON (written by the parent kiln).
         spec: String,
         /// Run kiln-vmm's threads without seccomp filters (debugging; also
         /// KILN_VMM_NO_SECCOMP=1).

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use kiln_agent::{ExecRequest, USER_DISK_SERIAL_PREFIX};
+use kiln_vmm::DiskConfig;
 
 use super::vm_args::{parse_secs, VmArgs, VmFlagOrder, VmFlags};
-use crate::sandbox::backend::DiskSpec;
 use crate::sandbox::disk::{Disk, DiskArg};
 use crate::sandbox::guest::{Guest, GuestConfig};
 use crate::sandbox::session::ExecOutcome;
@@ -196,10 +196,10 @@ pub fn run(opts: RunArgs) -> Result<u8> {
         disks: disks
             .iter()
             .enumerate()
-            .map(|(i, d)| DiskSpec {
+            .map(|(i, d)| DiskConfig {
                 path: d.path.clone(),
                 format: d.format,
-                readonly: d.readonly,
+                read_only: d.readonly,
                 serial: format!("{USER_DISK_SERIAL_PREFIX}{i}"),
             })
             .collect(),

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use kiln_agent::ExecRequest;
+use kiln_vmm::{DiskConfig, DiskFormat};
 
+use super::plan::{self, Step};
 use super::recipe::{Checked, Format};
-use super::{ids, output, rootfs, script};
-use crate::sandbox::backend::{BackendChoice, DiskSpec};
-use crate::sandbox::disk::DiskFormat;
+use super::{ids, output, rootfs};
+use crate::sandbox::backend::BackendChoice;
 use crate::sandbox::guest::{Guest, GuestConfig};
 use crate::sandbox::session::ExecOutcome;
 use crate::sandbox::SandboxError;
@@ -29,8 +30,9 @@ pub struct BuildOptions {
     pub formats: Vec<Format>,
     pub json: bool,
     pub verbose: bool,
-    pub mem_mib: u64,
-    pub cpus: u32,
+    /// In range for every backend (see `cli::vm_args`).
+    pub mem_mib: u32,
+    pub cpus: u8,
     pub backend: BackendChoice,
     /// Bootstrap the Debian root again instead of using the cached one.
     pub fresh: bool,
@@ -94,6 +96,8 @@ struct StepLog {
     bar: ProgressBar,
     lines: Tail,
     partial: Vec<u8>,
+    /// Every line starting with `KILN_`: what the step tells kiln.
+    marks: Vec<String>,
     echo: bool,
 }
 
@@ -104,6 +108,7 @@ impl StepLog {
             bar,
             lines: Tail::new(STEP_TAIL_LINES),
             partial: Vec::new(),
+            marks: Vec::new(),
             echo: false,
         }
     }
@@ -120,6 +125,9 @@ impl StepLog {
             let line = String::from_utf8_lossy(&line).trim_end().to_string();
             if line.is_empty() {
                 continue;
+            }
+            if line.starts_with("KILN_") {
+                self.marks.push(line.clone());
             }
             self.bar
                 .set_message(line.chars().take(120).collect::<String>());
@@ -175,6 +183,88 @@ impl Progress {
             step: name.to_string(),
             seconds: (took.as_secs_f64() * 10.0).round() / 10.0,
         });
+    }
+}
+
+/// The value of the last line among `marks` that starts with `mark`.
+fn mark<'a>(marks: &'a [String], mark: &str) -> Option<&'a str> {
+    marks
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix(mark))
+        .map(str::trim)
+}
+
+/// Runs the plan's steps in the build VM.
+struct StepRunner<'a> {
+    guest: &'a mut Guest,
+    /// What every run gets in its environment.
+    env: Vec<(String, String)>,
+    /// Where a step's rendered files are written before they go in.
+    host_dir: PathBuf,
+    opts: &'a BuildOptions,
+    out_dir: &'a std::path::Path,
+}
+
+impl StepRunner<'_> {
+    /// Puts the step's files in, then runs its scripts in order, stopping
+    /// at the first that fails. Returns the lines it printed that start
+    /// with `KILN_` (what a step tells kiln).
+    fn run(&mut self, step: &Step, progress: &mut Progress) -> Result<Vec<String>> {
+        let started = Instant::now();
+        for f in &step.files {
+            let host = self.host_dir.join(&f.name);
+            std::fs::write(&host, &f.contents)?;
+            self.guest
+                .put_file(&host, &f.guest_path())
+                .with_context(|| format!("step '{}': copying {} into the VM", step.name, f.name))?;
+        }
+        let log = std::cell::RefCell::new(StepLog::new(&step.name, self.opts.json));
+        log.borrow_mut().echo = self.opts.verbose;
+        for run in &step.runs {
+            let mut env = self.env.clone();
+            env.extend(run.env.iter().cloned());
+            let outcome = self.guest.exec(
+                ExecRequest {
+                    id: 0,
+                    argv: run.argv(),
+                    env,
+                    cwd: None,
+                    stdin: false,
+                },
+                &mut LogWriter(&log),
+                &mut LogWriter(&log),
+            );
+            let outcome = match outcome {
+                Ok(o) => o,
+                Err(e) => {
+                    log.borrow().bar.finish_and_clear();
+                    return Err(e).with_context(|| format!("step '{}' failed", step.name));
+                }
+            };
+            let limits = outcome.limits_note(self.opts.mem_mib);
+            let code = match outcome {
+                ExecOutcome::Exited { status, .. } => status.shell_code().unwrap_or(1),
+                ExecOutcome::NotFound => 127,
+                ExecOutcome::NotExecutable(_) => 126,
+            };
+            if code != 0 {
+                let mut log = log.into_inner();
+                log.bar.finish_and_clear();
+                bail!(
+                    "step '{}' failed with exit status {code}{}; its last output:\n{}\n\
+                     (nothing was written to {})",
+                    step.name,
+                    limits.map(|n| format!(" ({n})")).unwrap_or_default(),
+                    log.tail(),
+                    self.out_dir.display()
+                );
+            }
+        }
+        let log = log.into_inner();
+        log.bar.finish_and_clear();
+        progress.done(&step.name, started.elapsed());
+        Ok(log.marks)
     }
 }
 
@@ -245,18 +335,19 @@ pub fn build(opts: BuildOptions) -> Result<()> {
 
     let ids = ids::Ids::new(c.text.as_bytes());
     let parts = if needs_disk {
-        script::plan_partitions(&c, &ids)
+        plan::plan_partitions(&c, &ids)
     } else {
         vec![]
     };
-    let steps = script::steps(&script::Inputs {
+    let iso_id = ids.uuid("iso");
+    let plan = plan::Inputs {
         recipe: &c,
         epoch,
         parts: &parts,
         root_tar_flag: root.tar_flag,
         formats: &formats,
-        iso_id: &ids.uuid("iso"),
-    });
+        iso_id: &iso_id,
+    };
 
     // The disks: the image being built, the root archive, scratch space
     // for the tree, and where the iso lands.
@@ -264,18 +355,18 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     let mut disks = Vec::new();
     if needs_disk {
         std::fs::File::create(&raw)?.set_len(c.disk_size)?;
-        disks.push(DiskSpec {
+        disks.push(DiskConfig {
             path: raw.clone(),
             format: DiskFormat::Raw,
-            readonly: false,
-            serial: script::TARGET_SERIAL.into(),
+            read_only: false,
+            serial: plan::TARGET_SERIAL.into(),
         });
     }
-    disks.push(DiskSpec {
+    disks.push(DiskConfig {
         path: root.path.clone(),
         format: DiskFormat::Raw,
-        readonly: true,
-        serial: script::ROOTFS_SERIAL.into(),
+        read_only: true,
+        serial: plan::ROOTFS_SERIAL.into(),
     });
     let scratch = work.path().join("scratch.img");
     let gib = 1u64 << 30;
@@ -284,21 +375,21 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     let factor = if root.tar_flag.is_empty() { 4 } else { 16 };
     let scratch_size = (root.size.saturating_mul(factor) + 4 * gib).max(c.disk_size * 2 + gib);
     std::fs::File::create(&scratch)?.set_len(scratch_size.div_ceil(gib) * gib)?;
-    disks.push(DiskSpec {
+    disks.push(DiskConfig {
         path: scratch,
         format: DiskFormat::Raw,
-        readonly: false,
-        serial: script::SCRATCH_SERIAL.into(),
+        read_only: false,
+        serial: plan::SCRATCH_SERIAL.into(),
     });
     let iso_disk = work.path().join("iso.img");
     if formats.contains(&Format::Iso) {
         std::fs::File::create(&iso_disk)?
             .set_len((root.size.saturating_mul(2) + gib).div_ceil(gib) * gib)?;
-        disks.push(DiskSpec {
+        disks.push(DiskConfig {
             path: iso_disk.clone(),
             format: DiskFormat::Raw,
-            readonly: false,
-            serial: script::ISO_SERIAL.into(),
+            read_only: false,
+            serial: plan::ISO_SERIAL.into(),
         });
     }
 
@@ -318,7 +409,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         })
     })?;
 
-    // The recipe's files, then the step scripts.
+    // The recipe's files and the step scripts, then the steps.
     let files_dir = work.path().join("files");
     std::fs::create_dir_all(&files_dir)?;
     for (i, f) in c.recipe.files.iter().enumerate() {
@@ -332,57 +423,35 @@ pub fn build(opts: BuildOptions) -> Result<()> {
             (None, None) => continue,
         };
         guest
-            .put_file(&host, &script::file_slot(i))
+            .put_file(&host, &plan::file_slot(i))
             .with_context(|| format!("copying file[{i}] ({}) into the VM", f.path))?;
     }
-    let mut iso_size = None;
-    for (n, step) in steps.iter().enumerate() {
-        let host_script = work.path().join(format!("step-{n}.sh"));
-        std::fs::write(&host_script, &step.script)?;
-        let guest_script = format!("/run/kiln-steps/{n}.sh");
-        guest.put_file(&host_script, &guest_script)?;
-        let started = Instant::now();
-        let log = std::cell::RefCell::new(StepLog::new(&step.name, opts.json));
-        log.borrow_mut().echo = opts.verbose;
-        let outcome = guest.exec(
-            ExecRequest {
-                id: 0,
-                argv: vec!["bash".into(), guest_script],
-                env: vec![],
-                cwd: None,
-                stdin: false,
-            },
-            &mut LogWriter(&log),
-            &mut LogWriter(&log),
-        );
-        let mut log = log.into_inner();
-        log.bar.finish_and_clear();
-        let outcome = outcome.with_context(|| format!("step '{}' failed", step.name))?;
-        let limits = outcome.limits_note(opts.mem_mib);
-        let code = match outcome {
-            ExecOutcome::Exited { status, .. } => status.shell_code().unwrap_or(1),
-            ExecOutcome::NotFound => 127,
-            ExecOutcome::NotExecutable(_) => 126,
-        };
-        if code != 0 {
-            bail!(
-                "step '{}' failed with exit status {code}{}; its last output:\n{}\n\
-                 (nothing was written to {})",
-                step.name,
-                limits.map(|n| format!(" ({n})")).unwrap_or_default(),
-                log.tail(),
-                out_dir.display()
-            );
-        }
-        if let Some(size) = log
-            .lines
-            .iter()
-            .find_map(|l| l.strip_prefix(script::ISO_SIZE_MARK))
-        {
-            iso_size = Some(size.trim().parse::<u64>().context("the iso step's size")?);
-        }
-        progress.done(&step.name, started.elapsed());
+    for s in plan::Script::ALL {
+        let host = files_dir.join(s.file_name());
+        std::fs::write(&host, s.text())?;
+        guest
+            .put_file(&host, &s.guest_path())
+            .with_context(|| format!("copying the step script {} into the VM", s.file_name()))?;
     }
+    let mut runner = StepRunner {
+        guest: &mut guest,
+        env: plan.env(),
+        host_dir: files_dir,
+        opts: &opts,
+        out_dir: &out_dir,
+    };
+    let mut marks = Vec::new();
+    for step in plan.tree_steps() {
+        marks.extend(runner.run(&step, &mut progress)?);
+    }
+    let kernel = mark(&marks, plan::KERNEL_MARK);
+    for step in plan.output_steps(kernel)? {
+        marks.extend(runner.run(&step, &mut progress)?);
+    }
+    let iso_size = match mark(&marks, plan::ISO_SIZE_MARK) {
+        Some(size) => Some(size.parse::<u64>().context("the iso step's size")?),
+        None => None,
+    };
     progress.host("power off", || guest.shutdown())?;
 
     if let Some(size) = iso_size {

@@ -35,7 +35,7 @@ pub struct BootOptions {
     pub expect: String,
     /// Seconds to wait for it.
     pub timeout: f64,
-    pub mem_mib: u64,
+    pub mem_mib: u32,
     /// The disk enlarged to this many bytes, in a throwaway overlay.
     pub disk_size: Option<u64>,
     /// A directory with cloud-init NoCloud seed files.

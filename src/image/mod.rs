@@ -7,6 +7,6 @@ pub mod build;
 pub mod firmware_boot;
 mod ids;
 mod output;
+mod plan;
 pub mod recipe;
 mod rootfs;
-mod script;

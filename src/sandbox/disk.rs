@@ -1,7 +1,8 @@
 //! `--disk PATH[,ro][,format=raw|qcow2][,device]`: parsing, checks and the
-//! advisory lock that keeps two kiln runs off one image.
+//! advisory lock that keeps two kiln runs off one image. A disk's format is
+//! decided here, once (the user's `format=`, else the image's magic); the
+//! backends and kiln-vmm take it as decided.
 
-use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileTypeExt;
@@ -12,20 +13,7 @@ use anyhow::{bail, Context, Result};
 use rustix::fs::{flock, FlockOperation};
 use rustix::io::Errno;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskFormat {
-    Raw,
-    Qcow2,
-}
-
-impl fmt::Display for DiskFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        })
-    }
-}
+use kiln_vmm::DiskFormat;
 
 /// A `--disk` argument as the user wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use kiln_agent::poll::{poll_until, try_poll_until};
 use kiln_agent::{ExecRequest, TOOLS_DISK_SERIAL};
+use kiln_vmm::{DiskConfig, DiskFormat};
 
-use crate::sandbox::backend::{self, BackendChoice, DiskSpec, Vm, VmSpec};
-use crate::sandbox::disk::DiskFormat;
+use crate::sandbox::backend::{self, BackendChoice, Vm, VmSpec};
 use crate::sandbox::session::{ExecOutcome, Session, Watch};
 use crate::sandbox::share::{self, Share, ShareArg};
 use crate::sandbox::SandboxError;
@@ -23,10 +23,11 @@ use crate::util::owned_dir::{self, OwnedDir};
 /// What to boot.
 pub struct GuestConfig {
     /// Disks in guest order, each with the serial it is known by.
-    pub disks: Vec<DiskSpec>,
+    pub disks: Vec<DiskConfig>,
     pub shares: Vec<ShareArg>,
-    pub mem_mib: u64,
-    pub cpus: u32,
+    /// In range for every backend (see `cli::vm_args`).
+    pub mem_mib: u32,
+    pub cpus: u8,
     /// Echo the guest console to stderr.
     pub console: bool,
     pub backend: BackendChoice,
@@ -169,10 +170,10 @@ impl Guest {
         listener.set_nonblocking(true)?;
 
         let mut disks = cfg.disks;
-        disks.push(DiskSpec {
+        disks.push(DiskConfig {
             path: tools_image,
             format: DiskFormat::Raw,
-            readonly: true,
+            read_only: true,
             serial: TOOLS_DISK_SERIAL.to_string(),
         });
         let mut cmdline = String::from(

@@ -184,9 +184,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("i.cpio");
         fs::write(&file, archive(b"payload")).expect("write");
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(format!("cpio -itv < {}", file.display()))
+        let out = Command::new("cpio")
+            .arg("-itv")
+            .stdin(fs::File::open(&file).expect("open"))
             .output()
             .expect("cpio");
         let listing = String::from_utf8_lossy(&out.stdout);

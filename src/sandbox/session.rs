@@ -63,7 +63,7 @@ pub enum ExecOutcome {
 impl ExecOutcome {
     /// What to tell the user about the guest's limits the command ran into,
     /// in a VM of `mem_mib` MiB; `None` if it ran into none.
-    pub fn limits_note(&self, mem_mib: u64) -> Option<String> {
+    pub fn limits_note(&self, mem_mib: u32) -> Option<String> {
         let ExecOutcome::Exited {
             limits: Some(l), ..
         } = self

@@ -10,8 +10,9 @@ use anyhow::{bail, Context, Result};
 
 use kiln_agent::poll::poll_until;
 use kiln_agent::MountRequest;
+use kiln_vmm::FsConfig;
 
-use crate::sandbox::backend::{ShareDevice, ShareSpec, ShareTransport};
+use crate::sandbox::backend::{ShareSpec, ShareTransport};
 use crate::util::process::{detach_and_tie, Guarded};
 use crate::util::stream_tail::StreamTail;
 use crate::util::which::which_also_in;
@@ -120,11 +121,11 @@ impl Share {
 
     /// What the agent mounts, where.
     pub fn mount_request(&self) -> MountRequest {
-        let (fstype, options) = match self.spec.device {
-            ShareDevice::Virtiofs { .. } => ("virtiofs", ""),
+        let (fstype, options) = match self.spec {
+            ShareSpec::Virtiofs(_) => ("virtiofs", ""),
             // cache=mmap: no caching beyond what mmap needs, so the guest
             // sees the host's changes; 9P2000.L for Linux modes and owners.
-            ShareDevice::NineP { .. } => (
+            ShareSpec::NineP { .. } => (
                 "9p",
                 "trans=virtio,version=9p2000.L,cache=mmap,msize=262144",
             ),
@@ -132,7 +133,7 @@ impl Share {
         MountRequest {
             id: 0,
             fstype: fstype.into(),
-            source: self.spec.tag.clone(),
+            source: self.spec.tag().to_string(),
             target: self.arg.guest.clone(),
             options: options.into(),
             readonly: self.arg.readonly,
@@ -170,26 +171,30 @@ pub fn start(
         bail!("--share {}: not a directory", arg.host.display());
     }
     let tag = format!("kiln-share{index}");
-    let (device, virtiofsd) = match transport {
+    let (spec, virtiofsd) = match transport {
         ShareTransport::NineP => {
             // QEMU resolves the path itself, relative to its own directory.
             let dir = std::fs::canonicalize(&arg.host)
                 .with_context(|| format!("shared directory {}", arg.host.display()))?;
-            let device = ShareDevice::NineP {
+            let spec = ShareSpec::NineP {
+                tag,
                 dir,
                 readonly: arg.readonly,
             };
-            (device, None)
+            (spec, None)
         }
         ShareTransport::Virtiofs => {
-            let socket = runtime.join(format!("fs{index}.sock"));
-            let virtiofsd = start_virtiofsd(arg, &socket)?;
-            (ShareDevice::Virtiofs { socket }, Some(virtiofsd))
+            let socket_path = runtime.join(format!("fs{index}.sock"));
+            let virtiofsd = start_virtiofsd(arg, &socket_path)?;
+            (
+                ShareSpec::Virtiofs(FsConfig { socket_path, tag }),
+                Some(virtiofsd),
+            )
         }
     };
     Ok(Share {
         arg: arg.clone(),
-        spec: ShareSpec { tag, device },
+        spec,
         virtiofsd,
     })
 }
@@ -288,12 +293,10 @@ mod tests {
         let pid = rustix::process::Pid::from_child(&process.child);
         let mut share = Share {
             arg: "/srv/data:/s".parse().expect("share"),
-            spec: ShareSpec {
+            spec: ShareSpec::Virtiofs(FsConfig {
+                socket_path: "/nowhere/fs0.sock".into(),
                 tag: "kiln-share0".into(),
-                device: ShareDevice::Virtiofs {
-                    socket: "/nowhere/fs0.sock".into(),
-                },
-            },
+            }),
             virtiofsd: Some(Virtiofsd {
                 process,
                 log: log.clone(),

@@ -179,6 +179,16 @@ fn usable(dir: &Path, extra: &Extra) -> bool {
     cache::usable(dir, &[IMAGE_NAME], &rebuild(extra))
 }
 
+/// `bash -c PIPELINE kiln-tools-build N SQFS-OPTIONS... MMDEBSTRAP-ARGS...`,
+/// writing the image to `$KILN_TOOLS_OUT`.
+const PIPELINE: &str = r#"set -euo pipefail
+n=$1
+shift
+sqfs=("${@:1:n}")
+shift "$n"
+mmdebstrap "$@" | tar2sqfs "${sqfs[@]}" "$KILN_TOOLS_OUT"
+"#;
+
 /// Builds the tools image with `extra` packages into the cache unless it
 /// is there already.
 pub fn build(force: bool, extra: &Extra) -> Result<PathBuf> {
@@ -197,17 +207,14 @@ pub fn build(force: bool, extra: &Extra) -> Result<PathBuf> {
         owned_dir::TOOLS,
     )?;
     // mmdebstrap writes a tar (ownership kept, no root needed in unshare
-    // mode) that tar2sqfs turns into the image.
-    let mut script = String::from("set -euo pipefail\nmmdebstrap \"$@\" | tar2sqfs");
-    for o in TAR2SQFS_OPTIONS {
-        script.push(' ');
-        script.push_str(o);
-    }
-    script.push_str(" \"$KILN_TOOLS_OUT\"\n");
+    // mode) that tar2sqfs turns into the image. The pipeline is fixed text;
+    // the arguments say how many of them are tar2sqfs's options.
     let mut cmd = Command::new("bash");
     cmd.arg("-c")
-        .arg(script)
+        .arg(PIPELINE)
         .arg("kiln-tools-build")
+        .arg(TAR2SQFS_OPTIONS.len().to_string())
+        .args(TAR2SQFS_OPTIONS)
         .arg(bootstrap.mode())
         .args(MMDEBSTRAP_OPTIONS)
         .arg(format!(

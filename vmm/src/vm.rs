@@ -1,65 +1,21 @@
-//! The crate's front door for the `kvm` backend: a [`VmConfig`] in, a
-//! booted Linux guest with its disks, agent port and shared directories,
-//! run to the end.
+//! The crate's front door for the `kvm` backend: a [`VmConfig`] and a
+//! console in, a booted Linux guest with its disks, agent port and shared
+//! directories, run to the end. The configuration is plain data (see
+//! [`crate::config`]); what it names is opened here: the disks, the agent's
+//! socket, the vhost-user backends, the kernel and initrd.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 
+use crate::config::{DiskConfig, DiskFormat, VmConfig};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::console::{Console, ConsoleError, PortConfig};
 use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::rng::Rng;
 use crate::vstate::machine::{Exit, Machine, MachineError, Stopper};
 use crate::vstate::memory::Backing;
-
-/// The first bytes of a qcow2 image.
-const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
-
-/// One virtio-blk disk.
-#[derive(Debug, Clone)]
-pub struct DiskConfig {
-    /// A raw image file.
-    pub path: PathBuf,
-    pub read_only: bool,
-    /// The guest sees it as /dev/disk/by-id/virtio-SERIAL (at most 20 bytes).
-    pub serial: String,
-}
-
-/// The agent's channel: a named virtio-console port whose host side is
-/// `stream` (a connected Unix socket, a pipe, any descriptor).
-#[derive(Debug)]
-pub struct AgentPort {
-    /// The name the guest finds in /sys/class/virtio-ports/*/name.
-    pub name: String,
-    pub stream: OwnedFd,
-}
-
-/// A shared directory served by a vhost-user-fs backend (virtiofsd)
-/// listening on `socket_path`; the guest mounts it by `tag`.
-#[derive(Debug, Clone)]
-pub struct FsConfig {
-    pub socket_path: PathBuf,
-    pub tag: String,
-}
-
-pub struct VmConfig {
-    /// An uncompressed vmlinux.
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    /// The kernel command line; the virtio-mmio devices are appended.
-    pub cmdline: String,
-    pub mem_mib: u32,
-    pub vcpus: u8,
-    pub disks: Vec<DiskConfig>,
-    pub agent_port: Option<AgentPort>,
-    pub fs: Vec<FsConfig>,
-    /// Where the guest's serial console goes.
-    pub console: Box<dyn Write + Send>,
-    /// Run the VMM's threads under seccomp filters (off only to debug).
-    pub seccomp: bool,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -74,6 +30,8 @@ pub enum VmError {
     Qcow2(PathBuf),
     #[error("disk {0}: {1}")]
     Disk(PathBuf, BlockError),
+    #[error("connecting the agent port to {0}: {1}")]
+    AgentPort(PathBuf, std::io::Error),
     #[error("agent port: {0}")]
     Console(#[from] ConsoleError),
     #[error("shared directory '{0}': {1}")]
@@ -90,7 +48,9 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn new(config: VmConfig) -> Result<Vm, VmError> {
+    /// Builds the machine `config` describes, with the guest's serial
+    /// console going to `console`.
+    pub fn new(config: VmConfig, console: Box<dyn Write + Send>) -> Result<Vm, VmError> {
         if config.mem_mib < 16 {
             return Err(VmError::Memory(config.mem_mib));
         }
@@ -104,7 +64,7 @@ impl Vm {
             u64::from(config.mem_mib) << 20,
             backing,
             config.vcpus,
-            config.console,
+            console,
         )?;
         machine.set_seccomp(config.seccomp);
         let mut cmdline = config.cmdline.trim().to_string();
@@ -114,13 +74,15 @@ impl Vm {
         };
 
         for d in &config.disks {
-            let file = open_raw_disk(&d.path, d.read_only)?;
+            let file = open_raw_disk(d)?;
             let block = Block::new(file, d.read_only, &d.serial)
                 .map_err(|e| VmError::Disk(d.path.clone(), e))?;
             announce(&machine, &mut cmdline);
             machine.add_virtio(Box::new(block))?;
         }
         if let Some(agent) = config.agent_port {
+            let stream = UnixStream::connect(&agent.socket)
+                .map_err(|e| VmError::AgentPort(agent.socket.clone(), e))?;
             // Port 0 stays unnamed and unconnected; the agent's port is 1,
             // as with QEMU's virtio-serial (/dev/vport*p1).
             let console = Console::new(vec![
@@ -132,7 +94,7 @@ impl Vm {
                 PortConfig {
                     name: agent.name,
                     console: false,
-                    host: Some(agent.stream),
+                    host: Some(stream.into()),
                 },
             ])?;
             announce(&machine, &mut cmdline);
@@ -173,48 +135,58 @@ impl Vm {
     }
 }
 
-/// Builds the VM described by `config` and runs it to its end.
-pub fn run(config: VmConfig) -> Result<Exit, VmError> {
-    Vm::new(config)?.run()
+/// Builds the VM described by `config`, its serial console going to
+/// `console`, and runs it to its end.
+pub fn run(config: VmConfig, console: Box<dyn Write + Send>) -> Result<Exit, VmError> {
+    Vm::new(config, console)?.run()
 }
 
-/// Opens a disk image, refusing formats other than raw that would be
-/// silently misread.
-fn open_raw_disk(path: &Path, read_only: bool) -> Result<File, VmError> {
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(|e| VmError::Open(path.to_path_buf(), e))?;
-    let mut magic = [0u8; 4];
-    if file.read_exact(&mut magic).is_ok() && &magic == QCOW2_MAGIC {
-        return Err(VmError::Qcow2(path.to_path_buf()));
+/// Opens a disk, refusing formats other than raw that would be silently
+/// misread. The format is the one in the config, decided by whoever wrote
+/// it (kiln, from the image's magic or the user's `format=`): reading the
+/// image's first bytes again here would only tell the same thing.
+fn open_raw_disk(disk: &DiskConfig) -> Result<File, VmError> {
+    match disk.format {
+        DiskFormat::Raw => {}
+        DiskFormat::Qcow2 => return Err(VmError::Qcow2(disk.path.clone())),
     }
-    Ok(file)
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(!disk.read_only)
+        .open(&disk.path)
+        .map_err(|e| VmError::Open(disk.path.clone(), e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn disk(path: PathBuf, format: DiskFormat, read_only: bool) -> DiskConfig {
+        DiskConfig {
+            path,
+            format,
+            read_only,
+            serial: "kiln0".into(),
+        }
+    }
+
     #[test]
     fn qcow2_disks_are_refused_with_the_conversion_to_run() {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Refused by its format alone, before it is opened (it need not
+        // exist).
         let q = dir.path().join("disk.qcow2");
-        let mut data = QCOW2_MAGIC.to_vec();
-        data.extend_from_slice(&[0, 0, 0, 3]);
-        data.resize(4096, 0);
-        std::fs::write(&q, &data).expect("write");
-        let err = open_raw_disk(&q, true).expect_err("qcow2 accepted");
+        let err = open_raw_disk(&disk(q, DiskFormat::Qcow2, true)).expect_err("qcow2 accepted");
         let msg = err.to_string();
         assert!(msg.contains("qemu-img convert -O raw"), "{msg}");
         assert!(msg.contains("disk.qcow2"), "{msg}");
 
         let raw = dir.path().join("disk.raw");
         std::fs::write(&raw, vec![0u8; 4096]).expect("write");
-        assert!(open_raw_disk(&raw, true).is_ok());
-        // Shorter than the magic: raw, not an error.
-        std::fs::write(&raw, b"ab").expect("write");
-        assert!(open_raw_disk(&raw, false).is_ok());
+        assert!(open_raw_disk(&disk(raw.clone(), DiskFormat::Raw, true)).is_ok());
+        assert!(open_raw_disk(&disk(raw, DiskFormat::Raw, false)).is_ok());
+        let missing = dir.path().join("missing.raw");
+        let err = open_raw_disk(&disk(missing, DiskFormat::Raw, true)).expect_err("opened");
+        assert!(err.to_string().contains("missing.raw"), "{err}");
     }
 }

@@ -525,7 +525,7 @@ fn a_stopper_ends_a_machine_whose_vcpus_sleep_in_the_kernel() {
 
 #[test]
 fn the_vm_api_boots_an_elf_and_announces_its_devices_on_the_command_line() {
-    use kiln_vmm::{AgentPort, DiskConfig, VmConfig};
+    use kiln_vmm::{AgentPortConfig, DiskConfig, DiskFormat, VmConfig};
     if !kvm_available() {
         return;
     }
@@ -552,9 +552,11 @@ fn the_vm_api_boots_an_elf_and_announces_its_devices_on_the_command_line() {
     std::fs::write(&kernel, elf).expect("kernel");
     let disk = dir.path().join("disk.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
-    let (agent, _host) = std::os::unix::net::UnixStream::pair().expect("pair");
+    // kiln-vmm connects the agent port to this socket as it builds the VM.
+    let agent = dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&agent).expect("bind");
     let log = SharedLog::default();
-    let exit = kiln_vmm::run(VmConfig {
+    let config = VmConfig {
         kernel,
         initrd: None,
         cmdline: "console=ttyS0 reboot=t".into(),
@@ -562,18 +564,21 @@ fn the_vm_api_boots_an_elf_and_announces_its_devices_on_the_command_line() {
         vcpus: 2,
         disks: vec![DiskConfig {
             path: disk,
+            format: DiskFormat::Raw,
             read_only: true,
             serial: "root".into(),
         }],
-        agent_port: Some(AgentPort {
-            name: "kiln.agent".into(),
-            stream: agent.into(),
-        }),
         fs: vec![],
-        console: Box::new(log.clone()),
+        agent_port: Some(AgentPortConfig {
+            name: "kiln.agent".into(),
+            socket: agent.clone(),
+        }),
         seccomp: true,
-    })
-    .expect("run");
+    };
+    let exit = kiln_vmm::run(config.clone(), Box::new(log.clone())).expect("run");
+    // The connection was made (and is still queued: nobody accepted it).
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(listener.accept().is_ok(), "the agent port did not connect");
     assert_eq!(exit, Exit::Status(3));
     let printed = String::from_utf8_lossy(&log.0.lock().expect("log")).into_owned();
     assert_eq!(
@@ -581,4 +586,15 @@ fn the_vm_api_boots_an_elf_and_announces_its_devices_on_the_command_line() {
         "console=ttyS0 reboot=t virtio_mmio.device=4K@0xd0000000:5 \
          virtio_mmio.device=4K@0xd0001000:6 virtio_mmio.device=4K@0xd0002000:7"
     );
+
+    // With nothing listening on the agent's socket, the VM is not built,
+    // and the error names the socket.
+    drop(listener);
+    std::fs::remove_file(&agent).expect("remove the socket");
+    let err = kiln_vmm::Vm::new(config, Box::new(std::io::sink()))
+        .err()
+        .expect("built without its agent port");
+    let msg = err.to_string();
+    assert!(msg.contains("connecting the agent port to"), "{msg}");
+    assert!(msg.contains("agent.sock"), "{msg}");
 }

@@ -12,12 +12,14 @@ use std::process::{Command, ExitStatus, Stdio};
 
 use anyhow::{bail, Context, Result};
 use kiln_vmm::host::{self, KvmSupport};
+use kiln_vmm::{DiskConfig, DiskFormat, FsConfig, VmError};
 
-use crate::sandbox::disk::DiskFormat;
 use crate::util::process::{detach_and_tie, Guarded};
 use crate::util::stream_tail::StreamTail;
 
-/// Everything a backend needs to start the build VM.
+/// Everything a backend needs to start the build VM. The sizes are in
+/// range for both backends: the flags that set them are checked as they
+/// are parsed (`cli::vm_args`).
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     /// Uncompressed kernel with a PVH entry point.
@@ -25,11 +27,12 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// Kernel command line, without the device announcements the backend adds.
     pub cmdline: String,
-    pub mem_mib: u64,
-    pub cpus: u32,
-    /// virtio-blk disks in the order the guest should see them (vda, vdb, ...).
-    pub disks: Vec<DiskSpec>,
-    /// virtio-fs devices served by vhost-user backends (virtiofsd).
+    pub mem_mib: u32,
+    pub cpus: u8,
+    /// virtio-blk disks in the order the guest should see them (vda, vdb,
+    /// ...), as kiln-vmm takes them; QEMU gets the same fields.
+    pub disks: Vec<DiskConfig>,
+    /// Shared directories, each through the device the backend takes.
     pub shares: Vec<ShareSpec>,
     /// Unix socket kiln listens on; the VM's agent console port connects to it.
     pub agent_socket: PathBuf,
@@ -37,29 +40,29 @@ pub struct VmSpec {
     pub echo_console: bool,
 }
 
-#[derive(Debug, Clone)]
-pub struct DiskSpec {
-    pub path: PathBuf,
-    pub format: DiskFormat,
-    pub readonly: bool,
-    /// virtio-blk serial (at most 20 bytes): the guest's /dev/disk/by-id name.
-    pub serial: String,
-}
-
-#[derive(Debug, Clone)]
-pub struct ShareSpec {
-    /// The mount tag the guest finds the share by.
-    pub tag: String,
-    pub device: ShareDevice,
-}
-
-/// The device a share reaches the guest through.
+/// A shared directory and the device it reaches the guest through; the
+/// guest mounts it by its tag.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ShareDevice {
-    /// virtio-fs, served by a vhost-user backend (virtiofsd) on `socket`.
-    Virtiofs { socket: PathBuf },
+pub enum ShareSpec {
+    /// virtio-fs, served by a vhost-user backend (virtiofsd) on the
+    /// config's socket, as kiln-vmm takes it; QEMU gets the same fields.
+    Virtiofs(FsConfig),
     /// virtio-9p, served by QEMU itself from `dir`.
-    NineP { dir: PathBuf, readonly: bool },
+    NineP {
+        tag: String,
+        dir: PathBuf,
+        readonly: bool,
+    },
+}
+
+impl ShareSpec {
+    /// The mount tag the guest finds the share by.
+    pub fn tag(&self) -> &str {
+        match self {
+            ShareSpec::Virtiofs(fs) => &fs.tag,
+            ShareSpec::NineP { tag, .. } => tag,
+        }
+    }
 }
 
 /// Which share device a backend takes.
@@ -169,10 +172,12 @@ pub fn probe_kvm() -> (PathBuf, KvmSupport) {
 }
 
 /// Picks the backend for a VM with `disks`. The note, if any, is the one
-/// line kiln prints to say it is falling back to something slower.
+/// line kiln prints to say it is falling back to something slower. An
+/// explicit `--backend kvm` that cannot run here, or with a qcow2 disk
+/// (kiln-vmm reads raw images only), is an error.
 pub fn select(
     choice: BackendChoice,
-    disks: &[DiskSpec],
+    disks: &[DiskConfig],
 ) -> Result<(Box<dyn Backend>, Option<String>)> {
     let (device, kvm) = probe_kvm();
     match pick(choice, &kvm, &device, disks)? {
@@ -192,11 +197,16 @@ fn pick(
     choice: BackendChoice,
     kvm: &KvmSupport,
     device: &Path,
-    disks: &[DiskSpec],
+    disks: &[DiskConfig],
 ) -> Result<Pick> {
     let qcow2 = disks.iter().find(|d| d.format == DiskFormat::Qcow2);
     match (choice, kvm) {
-        (BackendChoice::Kvm, KvmSupport::Usable) => Ok(Pick::KilnVmm),
+        // kiln-vmm takes raw images only: refused here, before anything
+        // starts, in kiln-vmm's own words (which name the conversion).
+        (BackendChoice::Kvm, KvmSupport::Usable) => match qcow2 {
+            None => Ok(Pick::KilnVmm),
+            Some(d) => bail!(VmError::Qcow2(d.path.clone())),
+        },
         (BackendChoice::Kvm, _) => bail!(
             "the kvm backend cannot run here: {}; use '--backend qemu' \
              (software emulation) instead",
@@ -222,11 +232,11 @@ fn pick(
 mod tests {
     use super::*;
 
-    fn disk(format: DiskFormat) -> DiskSpec {
-        DiskSpec {
+    fn disk(format: DiskFormat) -> DiskConfig {
+        DiskConfig {
             path: PathBuf::from("/d/disk.img"),
             format,
-            readonly: false,
+            read_only: false,
             serial: "kiln0".into(),
         }
     }
@@ -236,13 +246,13 @@ mod tests {
         let dev = Path::new("/dev/kvm");
         let usable = KvmSupport::Usable;
         let raw = [disk(DiskFormat::Raw)];
-        let pick = |c, k: &KvmSupport, d: &[DiskSpec]| pick(c, k, dev, d).expect("pick");
+        let pick = |c, k: &KvmSupport, d: &[DiskConfig]| pick(c, k, dev, d).expect("pick");
         assert_eq!(pick(BackendChoice::Auto, &usable, &raw), Pick::KilnVmm);
         assert_eq!(pick(BackendChoice::Kvm, &usable, &raw), Pick::KilnVmm);
         assert_eq!(pick(BackendChoice::Qemu, &usable, &raw), Pick::Qemu(None));
 
         // A qcow2 disk: auto says in one line why it takes QEMU; an explicit
-        // kvm leaves it to kiln-vmm's error, which names the conversion.
+        // kvm is refused with kiln-vmm's error, which names the conversion.
         let qcow2 = [disk(DiskFormat::Raw), disk(DiskFormat::Qcow2)];
         match pick(BackendChoice::Auto, &usable, &qcow2) {
             Pick::Qemu(Some(note)) => {
@@ -251,7 +261,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(pick(BackendChoice::Kvm, &usable, &qcow2), Pick::KilnVmm);
+        let e = super::pick(BackendChoice::Kvm, &usable, dev, &qcow2).expect_err("kvm on qcow2");
+        let msg = e.to_string();
+        assert!(msg.contains("/d/disk.img is a qcow2 image"), "{msg}");
+        assert!(msg.contains("qemu-img convert -O raw /d/disk.img"), "{msg}");
 
         let pvm = KvmSupport::Restricted("it is provided by kvm_pvm".into());
         for c in [BackendChoice::Auto, BackendChoice::Qemu] {

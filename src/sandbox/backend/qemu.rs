@@ -7,7 +7,7 @@ use anyhow::Result;
 use kiln_agent::AGENT_PORT_NAME;
 
 use super::qemu_command::{binary, escape_path, Accel, Display, QemuCommand, Serial};
-use super::{spawn_child, Backend, ShareDevice, ShareTransport, Vm, VmSpec};
+use super::{spawn_child, Backend, ShareSpec, ShareTransport, Vm, VmSpec};
 
 #[derive(Clone)]
 pub struct Qemu {
@@ -43,7 +43,7 @@ impl Qemu {
         let vhost_user = spec
             .shares
             .iter()
-            .any(|s| matches!(s.device, ShareDevice::Virtiofs { .. }));
+            .any(|s| matches!(s, ShareSpec::Virtiofs(_)));
         if !vhost_user {
             q.opt(
                 "-M",
@@ -81,7 +81,7 @@ impl Qemu {
                 "if=none,id=disk{i},format={},cache=writeback,discard=unmap",
                 d.format
             );
-            if d.readonly {
+            if d.read_only {
                 drive.push_str(",readonly=on");
             }
             q.drive(&d.path, &drive);
@@ -101,18 +101,18 @@ impl Qemu {
         );
         q.opt("-device", "virtio-rng-device");
         for (i, s) in spec.shares.iter().enumerate() {
-            match &s.device {
-                ShareDevice::Virtiofs { socket } => {
+            match s {
+                ShareSpec::Virtiofs(fs) => {
                     q.opt(
                         "-chardev",
-                        format!("socket,id=fs{i},path={}", escape_path(socket)),
+                        format!("socket,id=fs{i},path={}", escape_path(&fs.socket_path)),
                     );
                     q.opt(
                         "-device",
-                        format!("vhost-user-fs-device,chardev=fs{i},tag={}", s.tag),
+                        format!("vhost-user-fs-device,chardev=fs{i},tag={}", fs.tag),
                     );
                 }
-                ShareDevice::NineP { dir, readonly } => {
+                ShareSpec::NineP { tag, dir, readonly } => {
                     // security_model=none: files are created as the user
                     // kiln runs as, and a guest chown that user may not make
                     // is not an error (as with virtiofsd unprivileged).
@@ -126,7 +126,7 @@ impl Qemu {
                     q.opt("-fsdev", fsdev);
                     q.opt(
                         "-device",
-                        format!("virtio-9p-device,fsdev=fs{i},mount_tag={}", s.tag),
+                        format!("virtio-9p-device,fsdev=fs{i},mount_tag={tag}"),
                     );
                 }
             }
@@ -174,7 +174,7 @@ impl Backend for Qemu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::backend::ShareSpec;
+    use kiln_vmm::FsConfig;
     use std::path::Path;
 
     fn spec() -> VmSpec {
@@ -222,12 +222,9 @@ mod tests {
         assert_eq!(escape_path(Path::new(",,")), ",,,,");
     }
 
-    fn shared(q: &Qemu, device: ShareDevice) -> String {
+    fn shared(q: &Qemu, share: ShareSpec) -> String {
         let spec = VmSpec {
-            shares: vec![ShareSpec {
-                tag: "kiln-share0".into(),
-                device,
-            }],
+            shares: vec![share],
             ..spec()
         };
         q.args(&spec).join(" ")
@@ -249,7 +246,8 @@ mod tests {
 
         let nine_p = shared(
             &tcg,
-            ShareDevice::NineP {
+            ShareSpec::NineP {
+                tag: "kiln-share0".into(),
                 dir: "/a,b".into(),
                 readonly: true,
             },
@@ -267,9 +265,10 @@ mod tests {
 
         let fs = shared(
             &kvm,
-            ShareDevice::Virtiofs {
-                socket: "/r/fs0.sock".into(),
-            },
+            ShareSpec::Virtiofs(FsConfig {
+                socket_path: "/r/fs0.sock".into(),
+                tag: "kiln-share0".into(),
+            }),
         );
         assert!(fs.contains("memory-backend-memfd,id=mem"), "{fs}");
         assert!(

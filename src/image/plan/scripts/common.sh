@@ -1,0 +1,74 @@
+# shellcheck shell=bash
+# Sourced by every build step. kiln passes the step's parameters in the
+# environment (KILN_*, set in src/image/plan/mod.rs), never in the text.
+set -euo pipefail
+export LC_ALL=C TZ=UTC MTOOLS_SKIP_CHECK=1
+export SOURCE_DATE_EPOCH="$KILN_EPOCH" E2FSPROGS_FAKE_TIME="$KILN_EPOCH"
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+# The tree being made into the image, and the files kiln rendered for it
+# (both used by the steps that source this).
+# shellcheck disable=SC2034
+{
+    R=/build/root
+    P="$KILN_PLAN"
+}
+
+# The device of the build VM's disk with virtio serial $1.
+disk() { readlink -f "/dev/disk/by-id/virtio-$1"; }
+
+# The node of partition $1 of the target disk, once the kernel has added it
+# (it does right after the table is re-read).
+part() {
+    local p i=0
+    p="$(disk "$KILN_TARGET_SERIAL")$1"
+    while [ ! -b "$p" ]; do
+        i=$((i + 1))
+        [ "$i" -lt 100 ] || { echo "partition $p did not appear" >&2; exit 1; }
+        sleep 0.05
+    done
+    echo "$p"
+}
+
+# Mounts /proc, /sys and /dev into the tree for commands run in it, and
+# keeps services from starting while packages are configured there; both
+# undone when the step ends.
+chroot_up() {
+    local d
+    for d in proc sys dev; do mkdir -p "$R/$d"; done
+    mount -t proc proc "$R/proc"
+    mount -t sysfs sys "$R/sys"
+    mount --bind /dev "$R/dev"
+    KILN_POLICY=
+    trap chroot_down EXIT
+    if [ -d "$R/usr/sbin" ] && [ ! -e "$R/usr/sbin/policy-rc.d" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$R/usr/sbin/policy-rc.d"
+        chmod 755 "$R/usr/sbin/policy-rc.d"
+        KILN_POLICY=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive HOME=/root
+}
+
+chroot_down() {
+    umount -l "$R/dev" "$R/sys" "$R/proc" 2>/dev/null || true
+    [ -z "$KILN_POLICY" ] || rm -f "$R/usr/sbin/policy-rc.d"
+}
+
+# The kernel the tree boots (found by the normalize step), and its version.
+kernel() {
+    [ -n "${KILN_KERNEL:-}" ] || {
+        echo "no kernel in /boot of the image: add a kernel package (linux-image-amd64) to root.packages" >&2
+        exit 1
+    }
+    K="$KILN_KERNEL"
+    # shellcheck disable=SC2034 # used by the steps
+    V="${K#vmlinuz-}"
+}
+
+# Copies grub's modules for platform $1 (i386-pc, x86_64-efi) to $2.
+copy_grub_modules() {
+    cp "/usr/lib/grub/$1/"*.mod "/usr/lib/grub/$1/"*.lst "$2/"
+}
+
+# Sets the grub_modules array from KILN_GRUB_MODULES (space-separated).
+# shellcheck disable=SC2034 # used by the steps
+read -ra grub_modules <<< "${KILN_GRUB_MODULES:-}"
