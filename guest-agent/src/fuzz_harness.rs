@@ -234,7 +234,7 @@ impl<'a> Source<'a> {
 }
 
 fn request(s: &mut Source) -> Request {
-    match s.byte() % 10 {
+    match s.byte() % 11 {
         0 => Request::Hello {
             protocol: s.u32(),
             host_version: s.string(),
@@ -276,12 +276,16 @@ fn request(s: &mut Source) -> Request {
             id: s.u32(),
             path: s.string(),
         },
+        8 => Request::PutTree {
+            id: s.u32(),
+            path: s.string(),
+        },
         _ => Request::Poweroff,
     }
 }
 
 fn reply(s: &mut Source) -> Reply {
-    match s.byte() % 12 {
+    match s.byte() % 13 {
         0 => Reply::Hello {
             protocol: s.u32(),
             agent_version: s.string(),
@@ -338,6 +342,7 @@ fn reply(s: &mut Source) -> Reply {
             id: s.option(Source::u32),
             message: s.string(),
         },
+        10 => Reply::TreeHeader { id: s.u32() },
         _ => Reply::PoweringOff,
     }
 }

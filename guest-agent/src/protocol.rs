@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The agent's version, sent in its hello.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -57,11 +57,18 @@ pub enum Request {
         data: Vec<u8>,
     },
     /// Send a file back: `FileHeader`, then `FileData` chunks, ended by an
-    /// empty chunk.
+    /// empty chunk. A directory comes back as a tar stream of its contents
+    /// instead: `TreeHeader`, the stream as `FileData` chunks, an empty
+    /// chunk, then `Done` if the guest's tar succeeded (else `Failed`).
     GetFile { id: u32, path: String },
     /// Flush every filesystem and block device, then power the VM off.
     /// Answered by `PoweringOff` once the data is on the host's disks.
     Poweroff,
+    /// Extract a tar stream into the directory `path` (created, with its
+    /// parents, if missing); the stream follows as `FileData` with the same
+    /// id, ended by an empty chunk. Answered by `Done` once extracted, or
+    /// `Failed` with what tar said.
+    PutTree { id: u32, path: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,13 +137,17 @@ pub enum Reply {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
-    /// A `Mount` or `PutFile` request completed.
+    /// A `Mount`, `PutFile` or `PutTree` request completed, or a directory
+    /// sent for `GetFile` was read whole.
     Done { id: u32 },
     /// A request failed. `id` is `None` when the request itself could not be
     /// read (malformed or oversized frame).
     Failed { id: Option<u32>, message: String },
     /// Filesystems are synced; the VM powers off next.
     PoweringOff,
+    /// The path requested with `GetFile` is a directory: a tar stream of
+    /// its contents follows as `FileData`, then `Done` or `Failed`.
+    TreeHeader { id: u32 },
 }
 
 /// The limits a command ran into: the guest's commands share memory and
@@ -235,6 +246,14 @@ mod tests {
                 path: "/etc/os-release".into(),
             },
             Request::Poweroff,
+            Request::PutTree {
+                id: 11,
+                path: "/tmp/tree".into(),
+            },
+            Request::FileData {
+                id: 11,
+                data: vec![],
+            },
         ]
     }
 
@@ -291,6 +310,12 @@ mod tests {
                 message: "bad".into(),
             },
             Reply::PoweringOff,
+            Reply::TreeHeader { id: 4 },
+            Reply::FileData {
+                id: 4,
+                data: b"./\0".to_vec(),
+            },
+            Reply::Done { id: 4 },
         ]
     }
 
@@ -312,6 +337,22 @@ mod tests {
             let back: Reply = FrameReader::new(&frame[..]).read().expect("decode");
             assert_eq!(back, msg);
         }
+    }
+
+    #[test]
+    fn new_messages_leave_the_old_ones_encoded_as_before() {
+        // New variants go last: the hellos must decode across versions, so
+        // a mismatch is reported as one, not as a malformed frame.
+        let payload = |frame: Vec<u8>| frame[4..].to_vec();
+        let hello = encode(&Reply::Hello {
+            protocol: 3,
+            agent_version: String::new(),
+            boot_error: None,
+        })
+        .expect("encode");
+        assert_eq!(payload(hello), [0, 3, 0, 0]);
+        assert_eq!(payload(encode(&Request::Poweroff).expect("encode")), [8]);
+        assert_eq!(payload(encode(&Reply::PoweringOff).expect("encode")), [10]);
     }
 
     #[test]

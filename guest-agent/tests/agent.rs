@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
@@ -274,15 +275,165 @@ fn files_round_trip_with_their_mode() {
     assert!(matches!(a.recv(), Reply::Failed { id: Some(3), .. }));
     a.send(&Request::GetFile {
         id: 4,
-        path: dir.path().to_str().expect("utf8").into(),
+        path: "/dev/null".into(),
     });
     match a.recv() {
         Reply::Failed {
             id: Some(4),
             message,
-        } => assert!(message.contains("not a regular file")),
+        } => assert!(
+            message.contains("not a regular file or directory"),
+            "{message}"
+        ),
         other => panic!("expected Failed, got {other:?}"),
     }
+    a.poweroff();
+}
+
+/// Runs a host program; panics with its stderr if it fails.
+fn host(program: &str, args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    if let Some(data) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(data).expect("write");
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A directory back from `GetFile`: its tar stream, and how it ended.
+fn get_tree(a: &mut Agent, id: u32, path: &str) -> (Vec<u8>, Reply) {
+    a.send(&Request::GetFile {
+        id,
+        path: path.into(),
+    });
+    match a.recv() {
+        Reply::TreeHeader { id: i } if i == id => {}
+        other => panic!("expected TreeHeader, got {other:?}"),
+    }
+    let mut stream = Vec::new();
+    loop {
+        match a.recv() {
+            Reply::FileData { id: i, data } if i == id && data.is_empty() => break,
+            Reply::FileData { id: i, data } if i == id => stream.extend(data),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (stream, a.recv())
+}
+
+/// Sends `stream` as a tree for `path`, in pieces; returns the answer.
+fn put_tree(a: &mut Agent, id: u32, path: &str, stream: &[u8]) -> Reply {
+    a.send(&Request::PutTree {
+        id,
+        path: path.into(),
+    });
+    for chunk in stream.chunks(100_000) {
+        a.send(&Request::FileData {
+            id,
+            data: chunk.to_vec(),
+        });
+    }
+    a.send(&Request::FileData { id, data: vec![] });
+    a.recv()
+}
+
+#[test]
+fn trees_round_trip_as_tar_streams() {
+    use std::os::unix::fs::{symlink, MetadataExt};
+    let top = tempfile::tempdir().expect("tempdir");
+    let src = top.path().join("src");
+    std::fs::create_dir_all(src.join("sub/empty")).expect("mkdir");
+    std::fs::write(src.join("sub/file"), b"some data").expect("write");
+    std::fs::set_permissions(src.join("sub/file"), std::fs::Permissions::from_mode(0o640))
+        .expect("chmod");
+    std::fs::hard_link(src.join("sub/file"), src.join("hard")).expect("link");
+    symlink("sub/file", src.join("link")).expect("symlink");
+    symlink("/etc", src.join("etc")).expect("symlink");
+    let stream = host(
+        "tar",
+        &["-c", "-C", src.to_str().expect("utf8"), "-f", "-", "."],
+        None,
+    );
+
+    let mut a = Agent::start();
+    // Into a directory that does not exist yet, parents and all.
+    let guest = top.path().join("in/the/guest");
+    let guest_s = guest.to_str().expect("utf8");
+    assert_eq!(put_tree(&mut a, 1, guest_s, &stream), Reply::Done { id: 1 });
+    assert_eq!(
+        std::fs::read(guest.join("sub/file")).expect("read"),
+        b"some data"
+    );
+    let meta = std::fs::metadata(guest.join("sub/file")).expect("stat");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+    assert_eq!(meta.nlink(), 2);
+    assert_eq!(
+        std::fs::read_link(guest.join("etc")).expect("readlink"),
+        Path::new("/etc")
+    );
+    assert!(guest.join("sub/empty").is_dir());
+
+    let (back, end) = get_tree(&mut a, 2, guest_s);
+    assert_eq!(end, Reply::Done { id: 2 });
+    let listing =
+        String::from_utf8(host("tar", &["-t", "-v", "-f", "-"], Some(&back))).expect("utf8");
+    for want in [
+        "./sub/file",
+        "./hard link to ./sub/file",
+        "./link -> sub/file",
+        "./etc -> /etc",
+        "./sub/empty/",
+    ] {
+        assert!(listing.contains(want), "{want} missing from:\n{listing}");
+    }
+    a.poweroff();
+}
+
+#[test]
+fn a_broken_tree_stream_is_a_failure_and_the_agent_goes_on() {
+    let top = tempfile::tempdir().expect("tempdir");
+    let target = top.path().join("t");
+    let mut a = Agent::start();
+    let garbage = vec![0x5Au8; 300_000];
+    match put_tree(&mut a, 1, target.to_str().expect("utf8"), &garbage) {
+        Reply::Failed {
+            id: Some(1),
+            message,
+        } => assert!(message.contains("tar failed"), "{message}"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    // A directory that cannot be created.
+    std::fs::write(top.path().join("file"), b"x").expect("write");
+    let under_a_file = top.path().join("file/t");
+    match put_tree(&mut a, 2, under_a_file.to_str().expect("utf8"), b"") {
+        Reply::Failed {
+            id: Some(2),
+            message,
+        } => assert!(message.contains("file/t"), "{message}"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    // One answer each, and the agent still serves.
+    let (out, _, status) = a.exec(3, &["echo", "alive"], None);
+    assert_eq!(
+        (out.as_slice(), status),
+        (&b"alive\n"[..], ExitStatus::Code(0))
+    );
     a.poweroff();
 }
 

@@ -83,11 +83,17 @@ pub struct RunArgs {
         display_order = 6
     )]
     boot_timeout: f64,
-    /// Copy a host file into the guest before the command: HOST:GUEST.
+    /// Copy a host file or directory into the guest before the command:
+    /// HOST:GUEST. A file keeps its mode; a directory's contents go into the
+    /// directory GUEST (created if missing) with owners, modes, symlinks,
+    /// hard links, xattrs and sparse files kept.
     #[arg(long = "copy-in", value_name = "HOST:GUEST", display_order = 7)]
     copy_in: Vec<CopyArg>,
-    /// Copy a guest file to the host after the command: GUEST:HOST. The host
-    /// file appears only once complete.
+    /// Copy a guest file or directory to the host after the command:
+    /// GUEST:HOST. HOST appears only once complete. A directory is copied to
+    /// a new path (an existing HOST is refused, never merged into) with
+    /// modes, symlinks (never followed), hard links, xattrs and sparse
+    /// files kept; its owners are kept only when kiln runs as root.
     #[arg(
         long = "copy-out",
         value_name = "GUEST:HOST",
@@ -95,8 +101,9 @@ pub struct RunArgs {
         display_order = 8
     )]
     copy_out: Vec<CopyArg>,
-    /// Keep the setuid, setgid and sticky bits of --copy-out files. Without
-    /// it they are dropped: a guest must not hand you a setuid program.
+    /// Keep the setuid, setgid and sticky bits of what --copy-out copies
+    /// (and a directory's file capabilities and device nodes). Without it
+    /// they are dropped: a guest must not hand you a setuid program.
     #[arg(long, display_order = 9)]
     keep_setuid: bool,
     /// Share a host directory: HOST:GUEST[:ro] (virtio-fs through virtiofsd).
@@ -165,14 +172,24 @@ pub fn run(opts: RunArgs) -> Result<u8> {
     for c in &opts.copy_in {
         let meta = std::fs::metadata(&c.host)
             .with_context(|| format!("--copy-in {}", c.host.display()))?;
-        if !meta.is_file() {
+        if !meta.is_file() && !meta.is_dir() {
             bail!(
-                "--copy-in {}: only regular files can be copied",
+                "--copy-in {}: only regular files and directories can be copied",
                 c.host.display()
             );
         }
     }
     for c in &opts.copy_out {
+        // Neither a file nor a tree can take an existing directory's name:
+        // said before the command runs, not after.
+        if std::fs::symlink_metadata(&c.host).is_ok_and(|m| m.is_dir()) {
+            bail!(
+                "--copy-out {}: {} exists; kiln copies a guest directory to a new path \
+                 (and a file cannot replace a directory)",
+                c.guest,
+                c.host.display()
+            );
+        }
         let parent = c.host.parent().filter(|p| !p.as_os_str().is_empty());
         if let Some(p) = parent {
             if !p.is_dir() {
@@ -216,7 +233,11 @@ pub fn run(opts: RunArgs) -> Result<u8> {
     })?;
 
     for c in &opts.copy_in {
-        guest.put_file(&c.host, &c.guest)?;
+        if c.host.is_dir() {
+            guest.put_tree(&c.host, &c.guest)?;
+        } else {
+            guest.put_file(&c.host, &c.guest)?;
+        }
     }
 
     let outcome = guest.exec(

@@ -239,6 +239,11 @@ impl Guest {
         self.session.put_file(host, guest, &mut self.watch)
     }
 
+    pub fn put_tree(&mut self, host: &Path, guest: &str) -> Result<()> {
+        self.session.put_tree(host, guest, &mut self.watch)
+    }
+
+    /// Copies a guest file or directory out (see [`Session::get_file`]).
     pub fn get_file(&mut self, guest: &str, host: &Path, keep_setuid: bool) -> Result<()> {
         self.session
             .get_file(guest, host, keep_setuid, &mut self.watch)

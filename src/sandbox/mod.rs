@@ -1,6 +1,7 @@
 //! The throwaway VM and everything it runs on: the backends that boot it,
-//! the guest agent session, disks and shares, and the artifacts it boots
-//! (kernel, tools image, initramfs, in kiln's cache). Uses only `util`.
+//! the guest agent session (and the tar streams directories are copied
+//! as), disks and shares, and the artifacts it boots (kernel, tools image,
+//! initramfs, in kiln's cache). Uses only `util`.
 
 pub mod backend;
 pub mod cache;
@@ -14,5 +15,6 @@ pub mod mmdebstrap;
 pub mod session;
 pub mod share;
 pub mod tools;
+pub mod tree_copy;
 
 pub use error::SandboxError;

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,8 @@ use kiln_agent::{
     ExecRequest, ExitStatus, FrameError, FrameReader, FrameWriter, LimitsReport, MountRequest,
     Reply, Request, SpawnErrorKind, MAX_FRAME, PROTOCOL_VERSION,
 };
+
+use crate::sandbox::tree_copy;
 
 /// Polled while waiting for the guest: returns an error to abandon the wait
 /// (Ctrl-C, `--timeout`).
@@ -147,18 +149,7 @@ impl Session {
     ) -> Result<Option<Reply>> {
         loop {
             match self.events.recv_timeout(Duration::from_millis(50)) {
-                Ok(Event::Reply(Reply::Failed { id: None, message })) => {
-                    bail!(
-                        "the guest agent rejected a request: {}",
-                        guest_text(&message)
-                    )
-                }
-                Ok(Event::Reply(r)) => return Ok(Some(r)),
-                Ok(Event::Bad(what)) => bail!(
-                    "the guest agent sent {what}: it is broken, or not kiln's agent; \
-                     kiln stopped talking to it"
-                ),
-                Ok(Event::Closed(why)) => return Err(watch.connection_lost(&why)),
+                Ok(event) => return reply_of(event, watch).map(Some),
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(watch.connection_lost("connection closed"))
                 }
@@ -169,6 +160,15 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// A reply already waiting, if there is one.
+    fn try_recv(&mut self, watch: &mut dyn Watch) -> Result<Option<Reply>> {
+        match self.events.try_recv() {
+            Ok(event) => reply_of(event, watch).map(Some),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(watch.connection_lost("connection closed")),
         }
     }
 
@@ -364,9 +364,53 @@ impl Session {
             .with_context(|| format!("copying {} into the guest as {guest}", host.display()))
     }
 
-    /// Copies a guest file to `host`, keeping its permission bits (see
-    /// [`host_mode`] for the rest). The file appears under its final name
-    /// only once complete, owned by whoever runs kiln.
+    /// Copies a host directory's contents into the guest directory `guest`
+    /// (created if missing) as a tar stream: owners (by number), modes,
+    /// symlinks, hard links, xattrs and holes kept.
+    pub fn put_tree(&mut self, host: &Path, guest: &str, watch: &mut dyn Watch) -> Result<()> {
+        let what = || format!("copying {} into the guest as {guest}", host.display());
+        let mut tar = tree_copy::Outgoing::start(host).with_context(what)?;
+        let id = self.id();
+        self.send(&Request::PutTree {
+            id,
+            path: guest.to_string(),
+        })?;
+        let mut buf = vec![0u8; DATA_CHUNK];
+        loop {
+            watch.check()?;
+            // The guest's tar gave up early (a broken stream): sending the
+            // rest would be for nothing.
+            while let Some(reply) = self.try_recv(watch)? {
+                if let Reply::Failed {
+                    id: Some(i),
+                    message,
+                } = reply
+                {
+                    if i == id {
+                        self.send(&Request::FileData { id, data: vec![] })?;
+                        return Err(anyhow!(guest_text(&message))).with_context(what);
+                    }
+                }
+            }
+            let n = tar.read(&mut buf).with_context(what)?;
+            self.send(&Request::FileData {
+                id,
+                data: buf[..n].to_vec(),
+            })?;
+            if n == 0 {
+                break;
+            }
+        }
+        // The guest has a stream either way; it holds the whole directory
+        // only if the host's tar succeeded.
+        tar.finish().with_context(what)?;
+        self.wait_done(id, watch).with_context(what)
+    }
+
+    /// Copies a guest file or directory to `host`. A file keeps its
+    /// permission bits (see [`host_mode`] for the rest); a directory comes
+    /// as a tar stream, with what it holds (see [`Session::receive_tree`]).
+    /// Either appears under its final name only once complete.
     pub fn get_file(
         &mut self,
         guest: &str,
@@ -379,30 +423,59 @@ impl Session {
             id,
             path: guest.to_string(),
         })?;
+        let copy = CopyOut {
+            id,
+            guest,
+            host,
+            keep_setuid,
+        };
+        loop {
+            match self.recv(watch)? {
+                Reply::FileHeader { id: i, mode, size } if i == id => {
+                    return self.receive_file(&copy, mode, size, watch)
+                }
+                Reply::TreeHeader { id: i } if i == id => return self.receive_tree(&copy, watch),
+                Reply::FileData { id: i, .. } if i == id => {
+                    bail!("the guest agent sent data of {guest} before its header")
+                }
+                Reply::Failed {
+                    id: Some(i),
+                    message,
+                } if i == id => {
+                    bail!("copying {guest} out of the guest: {}", guest_text(&message))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A file announced as `mode` and `size`: exactly that many bytes must
+    /// follow, so the file is what the guest said it was, and never more.
+    /// Written to a temporary file beside `host`, renamed once complete,
+    /// owned by whoever runs kiln.
+    fn receive_file(
+        &mut self,
+        c: &CopyOut,
+        mode: u32,
+        size: u64,
+        watch: &mut dyn Watch,
+    ) -> Result<()> {
+        let (id, guest, host) = (c.id, c.guest, c.host);
         let dir = match host.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
         let mut tmp = tempfile::Builder::new()
-            .prefix(".kiln-copy-out-")
+            .prefix(tree_copy::COPY_OUT_PREFIX)
             .tempfile_in(dir)
             .with_context(|| format!("creating a file in {}", dir.display()))?;
-        // The header's mode and size; exactly that many bytes must follow,
-        // so the file is what the guest said it was, and never more.
-        let mut header = None;
         let mut written = 0u64;
-        let mode = loop {
+        loop {
             match self.recv(watch)? {
-                Reply::FileHeader { id: i, mode, size } if i == id => {
-                    if header.is_some() {
-                        bail!("the guest agent sent a second header for {guest}");
-                    }
-                    header = Some((mode, size));
+                Reply::FileHeader { id: i, .. } | Reply::TreeHeader { id: i } if i == id => {
+                    bail!("the guest agent sent a second header for {guest}");
                 }
                 Reply::FileData { id: i, data } if i == id => {
-                    let Some((mode, size)) = header else {
-                        bail!("the guest agent sent data of {guest} before its header");
-                    };
                     if data.is_empty() {
                         if written != size {
                             bail!(
@@ -410,7 +483,7 @@ impl Session {
                                  bytes it announced (did the file change while it was copied?)"
                             );
                         }
-                        break mode;
+                        break;
                     }
                     if data.len() as u64 > size - written {
                         bail!(
@@ -430,15 +503,69 @@ impl Session {
                 }
                 _ => {}
             }
-        };
+        }
         // fchmod, not chmod by name: the name is in a directory others
         // may write to. No chown: the file stays the invoking user's.
         tmp.as_file()
-            .set_permissions(fs::Permissions::from_mode(host_mode(mode, keep_setuid)))
+            .set_permissions(fs::Permissions::from_mode(host_mode(mode, c.keep_setuid)))
             .with_context(|| format!("setting the mode of {}", host.display()))?;
         tmp.as_file().sync_all()?;
         tmp.persist(host)
             .with_context(|| format!("writing {}", host.display()))?;
+        Ok(())
+    }
+
+    /// A directory, as a tar stream the host's tar extracts into a private
+    /// staging directory beside `host` (see `tree_copy`). `host` must not
+    /// exist. Without `keep_setuid` the tree loses its setuid, setgid and
+    /// sticky bits, file capabilities and device nodes before it takes its
+    /// name; its owners are kept where kiln runs as root, else it is the
+    /// invoking user's.
+    fn receive_tree(&mut self, c: &CopyOut, watch: &mut dyn Watch) -> Result<()> {
+        let (id, guest, host) = (c.id, c.guest, c.host);
+        let what = || format!("copying {guest} out of the guest to {}", host.display());
+        let mut tree = tree_copy::Incoming::start(host, c.keep_setuid).with_context(what)?;
+        loop {
+            match self.recv(watch)? {
+                Reply::FileHeader { id: i, .. } | Reply::TreeHeader { id: i } if i == id => {
+                    bail!("the guest agent sent a second header for {guest}");
+                }
+                Reply::FileData { id: i, data } if i == id => {
+                    if data.is_empty() {
+                        break;
+                    }
+                    watch.check()?;
+                    tree.write(&data).with_context(what)?;
+                }
+                Reply::Done { id: i } if i == id => {
+                    bail!("the guest agent said {guest} was done before the end of its stream")
+                }
+                Reply::Failed {
+                    id: Some(i),
+                    message,
+                } if i == id => {
+                    bail!("copying {guest} out of the guest: {}", guest_text(&message))
+                }
+                _ => {}
+            }
+        }
+        // The guest's word first: where its tar failed, that says why
+        // better than the host's tar finding the stream cut short.
+        tree.close();
+        self.wait_done(id, watch).with_context(what)?;
+        let said = tree.end().with_context(what)?;
+        let dropped = tree.publish().with_context(what)?;
+        if !said.is_empty() {
+            eprintln!("kiln: warning: copying {guest} out of the guest, tar said:\n{said}");
+        }
+        if let Some(first) = dropped.devices.first() {
+            eprintln!(
+                "kiln: warning: {} device node(s) in {guest} were left out ({} the first); \
+                 --keep-setuid keeps them",
+                dropped.devices.len(),
+                guest_text(&first.to_string_lossy())
+            );
+        }
         Ok(())
     }
 
@@ -450,6 +577,30 @@ impl Session {
                 return Ok(());
             }
         }
+    }
+}
+
+/// What `get_file` was asked for.
+struct CopyOut<'a> {
+    id: u32,
+    guest: &'a str,
+    host: &'a Path,
+    keep_setuid: bool,
+}
+
+/// The reply an event carries, or the error that ends the session.
+fn reply_of(event: Event, watch: &mut dyn Watch) -> Result<Reply> {
+    match event {
+        Event::Reply(Reply::Failed { id: None, message }) => bail!(
+            "the guest agent rejected a request: {}",
+            guest_text(&message)
+        ),
+        Event::Reply(r) => Ok(r),
+        Event::Bad(what) => bail!(
+            "the guest agent sent {what}: it is broken, or not kiln's agent; \
+             kiln stopped talking to it"
+        ),
+        Event::Closed(why) => Err(watch.connection_lost(&why)),
     }
 }
 
@@ -465,7 +616,7 @@ fn host_mode(guest_mode: u32, keep_setuid: bool) -> u32 {
 /// Text from the guest, made safe to print: its control characters, which
 /// could drive the user's terminal (move the cursor, set the title, write
 /// the clipboard), are shown escaped. Newlines and tabs are kept.
-fn guest_text(s: &str) -> String {
+pub(crate) fn guest_text(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if c.is_control() && c != '\n' && c != '\t' {
@@ -491,6 +642,7 @@ fn reply_name(r: &Reply) -> &'static str {
         Reply::Done { .. } => "Done",
         Reply::Failed { .. } => "Failed",
         Reply::PoweringOff => "PoweringOff",
+        Reply::TreeHeader { .. } => "TreeHeader",
     }
 }
 

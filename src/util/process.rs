@@ -77,6 +77,16 @@ impl Guarded {
         r
     }
 
+    /// Waits for the child to exit (for one that ends on its own, as tar
+    /// does at the end of its input).
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        let r = self.child.wait();
+        if r.is_ok() {
+            self.reaped = true;
+        }
+        r
+    }
+
     /// Asks the child's process group to stop with SIGTERM, so tools that
     /// clean up after themselves (mmdebstrap's temporary root) can, then
     /// SIGKILLs what is left after `grace` and reaps the child.

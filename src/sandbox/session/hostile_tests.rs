@@ -735,3 +735,5 @@ fn a_stdout_flood_is_held_back_by_a_slow_reader() {
     ));
     assert_eq!(got, CHUNKS * CHUNK as u64);
 }
+
+mod trees;

@@ -239,6 +239,22 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
     })
 }
 
+/// `program` in the base environment's PATH: where the agent finds the
+/// tools it runs itself (tar).
+pub fn find_tool(program: &str) -> Option<PathBuf> {
+    let path_var = BASE_ENV
+        .iter()
+        .find(|(k, _)| *k == "PATH")
+        .map(|(_, v)| *v)
+        .unwrap_or_default();
+    resolve(program, path_var)
+}
+
+/// The environment the agent's own tools run with.
+pub fn base_env() -> impl Iterator<Item = (&'static str, &'static str)> {
+    BASE_ENV.iter().copied()
+}
+
 /// Finds `program` as execvp would: as given if it contains a slash, else in
 /// the directories of `path_var`.
 fn resolve(program: &str, path_var: &str) -> Option<PathBuf> {

@@ -1,4 +1,4 @@
-//! put/get of files, streamed in chunks.
+//! put/get of files, streamed in chunks (directories: trees.rs).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -10,6 +10,7 @@ use kiln_agent::frame::DATA_CHUNK;
 use kiln_agent::Reply;
 
 use crate::serve::Outbox;
+use crate::trees;
 
 /// Files being received, by request id.
 #[derive(Default)]
@@ -92,7 +93,8 @@ fn create(path: &str, mode: u32) -> std::io::Result<File> {
         .open(path)
 }
 
-/// Sends a file back on its own thread so commands and other requests go on.
+/// Sends a file, or a directory as a tar stream, back on its own thread so
+/// commands and other requests go on.
 pub fn send(id: u32, path: String, out: Outbox) {
     let _ = std::thread::Builder::new()
         .name(format!("get-{id}"))
@@ -114,8 +116,12 @@ fn send_file(id: u32, path: &str, out: &Outbox) -> Result<(), String> {
         .open(path)
         .map_err(|e| format!("{path}: {e}"))?;
     let meta = f.metadata().map_err(|e| format!("{path}: {e}"))?;
+    if meta.is_dir() {
+        drop(f);
+        return trees::send(id, path, out);
+    }
     if !meta.is_file() {
-        return Err(format!("{path}: not a regular file"));
+        return Err(format!("{path}: not a regular file or directory"));
     }
     out.send(&Reply::FileHeader {
         id,

@@ -14,6 +14,7 @@ mod mount;
 mod port;
 mod reaper;
 mod serve;
+mod trees;
 
 use std::process::ExitCode;
 

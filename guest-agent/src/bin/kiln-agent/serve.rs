@@ -11,7 +11,7 @@ use kiln_agent::{
 use nix::mount::MsFlags;
 
 use crate::mount::{mount_on, MountError};
-use crate::{disks, exec, files};
+use crate::{disks, exec, files, trees};
 
 /// The write half of the channel, shared by every thread that replies.
 #[derive(Clone)]
@@ -42,6 +42,7 @@ pub fn serve(
 
     let mut running: HashMap<u32, exec::Running> = HashMap::new();
     let mut uploads = files::Uploads::default();
+    let mut trees = trees::TreeUploads::default();
     loop {
         let req = match reader.read::<Request>() {
             Ok(req) => req,
@@ -119,8 +120,11 @@ pub fn serve(
                 });
             }
             Request::PutFile { id, path, mode } => uploads.begin(id, path, mode),
+            Request::PutTree { id, path } => trees.begin(id, path, &out),
             Request::FileData { id, data } => {
-                if let Some(reply) = uploads.data(id, &data) {
+                if trees.has(id) {
+                    trees.data(id, data);
+                } else if let Some(reply) = uploads.data(id, &data) {
                     out.send(&reply);
                 }
             }
