@@ -109,6 +109,11 @@ pub struct RunArgs {
     /// Share a host directory: HOST:GUEST[:ro] (virtio-fs through virtiofsd).
     #[arg(long = "share", value_name = "HOST:GUEST[:ro]", display_order = 10)]
     shares: Vec<ShareArg>,
+    /// Give the guest outbound network (IPv4 and IPv6, with DNS) through
+    /// user-mode networking: QEMU's own, or passt under kiln-vmm. Without
+    /// it the guest has no network device at all.
+    #[arg(long, display_order = 10)]
+    net: bool,
     /// Show the guest's kernel log on stderr.
     #[arg(long, display_order = 11)]
     console: bool,
@@ -230,6 +235,7 @@ pub fn run(opts: RunArgs) -> Result<u8> {
         tools,
         timeout: opts.vm.timeout,
         boot_timeout: opts.boot_timeout,
+        net: opts.net,
     })?;
 
     for c in &opts.copy_in {

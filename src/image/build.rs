@@ -406,6 +406,8 @@ pub fn build(opts: BuildOptions) -> Result<()> {
             tools: None,
             timeout: opts.timeout,
             boot_timeout: 120.0,
+            // Hermetic: the root was bootstrapped on the host.
+            net: false,
         })
     })?;
 

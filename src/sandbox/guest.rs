@@ -13,6 +13,7 @@ use kiln_agent::{ExecRequest, TOOLS_DISK_SERIAL};
 use kiln_vmm::{DiskConfig, DiskFormat};
 
 use crate::sandbox::backend::{self, BackendChoice, Vm, VmSpec};
+use crate::sandbox::net::{self, NetSpec, Passt};
 use crate::sandbox::session::{ExecOutcome, Session, Watch};
 use crate::sandbox::share::{self, Share, ShareArg};
 use crate::sandbox::SandboxError;
@@ -37,6 +38,8 @@ pub struct GuestConfig {
     /// Whole-run limit in seconds, counted from boot.
     pub timeout: Option<u64>,
     pub boot_timeout: f64,
+    /// Outbound networking (`--net`); without it the guest has no network.
+    pub net: bool,
 }
 
 /// Watches the VM, and the virtiofsd daemons serving its shares, while
@@ -46,6 +49,8 @@ pub struct VmWatch {
     // used.
     vm: Box<dyn Vm>,
     shares: Vec<Share>,
+    /// Serves the VM's network under kiln-vmm.
+    _passt: Option<Passt>,
     /// Whether the guest still uses its shares: once it has powered off,
     /// virtiofsd ends when the hypervisor hangs up, as it should.
     shares_in_use: bool,
@@ -147,7 +152,7 @@ impl Guest {
         };
         let tools_image = tools::locate(cfg.tools.as_deref(), &tools::Extra::default())?;
         let initramfs = initramfs::path()?;
-        let (backend, note) = backend::select(cfg.backend, &cfg.disks)?;
+        let (backend, note) = backend::select(cfg.backend, &cfg.disks, cfg.net)?;
         if let Some(n) = note {
             eprintln!("{n}");
         }
@@ -164,6 +169,11 @@ impl Guest {
                 shares.push(share::start(s, i, runtime.path(), transport)?);
             }
         }
+        let passt = if cfg.net && backend.net_needs_passt() {
+            Some(Passt::start(runtime.path())?)
+        } else {
+            None
+        };
         let agent_socket = runtime.path().join("agent.sock");
         let listener = UnixListener::bind(&agent_socket)
             .with_context(|| format!("listening on {}", agent_socket.display()))?;
@@ -183,6 +193,10 @@ impl Guest {
         if !cfg.console {
             cmdline.push_str(" quiet");
         }
+        if cfg.net {
+            cmdline.push(' ');
+            cmdline.push_str(&net::kernel_arg());
+        }
         if let Some(extra) = &cfg.kernel_args {
             cmdline.push(' ');
             cmdline.push_str(extra);
@@ -197,6 +211,13 @@ impl Guest {
             shares: shares.iter().map(|s| s.spec.clone()).collect(),
             agent_socket,
             echo_console: cfg.console,
+            net: match &passt {
+                Some(p) => Some(NetSpec::Passt {
+                    socket: p.socket.clone(),
+                }),
+                None if cfg.net => Some(NetSpec::Builtin),
+                None => None,
+            },
         };
 
         let started = Instant::now();
@@ -204,6 +225,7 @@ impl Guest {
         let mut watch = VmWatch {
             vm,
             shares,
+            _passt: passt,
             shares_in_use: true,
             deadline: cfg.timeout.map(|t| started + Duration::from_secs(t)),
             timeout: cfg.timeout.unwrap_or(0),
@@ -320,6 +342,7 @@ mod tests {
                 console: StreamTail::new(),
             }),
             shares: Vec::new(),
+            _passt: None,
             shares_in_use: true,
             deadline: None,
             timeout: 0,

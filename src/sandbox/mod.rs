@@ -12,6 +12,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod logged_job;
 pub mod mmdebstrap;
+pub mod net;
 pub mod session;
 pub mod share;
 pub mod tools;

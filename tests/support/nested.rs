@@ -16,7 +16,9 @@
 //! - the host's kiln cache (kernel, tools image, initramfs), shared
 //!   read-only and named by `KILN_CACHE_DIR`;
 //! - virtiofsd and the libraries it links that the tools image lacks, so
-//!   `--share` works under kiln-vmm too.
+//!   `--share` works under kiln-vmm too;
+//! - with [`L1::net`], a network for L1 (`--net`) and passt, so `--net`
+//!   works under kiln-vmm in L1 too.
 #![allow(dead_code)] // each user takes the part it needs
 
 #[path = "../../src/util/which.rs"]
@@ -56,6 +58,7 @@ pub struct L1 {
     copies: Vec<(PathBuf, String)>,
     env: Vec<(String, String)>,
     tools_packages: Vec<String>,
+    net: bool,
     timeout_secs: u64,
 }
 
@@ -71,6 +74,7 @@ impl L1 {
             copies: Vec::new(),
             env: Vec::new(),
             tools_packages: Vec::new(),
+            net: false,
             timeout_secs: 900,
         };
         l1 = l1.copy_in(host_kiln, KILN);
@@ -113,6 +117,18 @@ impl L1 {
         self
     }
 
+    /// Gives L1 a network (`--net`) and the host's passt, which kiln-vmm's
+    /// `--net` uses in L1. passt links only the C library, which the tools
+    /// image has.
+    pub fn net(mut self) -> Result<L1, String> {
+        let passt = which::which("passt")
+            .ok_or("passt not found: the nested harness copies it into L1 (run .ci/setup)")?;
+        self.net = true;
+        Ok(self
+            .copy_in(&passt, &format!("{BIN}/passt"))
+            .env("KILN_PASST", &format!("{BIN}/passt")))
+    }
+
     /// Stops L1 after `secs` (kiln's `--timeout`, exit 124).
     pub fn timeout(mut self, secs: u64) -> L1 {
         self.timeout_secs = secs;
@@ -137,6 +153,9 @@ impl L1 {
             let mut spec = host.clone().into_os_string();
             spec.push(format!(":{guest}"));
             args.push(spec);
+        }
+        if self.net {
+            args.push("--net".into());
         }
         for p in &self.tools_packages {
             args.push("--tools-package".into());

@@ -1,9 +1,9 @@
 //! What a VM is made of, as plain data: the kernel, memory, vCPUs, disks,
-//! shared directories and the agent's port. Nothing here is open or
-//! running (no descriptors, no console writer: [`crate::Vm::new`] takes
-//! those, or opens them from the paths given), and nothing here parses a
-//! command line; serde lets kiln hand a [`VmConfig`] to its `kiln __vmm`
-//! child as JSON, as it is.
+//! shared directories, the agent's port and the network. Nothing here is
+//! open or running (no descriptors, no console writer: [`crate::Vm::new`]
+//! takes those, or opens them from the paths given), and nothing here
+//! parses a command line; serde lets kiln hand a [`VmConfig`] to its
+//! `kiln __vmm` child as JSON, as it is.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -27,6 +27,10 @@ pub struct VmConfig {
     /// Shared directories, each served by a vhost-user-fs backend.
     pub fs: Vec<FsConfig>,
     pub agent_port: Option<AgentPortConfig>,
+    /// A virtio-net device; absent (as in configs written before it
+    /// existed), the guest has no network.
+    #[serde(default)]
+    pub net: Option<NetConfig>,
     /// Run the VMM's threads under seccomp filters (off only to debug).
     pub seccomp: bool,
 }
@@ -78,6 +82,16 @@ pub struct AgentPortConfig {
     pub socket: PathBuf,
 }
 
+/// The guest's network: a virtio-net device whose frames go to passt (or
+/// anything speaking QEMU's stream framing) through a connection to the
+/// Unix socket `socket`, made as the VM is built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub socket: PathBuf,
+    /// The guest's MAC address (unicast).
+    pub mac: [u8; 6],
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +120,10 @@ mod tests {
                 name: "kiln.agent".into(),
                 socket: "/run/agent.sock".into(),
             }),
+            net: Some(NetConfig {
+                socket: "/run/passt.sock".into(),
+                mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            }),
             seccomp: true,
         };
         let json = serde_json::to_string(&config).expect("json");
@@ -119,5 +137,14 @@ mod tests {
         assert_eq!(back.disks[0].format, DiskFormat::Raw);
         let vmdk = json.replace(r#""qcow2""#, r#""vmdk""#);
         assert!(serde_json::from_str::<VmConfig>(&vmdk).is_err());
+        assert!(
+            json.contains(r#""net":{"socket":"/run/passt.sock","mac":[82,84,0,18,52,86]}"#),
+            "{json}"
+        );
+        // A config written before the network existed still parses.
+        let mut old: serde_json::Value = serde_json::from_str(&json).expect("value");
+        old.as_object_mut().expect("object").remove("net");
+        let old: VmConfig = serde_json::from_value(old).expect("parse");
+        assert_eq!(old.net, None);
     }
 }

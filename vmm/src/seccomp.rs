@@ -174,6 +174,34 @@ mod tests {
         assert!(f.is_ok_and(|f| f.as_raw_fd() >= 0));
     }
 
+    #[test]
+    fn both_threads_may_move_network_frames() {
+        use crate::devices::virtio::net::FrameStream;
+        // The device thread serves the socket; a vCPU thread does too when
+        // the driver starts the device (activation pumps once).
+        let filters =
+            Filters::with_action(SeccompAction::Errno(libc::EPERM as u32)).expect("filters");
+        for filter in [filters.event_loop.clone(), filters.vcpu.clone()] {
+            let (ours, mut peer) = std::os::unix::net::UnixStream::pair().expect("pair");
+            let mut stream = FrameStream::new(ours).expect("stream");
+            std::io::Write::write_all(&mut peer, &[0, 0, 0, 2, 0xaa, 0xbb]).expect("peer");
+            let (stream, got) = std::thread::spawn(move || {
+                apply(&filter).expect("apply");
+                stream.tx.push(b"frame").expect("push");
+                let flushed = stream.flush().map_err(|e| e.to_string());
+                let read = stream.fill().map_err(|e| e.to_string());
+                (stream, (flushed, read))
+            })
+            .join()
+            .expect("thread");
+            assert_eq!(got, (Ok(true), Ok(6)));
+            assert_eq!(stream.rx.frame().expect("frame"), Some(&[0xaa, 0xbb][..]));
+            let mut out = [0u8; 9];
+            std::io::Read::read_exact(&mut peer, &mut out).expect("peer read");
+            assert_eq!(&out, b"\0\0\0\x05frame");
+        }
+    }
+
     /// Run by the tests below in a child, which must die of SIGSYS at the
     /// forbidden call.
     #[test]

@@ -1,18 +1,20 @@
 //! The crate's front door for the `kvm` backend: a [`VmConfig`] and a
-//! console in, a booted Linux guest with its disks, agent port and shared
-//! directories, run to the end. The configuration is plain data (see
-//! [`crate::config`]); what it names is opened here: the disks, the agent's
-//! socket, the vhost-user backends, the kernel and initrd.
+//! console in, a booted Linux guest with its disks, agent port, shared
+//! directories and network, run to the end. The configuration is plain data
+//! (see [`crate::config`]); what it names is opened here: the disks, the
+//! agent's and passt's sockets, the vhost-user backends, the kernel and
+//! initrd.
 
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
-use crate::config::{DiskConfig, DiskFormat, VmConfig};
+use crate::config::{DiskConfig, DiskFormat, NetConfig, VmConfig};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::console::{Console, ConsoleError, PortConfig};
 use crate::devices::virtio::fs::{Fs, FsError};
+use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::rng::Rng;
 use crate::vstate::machine::{Exit, Machine, MachineError, Stopper};
 use crate::vstate::memory::Backing;
@@ -36,6 +38,10 @@ pub enum VmError {
     Console(#[from] ConsoleError),
     #[error("shared directory '{0}': {1}")]
     Fs(String, FsError),
+    #[error("connecting the network to {0}: {1}")]
+    NetConnect(PathBuf, std::io::Error),
+    #[error("network ({0}): {1}")]
+    Net(PathBuf, NetError),
     #[error("{0} MiB of guest memory is too little (at least 16 MiB)")]
     Memory(u32),
     #[error("virtio-fs needs guest memory that virtiofsd can map, and it is private")]
@@ -108,6 +114,11 @@ impl Vm {
             announce(&machine, &mut cmdline);
             machine.add_virtio(Box::new(fs))?;
         }
+        if let Some(net) = &config.net {
+            let device = connect_net(net)?;
+            announce(&machine, &mut cmdline);
+            machine.add_virtio(Box::new(device))?;
+        }
         // Entropy, so the guest's getrandom does not wait at boot.
         let urandom = File::open("/dev/urandom")
             .map_err(|e| VmError::Open(PathBuf::from("/dev/urandom"), e))?;
@@ -139,6 +150,13 @@ impl Vm {
 /// `console`, and runs it to its end.
 pub fn run(config: VmConfig, console: Box<dyn Write + Send>) -> Result<Exit, VmError> {
     Vm::new(config, console)?.run()
+}
+
+/// The network device, connected to passt's socket.
+fn connect_net(net: &NetConfig) -> Result<Net, VmError> {
+    let stream =
+        UnixStream::connect(&net.socket).map_err(|e| VmError::NetConnect(net.socket.clone(), e))?;
+    Net::new(stream, net.mac).map_err(|e| VmError::Net(net.socket.clone(), e))
 }
 
 /// Opens a disk, refusing formats other than raw that would be silently
@@ -188,5 +206,34 @@ mod tests {
         let missing = dir.path().join("missing.raw");
         let err = open_raw_disk(&disk(missing, DiskFormat::Raw, true)).expect_err("opened");
         assert!(err.to_string().contains("missing.raw"), "{err}");
+    }
+
+    #[test]
+    fn the_network_connects_to_its_socket_or_names_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("passt.sock");
+        let mac = [0x52, 0x54, 0, 0, 0, 1];
+        let err = connect_net(&NetConfig {
+            socket: socket.clone(),
+            mac,
+        })
+        .err()
+        .expect("connected to nothing");
+        assert!(matches!(err, VmError::NetConnect(..)), "{err}");
+        assert!(err.to_string().contains("passt.sock"), "{err}");
+
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        assert!(connect_net(&NetConfig {
+            socket: socket.clone(),
+            mac
+        })
+        .is_ok());
+        let err = connect_net(&NetConfig {
+            socket,
+            mac: [0xff; 6],
+        })
+        .err()
+        .expect("a broadcast MAC accepted");
+        assert!(err.to_string().contains("ff:ff:ff:ff:ff:ff"), "{err}");
     }
 }

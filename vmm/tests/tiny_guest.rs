@@ -525,7 +525,7 @@ fn a_stopper_ends_a_machine_whose_vcpus_sleep_in_the_kernel() {
 
 #[test]
 fn the_vm_api_boots_an_elf_and_announces_its_devices_on_the_command_line() {
-    use kiln_vmm::{AgentPortConfig, DiskConfig, DiskFormat, VmConfig};
+    use kiln_vmm::{AgentPortConfig, DiskConfig, DiskFormat, NetConfig, VmConfig};
     if !kvm_available() {
         return;
     }
@@ -555,6 +555,9 @@ fn the_vm_api_boots_an_elf_and_announces_its_devices_on_the_command_line() {
     // kiln-vmm connects the agent port to this socket as it builds the VM.
     let agent = dir.path().join("agent.sock");
     let listener = std::os::unix::net::UnixListener::bind(&agent).expect("bind");
+    // And the network to passt's.
+    let passt = dir.path().join("passt.sock");
+    let passt_listener = std::os::unix::net::UnixListener::bind(&passt).expect("bind");
     let log = SharedLog::default();
     let config = VmConfig {
         kernel,
@@ -573,19 +576,39 @@ fn the_vm_api_boots_an_elf_and_announces_its_devices_on_the_command_line() {
             name: "kiln.agent".into(),
             socket: agent.clone(),
         }),
+        net: Some(NetConfig {
+            socket: passt.clone(),
+            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+        }),
         seccomp: true,
     };
     let exit = kiln_vmm::run(config.clone(), Box::new(log.clone())).expect("run");
     // The connection was made (and is still queued: nobody accepted it).
     listener.set_nonblocking(true).expect("nonblocking");
     assert!(listener.accept().is_ok(), "the agent port did not connect");
+    passt_listener.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        passt_listener.accept().is_ok(),
+        "the network did not connect"
+    );
     assert_eq!(exit, Exit::Status(3));
     let printed = String::from_utf8_lossy(&log.0.lock().expect("log")).into_owned();
     assert_eq!(
         printed,
         "console=ttyS0 reboot=t virtio_mmio.device=4K@0xd0000000:5 \
-         virtio_mmio.device=4K@0xd0001000:6 virtio_mmio.device=4K@0xd0002000:7"
+         virtio_mmio.device=4K@0xd0001000:6 virtio_mmio.device=4K@0xd0002000:7 \
+         virtio_mmio.device=4K@0xd0003000:8"
     );
+
+    // With nothing listening on passt's socket, neither.
+    drop(passt_listener);
+    std::fs::remove_file(&passt).expect("remove the socket");
+    let err = kiln_vmm::Vm::new(config.clone(), Box::new(std::io::sink()))
+        .err()
+        .expect("built without its network");
+    let msg = err.to_string();
+    assert!(msg.contains("connecting the network to"), "{msg}");
+    assert!(msg.contains("passt.sock"), "{msg}");
 
     // With nothing listening on the agent's socket, the VM is not built,
     // and the error names the socket.

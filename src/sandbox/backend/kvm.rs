@@ -12,9 +12,10 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use kiln_agent::AGENT_PORT_NAME;
-use kiln_vmm::{AgentPortConfig, Exit, VmConfig};
+use kiln_vmm::{AgentPortConfig, Exit, NetConfig, VmConfig};
 
 use super::{spawn_child, Backend, ShareSpec, ShareTransport, Vm, VmSpec};
+use crate::sandbox::net::{self, NetSpec};
 
 /// Set to `1` to run kiln-vmm's threads without their seccomp filters
 /// (to debug a filter that kills the VMM).
@@ -62,6 +63,15 @@ fn vm_config(spec: &VmSpec, seccomp: bool) -> Result<VmConfig> {
             name: AGENT_PORT_NAME.to_string(),
             socket: spec.agent_socket.clone(),
         }),
+        net: match &spec.net {
+            None => None,
+            Some(NetSpec::Passt { socket }) => Some(NetConfig {
+                socket: socket.clone(),
+                mac: net::GUEST_MAC,
+            }),
+            // kiln-vmm has no network stack of its own.
+            Some(NetSpec::Builtin) => bail!("kiln-vmm's network goes through passt"),
+        },
         seccomp,
     })
 }
@@ -119,6 +129,10 @@ impl Kvm {
 }
 
 impl Backend for Kvm {
+    fn net_needs_passt(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> String {
         if self.seccomp {
             "kvm (kiln-vmm)".into()
@@ -179,7 +193,26 @@ mod tests {
             })],
             agent_socket: "/run/agent.sock".into(),
             echo_console: false,
+            net: None,
         }
+    }
+
+    #[test]
+    fn the_network_goes_through_passts_socket_with_kilns_mac() {
+        let mut s = spec();
+        assert_eq!(vm_config(&s, true).expect("config").net, None);
+        s.net = Some(NetSpec::Passt {
+            socket: "/run/net.sock".into(),
+        });
+        assert_eq!(
+            vm_config(&s, true).expect("config").net,
+            Some(NetConfig {
+                socket: "/run/net.sock".into(),
+                mac: net::GUEST_MAC,
+            })
+        );
+        s.net = Some(NetSpec::Builtin);
+        assert!(vm_config(&s, true).is_err());
     }
 
     #[test]
@@ -203,6 +236,7 @@ mod tests {
                     name: AGENT_PORT_NAME.into(),
                     socket: "/run/agent.sock".into(),
                 }),
+                net: None,
                 seccomp: true,
             }
         );

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use kiln_vmm::host::{self, KvmSupport};
 use kiln_vmm::{DiskConfig, DiskFormat, FsConfig, VmError};
 
+use crate::sandbox::net::NetSpec;
 use crate::util::process::{detach_and_tie, Guarded};
 use crate::util::stream_tail::StreamTail;
 
@@ -38,6 +39,8 @@ pub struct VmSpec {
     pub agent_socket: PathBuf,
     /// Echo the guest console to stderr as it arrives.
     pub echo_console: bool,
+    /// A virtio-net interface on user-mode networking (see `sandbox::net`).
+    pub net: Option<NetSpec>,
 }
 
 /// A shared directory and the device it reaches the guest through; the
@@ -142,6 +145,9 @@ pub trait Backend {
     /// The device `--share` goes through on this backend, and why, in the
     /// words of the one line kiln prints when there are shares.
     fn share_transport(&self) -> (ShareTransport, &'static str);
+    /// Whether `--net` needs passt started for the VM (else the
+    /// hypervisor serves user-mode networking itself).
+    fn net_needs_passt(&self) -> bool;
     fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>>;
 }
 
@@ -178,9 +184,20 @@ pub fn probe_kvm() -> (PathBuf, KvmSupport) {
 pub fn select(
     choice: BackendChoice,
     disks: &[DiskConfig],
+    net: bool,
 ) -> Result<(Box<dyn Backend>, Option<String>)> {
     let (device, kvm) = probe_kvm();
-    match pick(choice, &kvm, &device, disks)? {
+    let pick = match pick(choice, &kvm, &device, disks)? {
+        // kiln-vmm's network (virtio-net to passt) is not yet proven end
+        // to end; QEMU's user networking is.
+        Pick::KilnVmm if net && choice == BackendChoice::Auto => Pick::Qemu(Some(
+            "kiln: using QEMU with KVM for --net: kiln-vmm's network (through passt) is \
+             still experimental; '--backend kvm' uses it"
+                .into(),
+        )),
+        p => p,
+    };
+    match pick {
         Pick::KilnVmm => Ok((Box::new(kvm::Kvm::new()?), None)),
         Pick::Qemu(note) => Ok((Box::new(qemu::Qemu::find(kvm.is_usable())?), note)),
     }

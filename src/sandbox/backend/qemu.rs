@@ -8,6 +8,7 @@ use kiln_agent::AGENT_PORT_NAME;
 
 use super::qemu_command::{binary, escape_path, Accel, Display, QemuCommand, Serial};
 use super::{spawn_child, Backend, ShareSpec, ShareTransport, Vm, VmSpec};
+use crate::sandbox::net;
 
 #[derive(Clone)]
 pub struct Qemu {
@@ -100,6 +101,16 @@ impl Qemu {
             format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
         );
         q.opt("-device", "virtio-rng-device");
+        if spec.net.is_some() {
+            // User-mode networking: QEMU's own NAT, no privileges (so it
+            // never asks for passt); the guest's addresses are its
+            // defaults (see sandbox::net).
+            q.opt("-netdev", "user,id=net0");
+            q.opt(
+                "-device",
+                format!("virtio-net-device,netdev=net0,mac={}", net::mac_string()),
+            );
+        }
         for (i, s) in spec.shares.iter().enumerate() {
             match s {
                 ShareSpec::Virtiofs(fs) => {
@@ -142,6 +153,10 @@ impl Qemu {
 }
 
 impl Backend for Qemu {
+    fn net_needs_passt(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> String {
         format!("qemu ({})", if self.kvm { "kvm" } else { "tcg" })
     }
@@ -174,6 +189,7 @@ impl Backend for Qemu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sandbox::net::NetSpec;
     use kiln_vmm::FsConfig;
     use std::path::Path;
 
@@ -188,6 +204,7 @@ mod tests {
             shares: Vec::new(),
             agent_socket: PathBuf::from("/s"),
             echo_console: false,
+            net: None,
         }
     }
 
@@ -195,6 +212,27 @@ mod tests {
         let args = q.args(&spec());
         let i = args.iter().position(|a| a == "-append").expect("-append");
         args[i + 1].clone()
+    }
+
+    #[test]
+    fn net_is_user_networking_on_virtio_mmio_with_kilns_mac() {
+        let q = Qemu {
+            binary: PathBuf::from("qemu"),
+            kvm: true,
+            tsc_khz: None,
+        };
+        let without = q.args(&spec());
+        assert!(!without.iter().any(|a| a.contains("netdev")), "{without:?}");
+        let with = q.args(&VmSpec {
+            net: Some(NetSpec::Builtin),
+            ..spec()
+        });
+        let joined = with.join(" ");
+        assert!(joined.contains("-netdev user,id=net0"), "{joined}");
+        assert!(
+            joined.contains("-device virtio-net-device,netdev=net0,mac=52:54:00:12:34:56"),
+            "{joined}"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod files;
 mod init;
 mod limits;
 mod mount;
+mod network;
 mod port;
 mod reaper;
 mod serve;
@@ -47,6 +48,9 @@ fn main() -> ExitCode {
         if boot_error.is_none() {
             if let Err(e) = limits::setup() {
                 eprintln!("kiln-agent: commands run without memory and process limits: {e}");
+            }
+            if let Err(e) = network::configure_resolver() {
+                eprintln!("kiln-agent: names will not resolve: writing /etc/resolv.conf: {e}");
             }
         }
     }

@@ -11,6 +11,7 @@ pub mod device_state;
 pub mod fs;
 pub mod irq;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
