@@ -15,6 +15,7 @@ pub mod mmdebstrap;
 pub mod net;
 pub mod session;
 pub mod share;
+mod socket_daemon;
 pub mod tools;
 pub mod tree_copy;
 

@@ -12,14 +12,11 @@
 //! Without `--net` the VM has no network device at all.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use anyhow::{bail, Context, Result};
-use kiln_agent::poll::poll_until;
+use anyhow::{Context, Result};
 
-use crate::util::process::{detach_and_tie, Guarded};
-use crate::util::stream_tail::StreamTail;
+use crate::sandbox::socket_daemon::SocketDaemon;
 use crate::util::which::which;
 
 /// The guest's IPv4 address, its gateway (the host, NATed) and the DNS
@@ -59,8 +56,7 @@ pub enum NetSpec {
 /// hangs up (`--one-off`), and is killed with its process group on drop.
 pub struct Passt {
     pub socket: PathBuf,
-    _process: Guarded,
-    _log: StreamTail,
+    _daemon: SocketDaemon,
 }
 
 /// Finds passt: `KILN_PASST`, else PATH.
@@ -87,49 +83,11 @@ impl Passt {
             .args(["--gateway", GATEWAY_IPV4, "--dns-forward", DNS_IPV4])
             // The device offers no MTU feature: the guest keeps 1500 and
             // sizes its receive buffers for it.
-            .args(["--mtu", "1500"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        detach_and_tie(&mut cmd);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let mut process = Guarded::new(child);
-        // Always drained, so passt never blocks on a full stderr pipe.
-        let log = StreamTail::new();
-        let reader = process.child.stderr.take().map(|e| log.capture(e, false));
-        let started = poll_until(
-            Instant::now() + Duration::from_secs(10),
-            Duration::from_millis(5),
-            || {
-                if socket.exists() {
-                    return Some(Ok(()));
-                }
-                match process.try_wait() {
-                    Ok(Some(status)) => Some(Err(status)),
-                    _ => None,
-                }
-            },
-        );
-        match started {
-            Some(Ok(())) => {}
-            Some(Err(status)) => {
-                if let Some(r) = reader {
-                    let _ = r.join();
-                }
-                bail!(
-                    "passt ({}) exited ({status}) before the VM started: {}",
-                    binary.display(),
-                    log.tail(10).join("\n")
-                );
-            }
-            None => bail!("passt did not create its socket in 10 s"),
-        }
+            .args(["--mtu", "1500"]);
+        let daemon = SocketDaemon::start(cmd, &socket, &format!("passt ({})", binary.display()))?;
         Ok(Passt {
             socket,
-            _process: process,
-            _log: log,
+            _daemon: daemon,
         })
     }
 }

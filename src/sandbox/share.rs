@@ -3,7 +3,7 @@
 //! virtio-9p, and mounted by the agent.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -13,8 +13,7 @@ use kiln_agent::MountRequest;
 use kiln_vmm::FsConfig;
 
 use crate::sandbox::backend::{ShareSpec, ShareTransport};
-use crate::util::process::{detach_and_tie, Guarded};
-use crate::util::stream_tail::StreamTail;
+use crate::sandbox::socket_daemon::SocketDaemon;
 use crate::util::which::which_also_in;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,15 +50,7 @@ impl std::str::FromStr for ShareArg {
 pub struct Share {
     pub arg: ShareArg,
     pub spec: ShareSpec,
-    virtiofsd: Option<Virtiofsd>,
-}
-
-/// A running virtiofsd and what it has said on stderr.
-struct Virtiofsd {
-    process: Guarded,
-    log: StreamTail,
-    /// The thread reading its stderr into `log`.
-    reader: Option<std::thread::JoinHandle<()>>,
+    virtiofsd: Option<SocketDaemon>,
 }
 
 /// The virtiofsd serving a share ended while the guest still used it.
@@ -200,7 +191,7 @@ pub fn start(
 }
 
 /// Starts virtiofsd serving `arg` on `socket` and waits for the socket.
-fn start_virtiofsd(arg: &ShareArg, socket: &Path) -> Result<Virtiofsd> {
+fn start_virtiofsd(arg: &ShareArg, socket: &Path) -> Result<SocketDaemon> {
     let binary = find_virtiofsd()?;
     // Unprivileged, virtiofsd cannot build its namespace sandbox; it then
     // serves only what this user may access anyway.
@@ -215,57 +206,19 @@ fn start_virtiofsd(arg: &ShareArg, socket: &Path) -> Result<Virtiofsd> {
     if arg.readonly {
         cmd.arg("--readonly");
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    detach_and_tie(&mut cmd);
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let mut process = Guarded::new(child);
-    // Always drained, so virtiofsd never blocks on a full stderr pipe.
-    let log = StreamTail::new();
-    let reader = process.child.stderr.take().map(|e| log.capture(e, false));
-    let started = poll_until(
-        Instant::now() + Duration::from_secs(10),
-        Duration::from_millis(5),
-        || {
-            if socket.exists() {
-                return Some(Ok(()));
-            }
-            match process.try_wait() {
-                Ok(Some(status)) => Some(Err(status)),
-                _ => None,
-            }
-        },
-    );
-    match started {
-        Some(Ok(())) => {}
-        Some(Err(status)) => {
-            if let Some(r) = reader {
-                let _ = r.join();
-            }
-            bail!(
-                "virtiofsd for {} exited ({status}): {}",
-                arg.host.display(),
-                log.tail(10).join("\n")
-            );
-        }
-        None => bail!(
-            "virtiofsd for {} did not create its socket in 10 s",
-            arg.host.display()
-        ),
-    }
-    Ok(Virtiofsd {
-        process,
-        log,
-        reader,
-    })
+    SocketDaemon::start(
+        cmd,
+        socket,
+        &format!("virtiofsd for {}", arg.host.display()),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::process::Guarded;
+    use crate::util::stream_tail::StreamTail;
+    use std::process::Stdio;
 
     #[test]
     fn parses_shares() {
@@ -297,7 +250,7 @@ mod tests {
                 socket_path: "/nowhere/fs0.sock".into(),
                 tag: "kiln-share0".into(),
             }),
-            virtiofsd: Some(Virtiofsd {
+            virtiofsd: Some(SocketDaemon {
                 process,
                 log: log.clone(),
                 reader,
