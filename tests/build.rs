@@ -5,8 +5,11 @@
 
 #[path = "support/leftovers.rs"]
 mod leftovers;
+#[path = "support/tmux.rs"]
+mod tmux;
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -15,6 +18,7 @@ use std::time::{Duration, Instant};
 use kiln_agent::poll::poll_until;
 use leftovers::{mounts_and_loop_devices_mentioning, processes_left_after, processes_mentioning};
 use rustix::process::{geteuid, kill_process, Pid, Signal};
+use tmux::Tmux;
 
 /// The kiln binary under test: cargo's, or the one `KILN_TEST_KILN` names
 /// (the unprivileged CI run, whose user may not reach cargo's).
@@ -25,16 +29,27 @@ fn kiln_exe() -> PathBuf {
 }
 
 fn kiln(dir: &Path, args: &[&str]) -> Output {
+    kiln_with_stdin(dir, args, b"")
+}
+
+/// `kiln ARGS` in `dir`, given `stdin`; checks it left no runtime files.
+fn kiln_with_stdin(dir: &Path, args: &[&str], stdin: &[u8]) -> Output {
     let runtime = dir.join("runtime");
     fs::create_dir_all(&runtime).expect("runtime dir");
-    let out = Command::new(kiln_exe())
+    let mut child = Command::new(kiln_exe())
         .args(args)
         .env("TMPDIR", &runtime)
         .env_remove("SOURCE_DATE_EPOCH")
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .current_dir(dir)
-        .output()
+        .spawn()
         .expect("run kiln");
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin).expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait for kiln");
     let left: Vec<_> = fs::read_dir(&runtime)
         .expect("read runtime")
         .flatten()
@@ -138,6 +153,17 @@ fn small_recipe(dir: &Path, text: &str) -> PathBuf {
     let p = dir.join("small.toml");
     fs::write(&p, text).expect("write recipe");
     p
+}
+
+/// The small recipe with `commands` (a TOML array) for its commands.
+fn small_recipe_with_commands(dir: &Path, commands: &str) -> PathBuf {
+    small_recipe(
+        dir,
+        &SMALL.replace(
+            r#"commands = ["echo built-in-chroot > /etc/built"]"#,
+            &format!("commands = {commands}"),
+        ),
+    )
 }
 
 const ROOT_OFFSET: u64 = 17 << 20;
@@ -547,13 +573,7 @@ fn a_sigkilled_build_is_cleaned_up_by_the_next_kiln() {
 fn a_failing_command_names_its_step_and_leaves_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    small_recipe(
-        dir,
-        &SMALL.replace(
-            r#"commands = ["echo built-in-chroot > /etc/built"]"#,
-            r#"commands = ["true", "echo going wrong; false"]"#,
-        ),
-    );
+    small_recipe_with_commands(dir, r#"["true", "echo going wrong; false"]"#);
     fs::create_dir_all(dir.join("out")).expect("mkdir");
     fs::write(dir.join("out/keep.txt"), "mine").expect("write");
     let out = kiln(dir, &["build", "small.toml", "-o", "out"]);
@@ -570,6 +590,157 @@ fn a_failing_command_names_its_step_and_leaves_nothing() {
     let out = kiln(dir, &["build", "small.toml", "-o", "new/out"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(!dir.join("new/out").exists(), "kiln left new/out behind");
+}
+
+/// `--debug-shell` as a person uses it, on a terminal: the failed step is
+/// named, the shell is in the tree as the step left it with the disks
+/// attached and the step's environment, and Ctrl-D ends the build as the
+/// failure would have: exit 125, nothing written, nothing left.
+#[test]
+fn debug_shell_opens_where_a_step_failed_and_the_build_still_fails() {
+    if !tmux::available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    small_recipe_with_commands(
+        dir,
+        r#"["true", "echo written-then-failed > /etc/half-done; echo going wrong; false"]"#,
+    );
+    fs::create_dir_all(dir.join("out")).expect("mkdir");
+    fs::write(dir.join("out/keep.txt"), "mine").expect("write");
+    let runtime = dir.join("runtime");
+    fs::create_dir_all(&runtime).expect("runtime dir");
+    let tmpdir = format!("TMPDIR={}", runtime.display());
+    let kiln = kiln_exe().to_string_lossy().into_owned();
+    let argv = [
+        "env",
+        "-u",
+        "SOURCE_DATE_EPOCH",
+        &tmpdir,
+        &kiln,
+        "build",
+        "small.toml",
+        "-o",
+        "out",
+        "--debug-shell",
+    ];
+    let tmux = Tmux::start(dir, "build", (120, 40), dir, &argv);
+    let build = Duration::from_secs(300);
+    let step = Duration::from_secs(30);
+
+    // The banner, then the shell's prompt, in the tree.
+    let screen = tmux.wait_for("prompt in /build/root", build, |s| {
+        s.lines().any(|l| l.trim_end() == "root@kiln:/build/root#")
+    });
+    assert!(
+        screen.contains("kiln: step 'command 2' failed (exit status 1)"),
+        "the banner names the step:\n{screen}"
+    );
+    assert!(screen.contains("going wrong"), "and its output:\n{screen}");
+    assert!(
+        screen.contains("chroot /build/root"),
+        "and how to enter the tree:\n{screen}"
+    );
+
+    // The tree as the failed command left it.
+    tmux.send(&["cat /build/root/etc/half-done", "Enter"]);
+    tmux.wait_for_line("written-then-failed", 1, step);
+    // The image's disk is attached.
+    tmux.send(&["ls -1 /dev/disk/by-id/", "Enter"]);
+    tmux.wait_for_line("virtio-kiln-target", 1, step);
+    // The steps' environment (the output, not the echo of the `$`).
+    tmux.send(&["echo step-env=$KILN_TARGET_SERIAL", "Enter"]);
+    tmux.wait_for_line("step-env=kiln-target", 1, step);
+
+    // Ctrl-D ends the build with the step's failure.
+    tmux.send(&["C-d"]);
+    let exit = tmux.wait_for_exit(step);
+    let screen = tmux.screen();
+    assert_eq!(
+        exit,
+        Some(125),
+        "kiln did not end with the shell:\n{screen}"
+    );
+    assert!(
+        screen.contains("kiln: step 'command 2' failed with exit status 1"),
+        "the build's own error:\n{screen}"
+    );
+    drop(tmux);
+    assert_eq!(files_in(&dir.join("out")), ["keep.txt"]);
+    let left = files_in(&runtime);
+    assert!(left.is_empty(), "kiln left runtime files behind: {left:?}");
+    // VMs and helpers mention kiln's runtime directory; the pane's shell
+    // may take a moment to go with its server.
+    let needle = runtime.to_string_lossy().into_owned();
+    let gone = poll_until(
+        Instant::now() + Duration::from_secs(5),
+        Duration::from_millis(50),
+        || processes_mentioning(&needle).is_empty().then_some(()),
+    );
+    assert!(
+        gone.is_some(),
+        "kiln left processes behind: {:?}",
+        processes_mentioning(&needle)
+    );
+}
+
+/// Without a terminal the debug shell takes its commands from stdin (as a
+/// script would feed it) and ends with it; the build then fails as usual.
+#[test]
+fn debug_shell_reads_stdin_without_a_terminal() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    small_recipe_with_commands(
+        dir,
+        r#"["echo written-then-failed > /etc/half-done; false"]"#,
+    );
+    let out = kiln_with_stdin(
+        dir,
+        &["build", "small.toml", "-o", "out", "--debug-shell"],
+        b"cat /build/root/etc/half-done\n",
+    );
+    assert_eq!(out.status.code(), Some(125));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("written-then-failed"), "{stdout}");
+    let err = text(&out.stderr);
+    assert!(err.contains("step 'command 1' failed"), "{err}");
+    assert!(!dir.join("out").exists(), "kiln made out/");
+}
+
+/// A command that asks for the network reaches the mirror by name, with
+/// the tree's resolv.conf put back after it; the other commands of the
+/// same build have no route.
+#[test]
+fn only_the_commands_that_ask_get_the_network() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    small_recipe_with_commands(
+        dir,
+        r#"[
+    { run = "busybox wget -q -O /etc/release http://deb.debian.org/debian/dists/bookworm/Release", network = true },
+    "cat /proc/net/route > /etc/routes; busybox wget -q -T 10 -O /etc/offline http://deb.debian.org/ || echo unreachable > /etc/offline",
+]"#,
+    );
+    let out = kiln(dir, &["build", "small.toml", "-o", "out"]);
+    assert!(out.status.success(), "build failed: {}", text(&out.stderr));
+    let ext4 = format!(
+        "{}?offset={ROOT_OFFSET}",
+        dir.join("out/small.raw").display()
+    );
+    let cat = |path: &str| host("debugfs", &["-R", &format!("cat {path}"), &ext4]);
+    let release = cat("/etc/release");
+    assert!(release.starts_with("Origin: Debian"), "{release}");
+    assert_eq!(cat("/etc/offline"), "unreachable\n");
+    // Only the header: no interface, no route.
+    assert_eq!(
+        cat("/etc/routes").lines().count(),
+        1,
+        "{}",
+        cat("/etc/routes")
+    );
+    let etc = host("debugfs", &["-R", "ls /etc", &ext4]);
+    assert!(!etc.contains("resolv.conf"), "left in the tree: {etc}");
 }
 
 #[test]

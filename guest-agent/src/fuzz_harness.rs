@@ -13,7 +13,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::frame::{encode, FrameError, FrameReader, MAX_FRAME};
 use crate::protocol::{
-    ExecRequest, ExitStatus, LimitsReport, MountRequest, Reply, Request, SpawnErrorKind,
+    ExecRequest, ExitStatus, LimitsReport, MountRequest, Reply, Request, SpawnErrorKind, WindowSize,
 };
 
 /// The input is what a guest sent: the host decodes replies from it as
@@ -187,6 +187,10 @@ impl<'a> Source<'a> {
         a
     }
 
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.array())
+    }
+
     fn u32(&mut self) -> u32 {
         u32::from_le_bytes(self.array())
     }
@@ -234,7 +238,7 @@ impl<'a> Source<'a> {
 }
 
 fn request(s: &mut Source) -> Request {
-    match s.byte() % 11 {
+    match s.byte() % 12 {
         0 => Request::Hello {
             protocol: s.u32(),
             host_version: s.string(),
@@ -246,6 +250,10 @@ fn request(s: &mut Source) -> Request {
             env: s.vec(|s| (s.string(), s.string())),
             cwd: s.option(Source::string),
             stdin: s.bool(),
+            tty: s.option(|s| WindowSize {
+                rows: s.u16(),
+                cols: s.u16(),
+            }),
         }),
         2 => Request::Stdin {
             id: s.u32(),
@@ -279,6 +287,11 @@ fn request(s: &mut Source) -> Request {
         8 => Request::PutTree {
             id: s.u32(),
             path: s.string(),
+        },
+        9 => Request::Resize {
+            id: s.u32(),
+            rows: s.u16(),
+            cols: s.u16(),
         },
         _ => Request::Poweroff,
     }

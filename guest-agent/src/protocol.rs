@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The agent's version, sent in its hello.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -69,6 +69,10 @@ pub enum Request {
     /// id, ended by an empty chunk. Answered by `Done` once extracted, or
     /// `Failed` with what tar said.
     PutTree { id: u32, path: String },
+    /// A command run with a terminal (`ExecRequest::tty`) has a new window
+    /// size; its foreground process group gets SIGWINCH. Ignored for
+    /// unknown, finished or terminal-less commands; a zero size is refused.
+    Resize { id: u32, rows: u16, cols: u16 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +86,28 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// Whether `Stdin` messages follow; if false the command's stdin is /dev/null.
     pub stdin: bool,
+    /// Run the command on a pseudo-terminal of this size instead of pipes:
+    /// it leads its own session with the terminal as controlling terminal,
+    /// `Stdin` bytes are typed into it (an empty chunk types the EOF
+    /// character) and everything it prints comes back as `Stdout`.
+    pub tty: Option<WindowSize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+impl WindowSize {
+    /// What a terminal that cannot tell its size is taken to be.
+    pub const DEFAULT: WindowSize = WindowSize { rows: 24, cols: 80 };
+
+    /// A size a terminal can have: neither side zero.
+    pub fn is_valid(self) -> bool {
+        self.rows > 0 && self.cols > 0
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,7 +240,24 @@ mod tests {
                 env: vec![("A".into(), "b=c".into())],
                 cwd: Some("/tmp".into()),
                 stdin: true,
+                tty: None,
             }),
+            Request::Exec(ExecRequest {
+                id: 8,
+                argv: vec!["bash".into(), "-l".into()],
+                env: vec![("TERM".into(), "xterm-256color".into())],
+                cwd: None,
+                stdin: true,
+                tty: Some(WindowSize {
+                    rows: 30,
+                    cols: 100,
+                }),
+            }),
+            Request::Resize {
+                id: 8,
+                rows: u16::MAX,
+                cols: 1,
+            },
             Request::Stdin {
                 id: 7,
                 data: vec![0, 1, 2, 255],
@@ -465,6 +508,14 @@ mod tests {
             let _ = decode::<Request>(&payload);
             let _ = decode::<Reply>(&payload);
         }
+    }
+
+    #[test]
+    fn window_sizes_with_a_zero_side_are_invalid() {
+        assert!(WindowSize::DEFAULT.is_valid());
+        assert!(WindowSize { rows: 1, cols: 1 }.is_valid());
+        assert!(!WindowSize { rows: 0, cols: 80 }.is_valid());
+        assert!(!WindowSize { rows: 24, cols: 0 }.is_valid());
     }
 
     #[test]

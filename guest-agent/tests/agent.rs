@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use kiln_agent::frame::encode;
 use kiln_agent::{
-    ExecRequest, ExitStatus, FrameReader, Reply, Request, SpawnErrorKind, MAX_FRAME,
+    ExecRequest, ExitStatus, FrameReader, Reply, Request, SpawnErrorKind, WindowSize, MAX_FRAME,
     PROTOCOL_VERSION,
 };
 
@@ -91,6 +91,7 @@ impl Agent {
             env: vec![("KILN_TEST".into(), "yes".into())],
             cwd: None,
             stdin: stdin.is_some(),
+            tty: None,
         }));
         match self.recv() {
             Reply::Started { id: i, .. } => assert_eq!(i, id),
@@ -160,6 +161,7 @@ fn missing_program_is_reported_not_run() {
         env: vec![],
         cwd: None,
         stdin: false,
+        tty: None,
     }));
     match a.recv() {
         Reply::SpawnFailed { id, kind, .. } => {
@@ -174,6 +176,7 @@ fn missing_program_is_reported_not_run() {
         env: vec![],
         cwd: None,
         stdin: false,
+        tty: None,
     }));
     assert!(matches!(a.recv(), Reply::SpawnFailed { id: 10, .. }));
     a.poweroff();
@@ -463,5 +466,163 @@ fn a_background_writer_does_not_hold_back_the_exit_status() {
         "Exited waited for the background writer: {:?}",
         start.elapsed()
     );
+    a.poweroff();
+}
+
+/// Starts `argv` on a terminal of `rows` x `cols`, with the host's input.
+fn exec_tty(a: &mut Agent, id: u32, argv: &[&str], rows: u16, cols: u16) {
+    a.send(&Request::Exec(ExecRequest {
+        id,
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![],
+        cwd: None,
+        stdin: true,
+        tty: Some(WindowSize { rows, cols }),
+    }));
+    match a.recv() {
+        Reply::Started { id: i, .. } => assert_eq!(i, id),
+        other => panic!("expected Started, got {other:?}"),
+    }
+}
+
+/// Collects the terminal's output until it contains `want` (or the command
+/// exits: then its status).
+fn screen_until(a: &Agent, id: u32, screen: &mut Vec<u8>, want: &str) -> Option<ExitStatus> {
+    while !String::from_utf8_lossy(screen).contains(want) {
+        match a.recv() {
+            Reply::Stdout { id: i, data } if i == id => screen.extend(data),
+            Reply::Exited { id: i, status, .. } if i == id => return Some(status),
+            Reply::Stderr { id: i, .. } if i == id => panic!("a terminal has no stderr"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    None
+}
+
+#[test]
+fn a_command_on_a_terminal_sees_its_size_and_resizes() {
+    let mut a = Agent::start();
+    // `tty -s` fails without a controlling terminal; stty reads the size.
+    exec_tty(
+        &mut a,
+        1,
+        &[
+            "sh",
+            "-c",
+            "tty -s && stty size; read x; stty size; echo got-$x",
+        ],
+        30,
+        100,
+    );
+    let mut screen = Vec::new();
+    assert_eq!(screen_until(&a, 1, &mut screen, "30 100\r\n"), None);
+    a.send(&Request::Resize {
+        id: 1,
+        rows: 40,
+        cols: 120,
+    });
+    a.send(&Request::Stdin {
+        id: 1,
+        data: b"ok\r".to_vec(),
+    });
+    assert_eq!(screen_until(&a, 1, &mut screen, "got-ok\r\n"), None);
+    let text = String::from_utf8_lossy(&screen).into_owned();
+    assert!(text.contains("40 120\r\n"), "{text:?}");
+    // The line discipline echoed what was typed.
+    assert!(text.contains("ok\r\n"), "{text:?}");
+    let status = screen_until(&a, 1, &mut screen, "never printed");
+    assert_eq!(status, Some(ExitStatus::Code(0)));
+    a.poweroff();
+}
+
+#[test]
+fn ctrl_c_on_a_terminal_interrupts_its_foreground_job() {
+    let mut a = Agent::start();
+    exec_tty(
+        &mut a,
+        2,
+        &["sh", "-c", "echo ready; exec sleep 100"],
+        24,
+        80,
+    );
+    let mut screen = Vec::new();
+    assert_eq!(screen_until(&a, 2, &mut screen, "ready"), None);
+    let started = std::time::Instant::now();
+    // Typed, not signalled: the terminal turns ^C into SIGINT.
+    a.send(&Request::Stdin {
+        id: 2,
+        data: vec![0x03],
+    });
+    let status = screen_until(&a, 2, &mut screen, "never printed");
+    assert_eq!(status, Some(ExitStatus::Signal(2)));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    a.poweroff();
+}
+
+#[test]
+fn the_end_of_input_ends_a_terminal_reader() {
+    let mut a = Agent::start();
+    exec_tty(&mut a, 3, &["cat"], 24, 80);
+    a.send(&Request::Stdin {
+        id: 3,
+        data: b"line\r".to_vec(),
+    });
+    a.send(&Request::Stdin {
+        id: 3,
+        data: vec![],
+    });
+    let mut screen = Vec::new();
+    let status = screen_until(&a, 3, &mut screen, "never printed");
+    assert_eq!(status, Some(ExitStatus::Code(0)));
+    // Echoed by the terminal, then printed by cat.
+    assert_eq!(String::from_utf8_lossy(&screen), "line\r\nline\r\n");
+    a.poweroff();
+}
+
+#[test]
+fn impossible_window_sizes_are_refused() {
+    let mut a = Agent::start();
+    a.send(&Request::Exec(ExecRequest {
+        id: 4,
+        argv: vec!["true".into()],
+        env: vec![],
+        cwd: None,
+        stdin: false,
+        tty: Some(WindowSize { rows: 0, cols: 80 }),
+    }));
+    match a.recv() {
+        Reply::SpawnFailed { id, kind, message } => {
+            assert_eq!((id, kind), (4, SpawnErrorKind::Other));
+            assert!(message.contains("impossible"), "{message}");
+        }
+        other => panic!("expected SpawnFailed, got {other:?}"),
+    }
+    exec_tty(&mut a, 5, &["sh", "-c", "read x; stty size"], 24, 80);
+    a.send(&Request::Resize {
+        id: 5,
+        rows: 50,
+        cols: 0,
+    });
+    match a.recv() {
+        Reply::Failed { id, message } => {
+            assert_eq!(id, Some(5));
+            assert!(message.contains("impossible"), "{message}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    // Resizing an unknown command, or one without a terminal, is ignored.
+    a.send(&Request::Resize {
+        id: 99,
+        rows: 10,
+        cols: 10,
+    });
+    a.send(&Request::Stdin {
+        id: 5,
+        data: b"\r".to_vec(),
+    });
+    let mut screen = Vec::new();
+    assert_eq!(screen_until(&a, 5, &mut screen, "24 80\r\n"), None);
+    let status = screen_until(&a, 5, &mut screen, "never printed");
+    assert_eq!(status, Some(ExitStatus::Code(0)));
     a.poweroff();
 }

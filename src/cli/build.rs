@@ -55,6 +55,13 @@ pub struct BuildArgs {
     /// Bootstrap the Debian root again instead of using the cached one.
     #[arg(long, display_order = 7)]
     fresh: bool,
+    /// When a step fails, open a root shell in the build VM before it
+    /// stops: the tree (/build/root) as the step left it, the disks
+    /// attached, the step's environment. Exiting the shell ends the build,
+    /// which fails as it would have. Without a terminal on stdin, the
+    /// shell reads its commands from stdin and ends where stdin does.
+    #[arg(long, display_order = 9)]
+    debug_shell: bool,
 }
 
 pub fn build(a: BuildArgs) -> Result<u8> {
@@ -69,6 +76,7 @@ pub fn build(a: BuildArgs) -> Result<u8> {
         backend: a.vm.backend,
         fresh: a.fresh,
         timeout: a.vm.timeout,
+        debug_shell: a.debug_shell,
     })
     .map(|()| 0)
 }

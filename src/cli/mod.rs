@@ -5,6 +5,7 @@ mod boot;
 mod build;
 mod kernel;
 mod run;
+mod shell;
 mod tools;
 mod vm_args;
 
@@ -34,6 +35,9 @@ struct Cli {
 enum Cmd {
     /// Run a command as root in a fresh VM and exit with its status.
     Run(Box<run::RunArgs>),
+    /// Open an interactive root shell in a fresh VM (takes `run`'s options;
+    /// Ctrl-D or `exit` ends it).
+    Shell(Box<shell::ShellArgs>),
     /// Build the images a recipe describes (see images/README.md).
     Build(Box<build::BuildArgs>),
     /// Boot a built image as a whole machine and wait for a console line.
@@ -103,6 +107,7 @@ pub fn main() -> ExitCode {
     });
     let result = match cli.command {
         Cmd::Run(a) => run::run(*a),
+        Cmd::Shell(a) => shell::shell(*a),
         Cmd::Build(a) => build::build(*a),
         Cmd::Boot(a) => boot::boot(*a),
         Cmd::Kernel { action } => kernel::kernel(action),

@@ -56,9 +56,26 @@ impl VmFlags for RunVm {
     };
 }
 
-// display_order: the place in --help among the shared VM flags (RunVm::ORDER).
+/// `kiln run`: the VM's options, how to run the command, and the command.
 #[derive(clap::Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub opts: RunOptions,
+    /// Run the command on a terminal in the guest, as an interactive
+    /// session: terminal size and resizes, job control, and Ctrl-C for
+    /// the guest's foreground job. Your terminal is in raw mode meanwhile.
+    #[arg(short = 't', long, display_order = 17)]
+    tty: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+/// The options of `kiln run`, shared with `kiln shell`: the VM and what
+/// goes in and out of it.
+// display_order: the place in --help among the shared VM flags (RunVm::ORDER).
+#[derive(clap::Args)]
+pub struct RunOptions {
     /// Attach a disk: PATH[,ro][,format=raw|qcow2][,device]. PATH is a
     /// regular image file, or a block device with ',device' (required for
     /// one, so a typo cannot attach a host disk); anything else is refused.
@@ -135,9 +152,6 @@ pub struct RunArgs {
         display_order = 16
     )]
     tools_packages: Vec<String>,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
-    command: Vec<String>,
 }
 
 /// `--copy-out GUEST:HOST`: the guest path is absolute and comes first, as
@@ -164,10 +178,16 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 /// Runs the command; returns the exit code kiln should exit with.
-pub fn run(opts: RunArgs) -> Result<u8> {
-    if opts.command.is_empty() {
+pub fn run(args: RunArgs) -> Result<u8> {
+    if args.command.is_empty() {
         bail!("no command given: kiln run [OPTIONS] -- CMD [ARGS...]");
     }
+    execute(&args.opts, &args.command, args.tty)
+}
+
+/// Boots a VM as `opts` say, runs `command` in it (on a terminal with
+/// `tty`), and returns the exit code kiln should exit with.
+pub fn execute(opts: &RunOptions, command: &[String], tty: bool) -> Result<u8> {
     // Everything that can be checked on the host is checked before booting.
     let disks = opts
         .disks
@@ -246,18 +266,31 @@ pub fn run(opts: RunArgs) -> Result<u8> {
         }
     }
 
-    let outcome = guest.exec(
-        ExecRequest {
+    let outcome = if tty {
+        // --env comes after TERM, so it can set it.
+        guest.exec_on_terminal(ExecRequest {
             id: 0,
-            argv: opts.command.clone(),
+            argv: command.to_vec(),
             env: opts.env.clone(),
             cwd: opts.workdir.clone(),
-            // A terminal is not forwarded: the command would steal keystrokes.
-            stdin: !std::io::stdin().is_terminal(),
-        },
-        &mut std::io::stdout(),
-        &mut std::io::stderr(),
-    )?;
+            stdin: true,
+            tty: None,
+        })?
+    } else {
+        guest.exec(
+            ExecRequest {
+                id: 0,
+                argv: command.to_vec(),
+                env: opts.env.clone(),
+                cwd: opts.workdir.clone(),
+                // A terminal is not forwarded: the command would steal keystrokes.
+                stdin: !std::io::stdin().is_terminal(),
+                tty: None,
+            },
+            &mut std::io::stdout(),
+            &mut std::io::stderr(),
+        )?
+    };
     if let Some(note) = outcome.limits_note(opts.vm.mem) {
         eprintln!("kiln: {note}");
     }
@@ -267,7 +300,7 @@ pub fn run(opts: RunArgs) -> Result<u8> {
             None => bail!("the guest reported an impossible exit status {status:?}"),
         },
         ExecOutcome::NotFound => {
-            eprintln!("kiln: {}: command not found in the guest", opts.command[0]);
+            eprintln!("kiln: {}: command not found in the guest", command[0]);
             127
         }
         ExecOutcome::NotExecutable(why) => {

@@ -16,7 +16,7 @@ use super::plan::{self, Step};
 use super::recipe::{Checked, Format};
 use super::{ids, output, rootfs};
 use crate::sandbox::backend::BackendChoice;
-use crate::sandbox::guest::{Guest, GuestConfig};
+use crate::sandbox::guest::{login_shell, Guest, GuestConfig};
 use crate::sandbox::session::ExecOutcome;
 use crate::sandbox::SandboxError;
 use crate::util::ctrl_c;
@@ -37,6 +37,8 @@ pub struct BuildOptions {
     /// Bootstrap the Debian root again instead of using the cached one.
     pub fresh: bool,
     pub timeout: Option<u64>,
+    /// Open a shell in the build VM when a step fails, before it stops.
+    pub debug_shell: bool,
 }
 
 /// The epoch every timestamp in the image is clamped to:
@@ -204,6 +206,8 @@ struct StepRunner<'a> {
     host_dir: PathBuf,
     opts: &'a BuildOptions,
     out_dir: &'a std::path::Path,
+    /// The build VM's disks for a debug shell: (serial, what it holds).
+    disks: Vec<(String, &'static str)>,
 }
 
 impl StepRunner<'_> {
@@ -224,6 +228,8 @@ impl StepRunner<'_> {
         for run in &step.runs {
             let mut env = self.env.clone();
             env.extend(run.env.iter().cloned());
+            // Kept for a debug shell: it gets the failed run's environment.
+            let env_of_run = env.clone();
             let outcome = self.guest.exec(
                 ExecRequest {
                     id: 0,
@@ -231,6 +237,7 @@ impl StepRunner<'_> {
                     env,
                     cwd: None,
                     stdin: false,
+                    tty: None,
                 },
                 &mut LogWriter(&log),
                 &mut LogWriter(&log),
@@ -251,12 +258,15 @@ impl StepRunner<'_> {
             if code != 0 {
                 let mut log = log.into_inner();
                 log.bar.finish_and_clear();
+                let tail = log.tail();
+                if self.opts.debug_shell {
+                    self.debug_shell(&step.name, code, &tail, env_of_run);
+                }
                 bail!(
-                    "step '{}' failed with exit status {code}{}; its last output:\n{}\n\
+                    "step '{}' failed with exit status {code}{}; its last output:\n{tail}\n\
                      (nothing was written to {})",
                     step.name,
                     limits.map(|n| format!(" ({n})")).unwrap_or_default(),
-                    log.tail(),
                     self.out_dir.display()
                 );
             }
@@ -266,6 +276,89 @@ impl StepRunner<'_> {
         progress.done(&step.name, started.elapsed());
         Ok(log.marks)
     }
+
+    /// `--debug-shell`: a root shell in the build VM as the failed step
+    /// left it, with its environment, until the user leaves it. The build
+    /// then fails as it would have without one, so what goes wrong with
+    /// the shell is only a warning.
+    fn debug_shell(&mut self, step: &str, code: u8, tail: &str, env: Vec<(String, String)>) {
+        // The agent refuses a working directory that does not exist (a
+        // step before the unpack failed, or the unpack itself).
+        let has_tree = self.guest.exec(
+            ExecRequest {
+                id: 0,
+                argv: ["test", "-d", plan::TREE].map(String::from).to_vec(),
+                env: vec![],
+                cwd: None,
+                stdin: false,
+                tty: None,
+            },
+            &mut std::io::sink(),
+            &mut std::io::sink(),
+        );
+        let has_tree = matches!(has_tree, Ok(ExecOutcome::Exited { status, .. }) if status.shell_code() == Some(0));
+        eprintln!("{}", debug_banner(step, code, tail, has_tree, &self.disks));
+        let shell = self.guest.exec_on_terminal(ExecRequest {
+            id: 0,
+            argv: login_shell(),
+            env,
+            cwd: has_tree.then(|| plan::TREE.to_string()),
+            stdin: true,
+            tty: None,
+        });
+        if let Err(e) = shell {
+            eprintln!("kiln: warning: the debug shell: {e:#}");
+        }
+    }
+}
+
+/// The last lines of a failed step's output the debug shell's banner shows.
+const BANNER_TAIL_LINES: usize = 10;
+
+/// What the debug shell's user needs to know first: what failed, and
+/// where things are. `disks` are (serial, what it holds).
+fn debug_banner(
+    step: &str,
+    code: u8,
+    tail: &str,
+    has_tree: bool,
+    disks: &[(String, &str)],
+) -> String {
+    let lines: Vec<&str> = tail.lines().collect();
+    let last = &lines[lines.len().saturating_sub(BANNER_TAIL_LINES)..];
+    let mut b = format!("kiln: step '{step}' failed (exit status {code})");
+    if last.is_empty() {
+        b.push_str(", with no output\n");
+    } else {
+        b.push_str("; its last output:\n");
+        for l in last {
+            b.push_str(&format!("  | {l}\n"));
+        }
+    }
+    b.push_str("kiln: debug shell in the build VM, with the step's environment.\n");
+    if has_tree {
+        b.push_str(&format!(
+            "  the tree: {t}, as the step left it; `chroot {t}` enters it\n  \
+             (the step's /proc, /sys and /dev mounts are undone)\n",
+            t = plan::TREE
+        ));
+    } else {
+        b.push_str(&format!(
+            "  the tree: none yet ({} does not exist)\n",
+            plan::TREE
+        ));
+    }
+    b.push_str("  the disks:\n");
+    let width = disks.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
+    for (serial, what) in disks {
+        b.push_str(&format!(
+            "    /dev/disk/by-id/virtio-{serial:<width$}  {what}\n"
+        ));
+    }
+    b.push_str(
+        "kiln: exit the shell (Ctrl-D or `exit`) to end the build; it fails as it would have.",
+    );
+    b
 }
 
 pub fn build(opts: BuildOptions) -> Result<()> {
@@ -393,6 +486,10 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         });
     }
 
+    let disk_purposes: Vec<(String, &'static str)> = disks
+        .iter()
+        .map(|d| (d.serial.clone(), plan::disk_purpose(&d.serial)))
+        .collect();
     let mut guest = progress.host("boot build VM", || {
         Guest::boot(GuestConfig {
             disks,
@@ -406,8 +503,10 @@ pub fn build(opts: BuildOptions) -> Result<()> {
             tools: None,
             timeout: opts.timeout,
             boot_timeout: 120.0,
-            // Hermetic: the root was bootstrapped on the host.
-            net: false,
+            // Hermetic unless a command asks for the network: the root
+            // was bootstrapped on the host, and the other commands run
+            // in a network namespace of their own (command.sh).
+            net: c.needs_network(),
         })
     })?;
 
@@ -441,6 +540,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         host_dir: files_dir,
         opts: &opts,
         out_dir: &out_dir,
+        disks: disk_purposes,
     };
     let mut marks = Vec::new();
     for step in plan.tree_steps() {
@@ -527,6 +627,37 @@ pub fn build(opts: BuildOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_debug_banner_names_the_step_its_output_the_tree_and_the_disks() {
+        let tail: String = (0..20).map(|i| format!("line {i}\n")).collect();
+        let disks = [
+            (plan::TARGET_SERIAL.to_string(), "the image"),
+            (plan::SCRATCH_SERIAL.to_string(), "scratch"),
+        ];
+        let b = debug_banner("command 2", 1, &tail, true, &disks);
+        assert!(
+            b.starts_with("kiln: step 'command 2' failed (exit status 1)"),
+            "{b}"
+        );
+        assert!(
+            b.contains("  | line 19\n") && b.contains("  | line 10\n"),
+            "{b}"
+        );
+        assert!(!b.contains("line 9\n"), "only the last lines: {b}");
+        assert!(b.contains("`chroot /build/root`"), "{b}");
+        assert!(
+            b.contains("/dev/disk/by-id/virtio-kiln-target   the image\n"),
+            "{b}"
+        );
+        assert!(
+            b.contains("/dev/disk/by-id/virtio-kiln-scratch  scratch\n"),
+            "{b}"
+        );
+        let b = debug_banner("unpack root", 2, "", false, &disks);
+        assert!(b.contains("with no output"), "{b}");
+        assert!(b.contains("none yet"), "{b}");
+    }
 
     #[test]
     fn a_step_keeps_its_last_lines_and_an_unfinished_one() {

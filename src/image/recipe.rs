@@ -14,7 +14,14 @@ use crate::util::size;
 pub const MIB: u64 = 1 << 20;
 
 /// Keys that live at the top of a recipe, before any table.
-const TOP_LEVEL_KEYS: &[&str] = &["name", "size", "table", "source_date_epoch", "commands"];
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "name",
+    "size",
+    "table",
+    "source_date_epoch",
+    "network",
+    "commands",
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,9 +43,13 @@ pub struct Recipe {
     pub users: Vec<User>,
     #[serde(default, rename = "file")]
     pub files: Vec<FileEntry>,
+    /// Whether every command may reach the network (one command can ask
+    /// for it alone: `{ run = "...", network = true }`).
+    #[serde(default)]
+    pub network: bool,
     /// Shell commands run in the image's root (chroot), in order.
     #[serde(default)]
-    pub commands: Vec<String>,
+    pub commands: Vec<Command>,
     #[serde(default)]
     pub bootloader: Bootloader,
     #[serde(default)]
@@ -80,6 +91,57 @@ pub fn parse_size(s: &str) -> Result<Size, String> {
     n.checked_mul(unit.bytes())
         .map(Size::Bytes)
         .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+/// One of the recipe's commands: a string, or a table that also says
+/// whether it may reach the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub run: String,
+    /// `None`: as the recipe's `network` says.
+    pub network: Option<bool>,
+}
+
+impl Command {
+    /// Whether the command runs with the build VM's network, given the
+    /// recipe-wide `network`.
+    pub fn uses_network(&self, recipe_network: bool) -> bool {
+        self.network.unwrap_or(recipe_network)
+    }
+}
+
+impl<'de> Deserialize<'de> for Command {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A visitor rather than an untagged enum, so a mistake inside the
+        // table is reported as itself (unknown field, wrong type).
+        struct V;
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            run: String,
+            network: Option<bool>,
+        }
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Command;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a command string, or a table { run = \"...\", network = true }")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Command, E> {
+                Ok(Command {
+                    run: s.to_string(),
+                    network: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Command, A::Error> {
+                let t = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Command {
+                    run: t.run,
+                    network: t.network,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -296,6 +358,12 @@ pub const ALIGN: u64 = MIB;
 pub const MAX_DISK: u64 = 1 << 50;
 
 impl Checked {
+    /// Whether any command may reach the network, so the build VM needs one.
+    pub fn needs_network(&self) -> bool {
+        let all = self.recipe.network;
+        self.recipe.commands.iter().any(|c| c.uses_network(all))
+    }
+
     pub fn load(file: &Path) -> Result<Checked> {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("reading recipe {}", file.display()))?;
@@ -908,6 +976,35 @@ type = "grub-efi"
         assert!(e.contains("r.toml"), "{e}");
         assert!(e.contains("colour"), "{e}");
         assert!(e.contains("timeout"), "lists what is allowed: {e}");
+    }
+
+    #[test]
+    fn commands_are_strings_or_tables_that_ask_for_the_network() {
+        let with = |top: &str| load(&format!("{top}\n{GOOD}"));
+        let c = with(r#"commands = ["a", { run = "b", network = true }]"#).unwrap();
+        let cmds = &c.recipe.commands;
+        assert_eq!((cmds[0].run.as_str(), cmds[0].network), ("a", None));
+        assert_eq!((cmds[1].run.as_str(), cmds[1].network), ("b", Some(true)));
+        assert!(c.needs_network());
+        let c = with(
+            r#"network = true
+commands = [{ run = "a", network = false }]"#,
+        )
+        .unwrap();
+        assert!(!c.needs_network());
+        assert!(with(r#"commands = ["a"]"#).unwrap().recipe.commands[0].uses_network(true));
+        for (top, want) in [
+            (
+                r#"commands = [{ run = "a", net = true }]"#,
+                "unknown field `net`",
+            ),
+            (r#"commands = [{ network = true }]"#, "missing field `run`"),
+            (r#"commands = [1]"#, "a command string, or a table"),
+            (r#"network = "yes""#, "network"),
+        ] {
+            let e = with(top).unwrap_err().to_string();
+            assert!(e.contains(want), "{top}: {e}");
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! backend, the virtiofsd daemons and the agent channel, and that stops
 //! them all on every exit path (they are dropped with the [`Guest`]).
 
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use kiln_agent::poll::{poll_until, try_poll_until};
-use kiln_agent::{ExecRequest, TOOLS_DISK_SERIAL};
+use kiln_agent::{ExecRequest, WindowSize, TOOLS_DISK_SERIAL};
 use kiln_vmm::{DiskConfig, DiskFormat};
 
 use crate::sandbox::backend::{self, BackendChoice, Vm, VmSpec};
@@ -20,6 +21,18 @@ use crate::sandbox::SandboxError;
 use crate::sandbox::{initramfs, kernel, tools};
 use crate::util::ctrl_c;
 use crate::util::owned_dir::{self, OwnedDir};
+use crate::util::terminal;
+
+/// The guest terminal's TERM when the user's has none.
+const DEFAULT_TERM: &str = "xterm-256color";
+
+/// An interactive root login shell: bash where the tools image has it (a
+/// `--tools` image may not), else sh. A fixed script: nothing of the
+/// user's goes in it.
+pub fn login_shell() -> Vec<String> {
+    const SCRIPT: &str = "if command -v bash >/dev/null 2>&1; then exec bash -il; fi; exec sh -il";
+    ["sh", "-c", SCRIPT].map(String::from).to_vec()
+}
 
 /// What to boot.
 pub struct GuestConfig {
@@ -169,10 +182,11 @@ impl Guest {
                 shares.push(share::start(s, i, runtime.path(), transport)?);
             }
         }
-        let passt = if cfg.net && backend.net_needs_passt() {
-            Some(Passt::start(runtime.path())?)
+        let (passt, passt_stream) = if cfg.net && backend.net_needs_passt() {
+            let (p, stream) = Passt::start()?;
+            (Some(p), Some(stream))
         } else {
-            None
+            (None, None)
         };
         let agent_socket = runtime.path().join("agent.sock");
         let listener = UnixListener::bind(&agent_socket)
@@ -211,10 +225,8 @@ impl Guest {
             shares: shares.iter().map(|s| s.spec.clone()).collect(),
             agent_socket,
             echo_console: cfg.console,
-            net: match &passt {
-                Some(p) => Some(NetSpec::Passt {
-                    socket: p.socket.clone(),
-                }),
+            net: match passt_stream {
+                Some(stream) => Some(NetSpec::Passt { stream }),
                 None if cfg.net => Some(NetSpec::Builtin),
                 None => None,
             },
@@ -255,6 +267,39 @@ impl Guest {
         stderr: &mut dyn std::io::Write,
     ) -> Result<ExecOutcome> {
         self.session.exec(req, stdout, stderr, &mut self.watch)
+    }
+
+    /// Runs a command on a guest terminal (see [`Session::exec_tty`]).
+    pub fn exec_tty(
+        &mut self,
+        req: ExecRequest,
+        stdout: &mut dyn std::io::Write,
+        resizes: &mut dyn FnMut() -> Option<kiln_agent::WindowSize>,
+    ) -> Result<ExecOutcome> {
+        self.session.exec_tty(req, stdout, resizes, &mut self.watch)
+    }
+
+    /// Runs `req` on a guest terminal the size of the user's (24 x 80 if
+    /// stdin is not a terminal, whose bytes are then typed into it), with
+    /// the user's terminal in raw mode until it ends, so every key (Ctrl-C
+    /// and Ctrl-D too) goes to the guest. TERM is the user's unless
+    /// `req.env` sets it.
+    pub fn exec_on_terminal(&mut self, mut req: ExecRequest) -> Result<ExecOutcome> {
+        // The guest has terminfo for the common terminals. First, so a
+        // TERM in `req.env` wins.
+        let term = std::env::var("TERM")
+            .ok()
+            .filter(|t| !t.is_empty() && !t.contains('\0'))
+            .unwrap_or_else(|| DEFAULT_TERM.to_string());
+        req.env.insert(0, ("TERM".to_string(), term));
+        let stdin = std::io::stdin();
+        req.tty = Some(terminal::size(stdin.as_fd()).unwrap_or(WindowSize::DEFAULT));
+        req.stdin = true;
+        let mut resizes = terminal::Resizes::watch()?;
+        let raw = terminal::RawMode::enter()?;
+        let outcome = self.exec_tty(req, &mut std::io::stdout(), &mut || resizes.poll());
+        drop(raw);
+        outcome
     }
 
     pub fn put_file(&mut self, host: &Path, guest: &str) -> Result<()> {

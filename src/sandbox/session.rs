@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use kiln_agent::frame::DATA_CHUNK;
 use kiln_agent::{
     ExecRequest, ExitStatus, FrameError, FrameReader, FrameWriter, LimitsReport, MountRequest,
-    Reply, Request, SpawnErrorKind, MAX_FRAME, PROTOCOL_VERSION,
+    Reply, Request, SpawnErrorKind, WindowSize, MAX_FRAME, PROTOCOL_VERSION,
 };
 
 use crate::sandbox::tree_copy;
@@ -233,9 +233,35 @@ impl Session {
     /// (`req.id` is assigned here.)
     pub fn exec(
         &mut self,
+        req: ExecRequest,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+        watch: &mut dyn Watch,
+    ) -> Result<ExecOutcome> {
+        self.exec_with(req, stdout, stderr, None, watch)
+    }
+
+    /// [`Session::exec`] for a command on a guest terminal (`req.tty`):
+    /// `resizes` is polled for new sizes of the user's terminal, which the
+    /// guest's terminal then takes.
+    pub fn exec_tty(
+        &mut self,
+        req: ExecRequest,
+        stdout: &mut dyn Write,
+        resizes: &mut dyn FnMut() -> Option<WindowSize>,
+        watch: &mut dyn Watch,
+    ) -> Result<ExecOutcome> {
+        // A terminal has no separate error stream; anything the agent
+        // sends as one still reaches kiln's.
+        self.exec_with(req, stdout, &mut std::io::stderr(), Some(resizes), watch)
+    }
+
+    fn exec_with(
+        &mut self,
         mut req: ExecRequest,
         stdout: &mut dyn Write,
         stderr: &mut dyn Write,
+        mut resizes: Option<&mut dyn FnMut() -> Option<WindowSize>>,
         watch: &mut dyn Watch,
     ) -> Result<ExecOutcome> {
         let id = self.id();
@@ -278,7 +304,25 @@ impl Session {
         let mut err = Sink::new(stderr, "standard error");
         let mut piped = false;
         loop {
-            match self.recv(watch)? {
+            let reply = match resizes.as_mut() {
+                Some(resized) => {
+                    if let Some(size) = resized() {
+                        self.send(&Request::Resize {
+                            id,
+                            rows: size.rows,
+                            cols: size.cols,
+                        })?;
+                    }
+                    // Back soon, to look for the next resize.
+                    let soon = Instant::now() + Duration::from_millis(50);
+                    match self.recv_until(watch, Some(soon))? {
+                        Some(reply) => reply,
+                        None => continue,
+                    }
+                }
+                None => self.recv(watch)?,
+            };
+            match reply {
                 Reply::Stdout { id: i, data } if i == id => {
                     out.write(&data);
                     if out.closed && !piped {

@@ -26,9 +26,9 @@ pub struct SocketDaemon {
 }
 
 impl SocketDaemon {
-    /// Starts `cmd` and waits for it to create `socket`; `what` names it
+    /// Starts `cmd`, which serves a socket it was given; `what` names it
     /// in the errors.
-    pub fn start(mut cmd: Command, socket: &Path, what: &str) -> Result<SocketDaemon> {
+    pub fn spawn(mut cmd: Command, what: &str) -> Result<SocketDaemon> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -38,6 +38,21 @@ impl SocketDaemon {
         // Always drained, so the daemon never blocks on a full stderr pipe.
         let log = StreamTail::new();
         let reader = process.child.stderr.take().map(|e| log.capture(e, false));
+        Ok(SocketDaemon {
+            process,
+            log,
+            reader,
+        })
+    }
+
+    /// Starts `cmd` and waits for it to create `socket`; `what` names it
+    /// in the errors.
+    pub fn start(cmd: Command, socket: &Path, what: &str) -> Result<SocketDaemon> {
+        let SocketDaemon {
+            mut process,
+            log,
+            reader,
+        } = SocketDaemon::spawn(cmd, what)?;
         let started = poll_until(
             Instant::now() + SOCKET_WAIT,
             Duration::from_millis(5),

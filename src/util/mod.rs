@@ -1,6 +1,6 @@
 //! Host utilities with no notion of a VM: finding programs, sizes, output
 //! tails, child processes and directories kiln owns, walks of received
-//! trees, Ctrl-C, the spinner, the user-namespace preflight.
+//! trees, Ctrl-C, the terminal, the spinner, the user-namespace preflight.
 
 pub mod ctrl_c;
 pub mod owned_dir;
@@ -9,6 +9,7 @@ pub mod size;
 pub mod spinner;
 pub mod stream_tail;
 pub mod tail;
+pub mod terminal;
 pub mod tree;
 pub mod userns;
 pub mod which;

@@ -3,8 +3,10 @@
 //! them in order; and tied to kiln's life so they die with it even if kiln
 //! is killed outright.
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_agent::poll::poll_until;
@@ -53,6 +55,26 @@ pub fn tie(cmd: &mut Command) -> &mut Command {
         })
     };
     cmd
+}
+
+/// Lets `cmd`'s program inherit `fd`, at its own number, which is
+/// returned for the program's arguments. kiln's descriptors are
+/// close-on-exec; this clears the flag in the child alone. `cmd` keeps
+/// `fd` open until it is dropped.
+pub fn inherit_fd(cmd: &mut Command, fd: Arc<OwnedFd>) -> RawFd {
+    let raw = fd.as_raw_fd();
+    // SAFETY: the closure runs between fork and exec and makes one fcntl
+    // call, async-signal-safe, on a descriptor the closure keeps open.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    };
+    raw
 }
 
 /// A child that is killed (whole process group) and reaped when dropped.
@@ -135,5 +157,40 @@ impl Guarded {
 impl Drop for Guarded {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// The child writes to the descriptor it inherited; a sibling spawned
+    /// without it does not get it. (Through /proc: a shell's `>&N` takes
+    /// one digit, and the descriptor may have two.)
+    #[test]
+    fn an_inherited_descriptor_reaches_that_child_only() {
+        let (mut ours, theirs) = std::io::pipe().expect("pipe");
+        let theirs = Arc::new(OwnedFd::from(theirs));
+        let script = "echo through > /proc/self/fd/$0";
+        let mut cmd = Command::new("sh");
+        let n = inherit_fd(&mut cmd, theirs.clone());
+        let ok = cmd
+            .args(["-c", script, &n.to_string()])
+            .status()
+            .expect("sh");
+        assert!(ok.success());
+        // Whatever this one has at that number, it is not our pipe.
+        let _ = Command::new("sh")
+            .args(["-c", script, &n.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("sh");
+        drop(cmd);
+        drop(theirs);
+        let mut got = String::new();
+        ours.read_to_string(&mut got).expect("read");
+        assert_eq!(got, "through\n", "the pipe reached another child");
     }
 }

@@ -83,13 +83,33 @@ pub struct AgentPortConfig {
 }
 
 /// The guest's network: a virtio-net device whose frames go to passt (or
-/// anything speaking QEMU's stream framing) through a connection to the
-/// Unix socket `socket`, made as the VM is built.
+/// anything speaking QEMU's stream framing) through a Unix stream socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
-    pub socket: PathBuf,
+    pub peer: NetPeer,
     /// The guest's MAC address (unicast).
     pub mac: [u8; 6],
+}
+
+/// Where the network's stream socket comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetPeer {
+    /// Connect to this socket as the VM is built.
+    Socket(PathBuf),
+    /// This descriptor, already connected, which the process inherited
+    /// for the VM alone (one end of a socket pair whose other end the
+    /// parent gave passt); the VM takes it over.
+    Fd(i32),
+}
+
+impl std::fmt::Display for NetPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NetPeer::Socket(p) => write!(f, "socket {}", p.display()),
+            NetPeer::Fd(n) => write!(f, "inherited descriptor {n}"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -121,7 +141,7 @@ mod tests {
                 socket: "/run/agent.sock".into(),
             }),
             net: Some(NetConfig {
-                socket: "/run/passt.sock".into(),
+                peer: NetPeer::Fd(3),
                 mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
             }),
             seccomp: true,

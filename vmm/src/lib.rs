@@ -24,6 +24,6 @@ pub mod seccomp;
 pub mod vm;
 pub mod vstate;
 
-pub use config::{AgentPortConfig, DiskConfig, DiskFormat, FsConfig, NetConfig, VmConfig};
+pub use config::{AgentPortConfig, DiskConfig, DiskFormat, FsConfig, NetConfig, NetPeer, VmConfig};
 pub use vm::{run, Vm, VmError};
 pub use vstate::machine::{Exit, Stopper};

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
-use crate::config::{DiskConfig, DiskFormat, NetConfig, VmConfig};
+use crate::config::{DiskConfig, DiskFormat, NetConfig, NetPeer, VmConfig};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::console::{Console, ConsoleError, PortConfig};
 use crate::devices::virtio::fs::{Fs, FsError};
@@ -38,10 +38,10 @@ pub enum VmError {
     Console(#[from] ConsoleError),
     #[error("shared directory '{0}': {1}")]
     Fs(String, FsError),
-    #[error("connecting the network to {0}: {1}")]
-    NetConnect(PathBuf, std::io::Error),
+    #[error("connecting the network to its {0}: {1}")]
+    NetConnect(NetPeer, std::io::Error),
     #[error("network ({0}): {1}")]
-    Net(PathBuf, NetError),
+    Net(NetPeer, NetError),
     #[error("{0} MiB of guest memory is too little (at least 16 MiB)")]
     Memory(u32),
     #[error("virtio-fs needs guest memory that virtiofsd can map, and it is private")]
@@ -152,11 +152,57 @@ pub fn run(config: VmConfig, console: Box<dyn Write + Send>) -> Result<Exit, VmE
     Vm::new(config, console)?.run()
 }
 
-/// The network device, connected to passt's socket.
+/// The network device, on its peer's stream socket.
 fn connect_net(net: &NetConfig) -> Result<Net, VmError> {
-    let stream =
-        UnixStream::connect(&net.socket).map_err(|e| VmError::NetConnect(net.socket.clone(), e))?;
-    Net::new(stream, net.mac).map_err(|e| VmError::Net(net.socket.clone(), e))
+    let stream = match &net.peer {
+        NetPeer::Socket(path) => UnixStream::connect(path),
+        NetPeer::Fd(fd) => take_stream_socket(*fd),
+    }
+    .map_err(|e| VmError::NetConnect(net.peer.clone(), e))?;
+    Net::new(stream, net.mac).map_err(|e| VmError::Net(net.peer.clone(), e))
+}
+
+/// Takes over the inherited descriptor `fd` after checking it is a Unix
+/// stream socket, and makes it close-on-exec.
+fn take_stream_socket(fd: i32) -> std::io::Result<UnixStream> {
+    let option = |name: libc::c_int| -> std::io::Result<libc::c_int> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes to `value`, which
+        // has that size; a descriptor that is not an open socket is an
+        // error return, touching nothing.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r == 0 {
+            Ok(value)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    if option(libc::SO_DOMAIN)? != libc::AF_UNIX || option(libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a Unix stream socket",
+        ));
+    }
+    // SAFETY: `fd` is open (getsockopt answered for it) and was passed to
+    // this process for the VM alone, which owns it from here on; nothing
+    // else in the process uses or closes it.
+    let stream = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // Inherited without close-on-exec; the VMM starts nothing, but a
+    // descriptor it owns should not leak if it ever does.
+    // SAFETY: F_SETFD on a descriptor this function owns; no memory passed.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// Opens a disk, refusing formats other than raw that would be silently
@@ -213,27 +259,59 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("passt.sock");
         let mac = [0x52, 0x54, 0, 0, 0, 1];
-        let err = connect_net(&NetConfig {
-            socket: socket.clone(),
-            mac,
-        })
-        .err()
-        .expect("connected to nothing");
+        let at = |peer: NetPeer, mac| connect_net(&NetConfig { peer, mac });
+        let err = at(NetPeer::Socket(socket.clone()), mac)
+            .err()
+            .expect("connected to nothing");
         assert!(matches!(err, VmError::NetConnect(..)), "{err}");
         assert!(err.to_string().contains("passt.sock"), "{err}");
 
         let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        assert!(at(NetPeer::Socket(socket.clone()), mac).is_ok());
+        let err = at(NetPeer::Socket(socket), [0xff; 6])
+            .err()
+            .expect("a broadcast MAC accepted");
+        assert!(err.to_string().contains("ff:ff:ff:ff:ff:ff"), "{err}");
+    }
+
+    /// An inherited descriptor is taken only if it is a Unix stream
+    /// socket; anything else is named and left alone.
+    #[test]
+    fn the_network_takes_over_an_inherited_stream_socket_only() {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        let mac = [0x52, 0x54, 0, 0, 0, 1];
+        let (ours, _peer) = UnixStream::pair().expect("pair");
+        let fd = ours.into_raw_fd();
         assert!(connect_net(&NetConfig {
-            socket: socket.clone(),
+            peer: NetPeer::Fd(fd),
             mac
         })
         .is_ok());
+
+        let file = tempfile::tempfile().expect("tempfile");
         let err = connect_net(&NetConfig {
-            socket,
-            mac: [0xff; 6],
+            peer: NetPeer::Fd(file.as_raw_fd()),
+            mac,
         })
         .err()
-        .expect("a broadcast MAC accepted");
-        assert!(err.to_string().contains("ff:ff:ff:ff:ff:ff"), "{err}");
+        .expect("a file taken as the network");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("descriptor {}", file.as_raw_fd())),
+            "{msg}"
+        );
+        let datagram = std::os::unix::net::UnixDatagram::unbound().expect("datagram");
+        let err = connect_net(&NetConfig {
+            peer: NetPeer::Fd(datagram.as_raw_fd()),
+            mac,
+        })
+        .err()
+        .expect("a datagram socket taken");
+        assert!(
+            err.to_string().contains("not a Unix stream socket"),
+            "{err}"
+        );
+        // Both are still open: a refused descriptor is not closed.
+        assert!(file.metadata().is_ok());
     }
 }

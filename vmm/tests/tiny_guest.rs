@@ -525,7 +525,7 @@ fn a_stopper_ends_a_machine_whose_vcpus_sleep_in_the_kernel() {
 
 #[test]
 fn the_vm_api_boots_an_elf_and_announces_its_devices_on_the_command_line() {
-    use kiln_vmm::{AgentPortConfig, DiskConfig, DiskFormat, NetConfig, VmConfig};
+    use kiln_vmm::{AgentPortConfig, DiskConfig, DiskFormat, NetConfig, NetPeer, VmConfig};
     if !kvm_available() {
         return;
     }
@@ -577,7 +577,7 @@ fn the_vm_api_boots_an_elf_and_announces_its_devices_on_the_command_line() {
             socket: agent.clone(),
         }),
         net: Some(NetConfig {
-            socket: passt.clone(),
+            peer: NetPeer::Socket(passt.clone()),
             mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
         }),
         seccomp: true,

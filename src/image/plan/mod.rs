@@ -26,6 +26,19 @@ pub const TARGET_SERIAL: &str = "kiln-target";
 pub const ROOTFS_SERIAL: &str = "kiln-rootfs";
 pub const SCRATCH_SERIAL: &str = "kiln-scratch";
 pub const ISO_SERIAL: &str = "kiln-iso";
+/// The tree being made into the image, in the build VM (`R` in common.sh).
+pub const TREE: &str = "/build/root";
+
+/// What the build VM's disk with `serial` holds, for a person looking.
+pub fn disk_purpose(serial: &str) -> &'static str {
+    match serial {
+        TARGET_SERIAL => "the image being built",
+        ROOTFS_SERIAL => "the root archive (read-only)",
+        SCRATCH_SERIAL => "scratch, mounted at /build: the tree and its copies",
+        ISO_SERIAL => "where the live iso is written",
+        _ => "",
+    }
+}
 /// Where host files for `[[file]]` entries are put in the guest.
 const FILES_DIR: &str = "/run/kiln-files";
 /// Where the step scripts are put in the guest.
@@ -252,9 +265,17 @@ impl Inputs<'_> {
             self.configure(),
         ];
         for (i, cmd) in c.recipe.commands.iter().enumerate() {
+            let network = if cmd.uses_network(c.recipe.network) {
+                "1"
+            } else {
+                "0"
+            };
             steps.push(
-                Step::new(&format!("command {}", i + 1))
-                    .run(Run::new(Script::Command).env("KILN_COMMAND", cmd.as_str())),
+                Step::new(&format!("command {}", i + 1)).run(
+                    Run::new(Script::Command)
+                        .env("KILN_COMMAND", cmd.run.as_str())
+                        .env("KILN_NETWORK", network),
+                ),
             );
         }
         steps.push(
@@ -533,11 +554,20 @@ mod tests {
     use std::path::Path;
 
     fn recipe(extra: &str) -> Checked {
+        recipe_full("", r#"["echo 'it''s' \"$HOME\" > /x; ls | wc -l"]"#, extra)
+    }
+
+    fn recipe_with_commands(top: &str, commands: &str) -> Checked {
+        recipe_full(top, commands, "")
+    }
+
+    fn recipe_full(top: &str, commands: &str, extra: &str) -> Checked {
         let text = format!(
             r#"name = "t"
 size = "1G"
 table = "gpt"
-commands = ["echo 'it''s' \"$HOME\" > /x; ls | wc -l"]
+{top}
+commands = {commands}
 [[partition]]
 label = "ESP"
 size = "128M"
@@ -623,6 +653,35 @@ type = "both"
             Some(r#"echo 'it''s' "$HOME" > /x; ls | wc -l"#)
         );
         assert_eq!(run.argv(), ["bash", "/run/kiln-steps/command.sh"]);
+    }
+
+    /// Only the commands that ask for the network get it; the recipe's
+    /// `network` is every command's default.
+    #[test]
+    fn each_command_says_whether_it_has_the_network() {
+        let networks = |top: &str, commands: &str| {
+            let c = recipe_with_commands(top, commands);
+            let s = steps(&c, &[Format::Raw], None);
+            s.iter()
+                .filter(|s| s.name.starts_with("command "))
+                .map(|s| {
+                    env(&s.runs[0], "KILN_NETWORK")
+                        .unwrap_or("unset")
+                        .to_string()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            networks("", r#"["a", { run = "b", network = true }, { run = "c" }]"#),
+            ["0", "1", "0"]
+        );
+        assert_eq!(
+            networks(
+                "network = true",
+                r#"["a", { run = "b", network = false }, { run = "c" }]"#
+            ),
+            ["1", "0", "1"]
+        );
     }
 
     #[test]

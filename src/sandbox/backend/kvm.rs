@@ -6,16 +6,17 @@
 //! guest's clean reset.
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use kiln_agent::AGENT_PORT_NAME;
-use kiln_vmm::{AgentPortConfig, Exit, NetConfig, VmConfig};
+use kiln_vmm::{AgentPortConfig, Exit, NetConfig, NetPeer, VmConfig};
 
 use super::{spawn_child, Backend, ShareSpec, ShareTransport, Vm, VmSpec};
 use crate::sandbox::net::{self, NetSpec};
+use crate::util::process::inherit_fd;
 
 /// Set to `1` to run kiln-vmm's threads without their seccomp filters
 /// (to debug a filter that kills the VMM).
@@ -65,8 +66,10 @@ fn vm_config(spec: &VmSpec, seccomp: bool) -> Result<VmConfig> {
         }),
         net: match &spec.net {
             None => None,
-            Some(NetSpec::Passt { socket }) => Some(NetConfig {
-                socket: socket.clone(),
+            // The child inherits the descriptor at its own number (see
+            // `launch`).
+            Some(NetSpec::Passt { stream }) => Some(NetConfig {
+                peer: NetPeer::Fd(stream.as_raw_fd()),
                 mac: net::GUEST_MAC,
             }),
             // kiln-vmm has no network stack of its own.
@@ -153,6 +156,9 @@ impl Backend for Kvm {
         let config = vm_config(spec, self.seccomp)?;
         let json = serde_json::to_string(&config).context("describing the VM for kiln-vmm")?;
         let mut cmd = Command::new(&self.exe);
+        if let Some(NetSpec::Passt { stream }) = &spec.net {
+            inherit_fd(&mut cmd, stream.clone());
+        }
         cmd.arg(SUBCOMMAND).arg(json);
         let what = format!("kiln-vmm ({} {SUBCOMMAND})", self.exe.display());
         spawn_child(cmd, &what, spec.echo_console)
@@ -198,16 +204,17 @@ mod tests {
     }
 
     #[test]
-    fn the_network_goes_through_passts_socket_with_kilns_mac() {
+    fn the_network_goes_through_passts_socket_pair_with_kilns_mac() {
         let mut s = spec();
         assert_eq!(vm_config(&s, true).expect("config").net, None);
-        s.net = Some(NetSpec::Passt {
-            socket: "/run/net.sock".into(),
-        });
+        let (vm_end, _passt_end) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let stream = std::sync::Arc::new(std::os::fd::OwnedFd::from(vm_end));
+        let fd = stream.as_raw_fd();
+        s.net = Some(NetSpec::Passt { stream });
         assert_eq!(
             vm_config(&s, true).expect("config").net,
             Some(NetConfig {
-                socket: "/run/net.sock".into(),
+                peer: NetPeer::Fd(fd),
                 mac: net::GUEST_MAC,
             })
         );

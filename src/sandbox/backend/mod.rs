@@ -187,16 +187,9 @@ pub fn select(
     net: bool,
 ) -> Result<(Box<dyn Backend>, Option<String>)> {
     let (device, kvm) = probe_kvm();
-    let pick = match pick(choice, &kvm, &device, disks)? {
-        // kiln-vmm's network (virtio-net to passt) is not yet proven end
-        // to end; QEMU's user networking is.
-        Pick::KilnVmm if net && choice == BackendChoice::Auto => Pick::Qemu(Some(
-            "kiln: using QEMU with KVM for --net: kiln-vmm's network (through passt) is \
-             still experimental; '--backend kvm' uses it"
-                .into(),
-        )),
-        p => p,
-    };
+    let pick = pick(choice, &kvm, &device, disks)?;
+    let passt_found = !(net && pick == Pick::KilnVmm) || crate::sandbox::net::find_passt().is_ok();
+    let pick = for_net(pick, choice, passt_found);
     match pick {
         Pick::KilnVmm => Ok((Box::new(kvm::Kvm::new()?), None)),
         Pick::Qemu(note) => Ok((Box::new(qemu::Qemu::find(kvm.is_usable())?), note)),
@@ -208,6 +201,19 @@ enum Pick {
     KilnVmm,
     /// QEMU, with the line that says why if it is a fallback.
     Qemu(Option<String>),
+}
+
+/// kiln-vmm's network is passt: where it is missing, auto takes QEMU's
+/// own user networking (an explicit kvm then fails, naming passt).
+fn for_net(pick: Pick, choice: BackendChoice, passt_found: bool) -> Pick {
+    match pick {
+        Pick::KilnVmm if choice == BackendChoice::Auto && !passt_found => Pick::Qemu(Some(
+            "kiln: using QEMU with KVM for --net: kiln-vmm's network needs passt, which \
+             is not installed ('sudo apt-get install passt')"
+                .into(),
+        )),
+        p => p,
+    }
 }
 
 fn pick(
@@ -256,6 +262,18 @@ mod tests {
             read_only: false,
             serial: "kiln0".into(),
         }
+    }
+
+    #[test]
+    fn net_without_passt_takes_qemu_under_auto_only() {
+        use BackendChoice::{Auto, Kvm};
+        assert_eq!(for_net(Pick::KilnVmm, Auto, true), Pick::KilnVmm);
+        assert_eq!(for_net(Pick::KilnVmm, Kvm, false), Pick::KilnVmm);
+        match for_net(Pick::KilnVmm, Auto, false) {
+            Pick::Qemu(Some(note)) => assert!(note.contains("apt-get install passt"), "{note}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(for_net(Pick::Qemu(None), Auto, false), Pick::Qemu(None));
     }
 
     #[test]

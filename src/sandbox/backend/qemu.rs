@@ -103,9 +103,15 @@ impl Qemu {
         q.opt("-device", "virtio-rng-device");
         if spec.net.is_some() {
             // User-mode networking: QEMU's own NAT, no privileges (so it
-            // never asks for passt); the guest's addresses are its
-            // defaults (see sandbox::net).
-            q.opt("-netdev", "user,id=net0");
+            // never asks for passt); the guest's IPv4 addresses are its
+            // defaults (see sandbox::net), its IPv6 prefix a unique local
+            // one rather than the default deprecated site-local fec0::,
+            // which programs that pick a global address ignore (passt
+            // among them, which then gives a VM inside no IPv6).
+            q.opt(
+                "-netdev",
+                format!("user,id=net0,ipv6-net={}", net::IPV6_NET),
+            );
             q.opt(
                 "-device",
                 format!("virtio-net-device,netdev=net0,mac={}", net::mac_string()),
@@ -228,7 +234,10 @@ mod tests {
             ..spec()
         });
         let joined = with.join(" ");
-        assert!(joined.contains("-netdev user,id=net0"), "{joined}");
+        assert!(
+            joined.contains("-netdev user,id=net0,ipv6-net=fd00:0:0:2::/64"),
+            "{joined}"
+        );
         assert!(
             joined.contains("-device virtio-net-device,netdev=net0,mac=52:54:00:12:34:56"),
             "{joined}"

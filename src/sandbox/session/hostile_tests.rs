@@ -110,6 +110,7 @@ fn exec_request() -> ExecRequest {
         env: vec![],
         cwd: None,
         stdin: false,
+        tty: None,
     }
 }
 
@@ -737,3 +738,60 @@ fn a_stdout_flood_is_held_back_by_a_slow_reader() {
 }
 
 mod trees;
+
+#[test]
+fn a_terminal_command_gets_resizes_and_replies_for_others_are_ignored() {
+    use kiln_agent::WindowSize;
+    let size = WindowSize {
+        rows: 40,
+        cols: 120,
+    };
+    let agent = started(move |a, id| {
+        // The host sends the new size for this command.
+        match a.request() {
+            Some(Request::Resize { id: i, rows, cols }) => {
+                assert_eq!((i, rows, cols), (id, 40, 120));
+            }
+            other => panic!("expected Resize, got {other:?}"),
+        }
+        // Noise for other ids, and a failed resize, change nothing.
+        a.send(&Reply::Stdout {
+            id: id + 1,
+            data: b"not ours".to_vec(),
+        });
+        a.send(&Reply::Failed {
+            id: Some(id),
+            message: "no such size".into(),
+        });
+        a.send(&Reply::Stdout {
+            id,
+            data: b"screen\r\n".to_vec(),
+        });
+        a.send(&Reply::Exited {
+            id,
+            status: ExitStatus::Code(0),
+            limits: None,
+        });
+    });
+    let (outcome, screen) = against(WATCH_LIMIT, agent, move |session, watch| {
+        let mut screen = Vec::new();
+        let mut pending = Some(size);
+        let req = ExecRequest {
+            tty: Some(WindowSize::DEFAULT),
+            ..exec_request()
+        };
+        let outcome = session.exec_tty(req, &mut screen, &mut || pending.take(), watch);
+        (outcome, screen)
+    });
+    assert!(
+        matches!(
+            outcome,
+            Ok(ExecOutcome::Exited {
+                status: ExitStatus::Code(0),
+                ..
+            })
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(screen, b"screen\r\n");
+}

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_agent::frame::DATA_CHUNK;
-use kiln_agent::{ExecRequest, ExitStatus, Reply, SpawnErrorKind};
+use kiln_agent::{ExecRequest, ExitStatus, Reply, SpawnErrorKind, WindowSize};
 
+use crate::pty::{self, Pty};
 use crate::serve::Outbox;
 use crate::{limits, reaper};
 
@@ -53,6 +54,8 @@ pub struct Running {
     exited: Arc<AtomicBool>,
     /// Its stdin, if the host sends one.
     pub stdin: Option<SyncSender<Vec<u8>>>,
+    /// The master side of its terminal, if it runs on one.
+    terminal: Option<std::fs::File>,
 }
 
 impl Running {
@@ -68,6 +71,15 @@ impl Running {
             let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid as i32), sig);
         }
         Ok(())
+    }
+
+    /// Resizes the command's terminal; nothing to do for a command
+    /// without one, or one that has ended.
+    pub fn resize(&self, size: WindowSize) -> Result<(), String> {
+        match &self.terminal {
+            Some(master) if !self.has_exited() => pty::set_size(master, size),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -111,13 +123,46 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
         });
         return None;
     };
+    let terminal = match req.tty.map(Pty::open).transpose() {
+        Ok(t) => t,
+        Err(message) => {
+            out.send(&Reply::SpawnFailed {
+                id,
+                kind: SpawnErrorKind::Other,
+                message,
+            });
+            return None;
+        }
+    };
     let mut cmd = Command::new(resolved);
     cmd.arg0(program)
         .args(&req.argv[1..])
         .env_clear()
         .envs(BASE_ENV.iter().copied())
-        .envs(req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(if req.stdin {
+        .envs(req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    if let Some(t) = &terminal {
+        let [stdin, stdout, stderr] = match t.slave_stdio() {
+            Ok(stdio) => stdio,
+            Err(e) => {
+                out.send(&Reply::SpawnFailed {
+                    id,
+                    kind: SpawnErrorKind::Other,
+                    message: format!("opening the command's terminal: {e}"),
+                });
+                return None;
+            }
+        };
+        cmd.stdin(stdin).stdout(stdout).stderr(stderr);
+        // Its own session (hence process group, for `signal`) with the
+        // terminal as controlling terminal. No process_group(0): setsid
+        // fails in a process that already leads a group.
+        // SAFETY: `become_session_leader` makes only async-signal-safe
+        // calls (setsid, ioctl) and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(pty::become_session_leader);
+        }
+    } else {
+        cmd.stdin(if req.stdin {
             Stdio::piped()
         } else {
             Stdio::null()
@@ -126,6 +171,7 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
         .stderr(Stdio::piped())
         // Its own process group, so a signal reaches its whole pipeline.
         .process_group(0);
+    }
     // The agent's own directory is already `/`; setting it only when asked
     // keeps the posix_spawn path open.
     if let Some(cwd) = &req.cwd {
@@ -164,7 +210,10 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
     drop(guard);
     // The command holds a reference to the group (for the child's hook);
     // without it, the waiter's is the last and its drop ends the group.
+    // It also holds copies of the terminal's slave side, closed here (and
+    // the agent's own with `Pty`) so the master ends when the command's do.
     drop(cmd);
+    let master = terminal.map(|t| t.master);
     out.send(&Reply::Started { id, pid });
 
     let drain = Arc::new(Drain::default());
@@ -189,10 +238,27 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
             done_tx.clone(),
         );
     }
-    drop(done_tx);
-    let stdin_tx = child.stdin.take().map(feed_stdin);
-
     let exited = Arc::new(AtomicBool::new(false));
+    let mut stdin_tx = child.stdin.take().map(feed_stdin);
+    if let Some(m) = &master {
+        // Failing to duplicate the master leaves the command without
+        // output or input, not without its exit status.
+        if let Ok(reader) = m.try_clone() {
+            pump(
+                reader,
+                out.clone(),
+                id,
+                false,
+                drain.clone(),
+                done_tx.clone(),
+            );
+        }
+        if req.stdin {
+            stdin_tx = m.try_clone().ok().map(|m| pty::feed(m, exited.clone()));
+        }
+    }
+    drop(done_tx);
+
     let waiter_exited = exited.clone();
     let waiter_out = out.clone();
     let waiter = std::thread::Builder::new()
@@ -236,6 +302,7 @@ pub fn start(req: ExecRequest, out: Outbox) -> Option<Running> {
         pid,
         exited,
         stdin: stdin_tx,
+        terminal: master,
     })
 }
 
@@ -328,6 +395,7 @@ fn pump<R: Read + Send + 'static>(
                         }
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    // EIO on a terminal's master: every slave is closed.
                     Err(_) => break,
                 }
             }

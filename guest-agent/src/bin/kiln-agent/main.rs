@@ -13,6 +13,7 @@ mod limits;
 mod mount;
 mod network;
 mod port;
+mod pty;
 mod reaper;
 mod serve;
 mod trees;

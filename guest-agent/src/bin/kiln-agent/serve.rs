@@ -109,6 +109,15 @@ pub fn serve(
                     });
                 }
             }
+            Request::Resize { id, rows, cols } => {
+                let size = kiln_agent::WindowSize { rows, cols };
+                if let Some(Err(message)) = running.get(&id).map(|r| r.resize(size)) {
+                    out.send(&Reply::Failed {
+                        id: Some(id),
+                        message,
+                    });
+                }
+            }
             Request::Mount(m) => {
                 let id = m.id;
                 out.send(&match do_mount(&m) {

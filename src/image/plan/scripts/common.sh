@@ -51,6 +51,25 @@ chroot_up() {
 chroot_down() {
     umount -l "$R/dev" "$R/sys" "$R/proc" 2>/dev/null || true
     [ -z "$KILN_POLICY" ] || rm -f "$R/usr/sbin/policy-rc.d"
+    [ -z "${KILN_RESOLV:-}" ] || resolv_down
+}
+
+# Gives commands in the tree the build VM's DNS server: the tree's own
+# /etc/resolv.conf (often a link to systemd-resolved's file, which nothing
+# serves here) is set aside, and put back as it was when the step ends.
+resolv_up() {
+    mkdir -p "$R/etc"
+    KILN_RESOLV=new
+    if [ -e "$R/etc/resolv.conf" ] || [ -L "$R/etc/resolv.conf" ]; then
+        mv "$R/etc/resolv.conf" "$R/etc/.resolv.conf.kiln"
+        KILN_RESOLV=saved
+    fi
+    cp /etc/resolv.conf "$R/etc/resolv.conf"
+}
+
+resolv_down() {
+    rm -f "$R/etc/resolv.conf"
+    [ "$KILN_RESOLV" != saved ] || mv "$R/etc/.resolv.conf.kiln" "$R/etc/resolv.conf"
 }
 
 # The kernel the tree boots (found by the normalize step), and its version.

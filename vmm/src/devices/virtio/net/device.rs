@@ -765,43 +765,42 @@ mod tests {
     }
 
     /// passt itself, where it is installed and finds a host interface to
-    /// copy (skipped otherwise): the guest's ARP probe gets passt's answer,
-    /// through the real framing both ways.
+    /// copy (skipped otherwise), on a socket pair as kiln runs it: the
+    /// guest's ARP probe gets passt's answer, through the real framing
+    /// both ways.
     #[test]
     fn the_real_passt_answers_an_arp_probe() {
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
         use std::process::{Command, Stdio};
         use std::time::Duration;
-        let dir = tempfile::tempdir().expect("tempdir");
-        // passt started as root runs as nobody, which must create the socket.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
-            .expect("chmod");
-        let socket = dir.path().join("passt.sock");
-        // -1: passt exits when its one client goes.
-        let Ok(mut passt) = Command::new("passt")
-            .args(["--foreground", "-1", "--socket"])
-            .arg(&socket)
+        let (conn, passt_end) = UnixStream::pair().expect("pair");
+        let fd = passt_end.as_raw_fd();
+        let mut cmd = Command::new("passt");
+        cmd.args(["--foreground", "--quiet", "--fd", &fd.to_string()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-        else {
+            .stderr(Stdio::null());
+        // SAFETY: one fcntl, async-signal-safe, between fork and exec, on
+        // a descriptor this test keeps open.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            })
+        };
+        let Ok(mut passt) = cmd.spawn() else {
             eprintln!("passt is not installed; skipping");
             return;
         };
-        let mut conn = None;
-        for _ in 0..50 {
-            if let Ok(s) = UnixStream::connect(&socket) {
-                conn = Some(s);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let Some(conn) = conn else {
-            eprintln!("passt did not start here (no host interface?); skipping");
-            let _ = passt.kill();
-            let _ = passt.wait();
+        drop(passt_end);
+        std::thread::sleep(Duration::from_millis(200));
+        if let Ok(Some(status)) = passt.try_wait() {
+            eprintln!("passt did not start here ({status}: no host interface?); skipping");
             return;
-        };
+        }
         // The rig's own peer stays unused.
         let (_, unused) = UnixStream::pair().expect("pair");
         let mut r = Rig::with_socket(conn, unused);
