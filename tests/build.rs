@@ -653,9 +653,11 @@ fn debug_shell_opens_where_a_step_failed_and_the_build_still_fails() {
     tmux.send(&["echo step-env=$KILN_TARGET_SERIAL", "Enter"]);
     tmux.wait_for_line("step-env=kiln-target", 1, step);
 
-    // Ctrl-D ends the build with the step's failure.
+    // Ctrl-D at a fresh prompt (see shell_is_an_interactive_terminal in
+    // tests/run.rs) ends the build with the step's failure.
+    tmux.wait_for_line("root@kiln:/build/root#", 1, step);
     tmux.send(&["C-d"]);
-    let exit = tmux.wait_for_exit(step);
+    let exit = tmux.wait_for_exit(Duration::from_secs(60));
     let screen = tmux.screen();
     assert_eq!(
         exit,
@@ -709,8 +711,8 @@ fn debug_shell_reads_stdin_without_a_terminal() {
 }
 
 /// A command that asks for the network reaches the mirror by name, with
-/// the tree's resolv.conf put back after it; the other commands of the
-/// same build have no route.
+/// the tree's resolv.conf put back after it (unless the command made its
+/// own); the other commands of the same build have no route.
 #[test]
 fn only_the_commands_that_ask_get_the_network() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -718,8 +720,11 @@ fn only_the_commands_that_ask_get_the_network() {
     small_recipe_with_commands(
         dir,
         r#"[
+    "busybox ln -s ../run/resolved.conf /etc/resolv.conf",
     { run = "busybox wget -q -O /etc/release http://deb.debian.org/debian/dists/bookworm/Release", network = true },
+    "busybox readlink /etc/resolv.conf > /etc/link-after",
     "cat /proc/net/route > /etc/routes; busybox wget -q -T 10 -O /etc/offline http://deb.debian.org/ || echo unreachable > /etc/offline",
+    { run = "echo nameserver 192.0.2.53 > /etc/resolv.conf", network = true },
 ]"#,
     );
     let out = kiln(dir, &["build", "small.toml", "-o", "out"]);
@@ -739,8 +744,15 @@ fn only_the_commands_that_ask_get_the_network() {
         "{}",
         cat("/etc/routes")
     );
+    // The tree's own resolv.conf (a link) was put back after the command;
+    // one a command made itself is kept; nothing of kiln's is left.
+    assert_eq!(cat("/etc/link-after"), "../run/resolved.conf\n");
+    assert_eq!(cat("/etc/resolv.conf"), "nameserver 192.0.2.53\n");
     let etc = host("debugfs", &["-R", "ls /etc", &ext4]);
-    assert!(!etc.contains("resolv.conf"), "left in the tree: {etc}");
+    assert!(
+        !etc.contains(".resolv.conf.kiln"),
+        "left in the tree: {etc}"
+    );
 }
 
 #[test]

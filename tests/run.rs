@@ -2218,10 +2218,14 @@ fn shell_is_an_interactive_terminal() {
     tmux.wait_for_line("rc=130", 1, step);
     assert!(started.elapsed() < Duration::from_secs(60));
 
-    // Ctrl-D leaves the shell, and kiln exits with its status.
+    // Ctrl-D leaves the shell, and kiln exits with its status. Typed at a
+    // fresh prompt: bash's line editor shows it once the terminal is in
+    // its raw mode, where ^D is a key (in the canonical mode of the moment
+    // before, it would be an end-of-file mark the switch loses).
+    tmux.wait_for_line("root@kiln:/#", 1, step);
     tmux.send(&["C-d"]);
     assert_eq!(
-        tmux.wait_for_exit(step),
+        tmux.wait_for_exit(Duration::from_secs(60)),
         Some(0),
         "kiln did not end with the shell:\n{}",
         tmux.screen()

@@ -292,10 +292,11 @@ impl Guest {
             .filter(|t| !t.is_empty() && !t.contains('\0'))
             .unwrap_or_else(|| DEFAULT_TERM.to_string());
         req.env.insert(0, ("TERM".to_string(), term));
+        // Watching first, so a resize between the two is not missed.
+        let mut resizes = terminal::Resizes::watch()?;
         let stdin = std::io::stdin();
         req.tty = Some(terminal::size(stdin.as_fd()).unwrap_or(WindowSize::DEFAULT));
         req.stdin = true;
-        let mut resizes = terminal::Resizes::watch()?;
         let raw = terminal::RawMode::enter()?;
         let outcome = self.exec_tty(req, &mut std::io::stdout(), &mut || resizes.poll());
         drop(raw);

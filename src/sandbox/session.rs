@@ -745,10 +745,19 @@ impl Drop for SetOnDrop {
 }
 
 fn pump_stdin(id: u32, writer: &Writer, done: &AtomicBool) {
-    let mut stdin = std::io::stdin().lock();
+    let stdin = std::io::stdin();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match stdin.read(&mut buf) {
+        // Waits for input a while at a time, so that once the command is
+        // done this thread ends rather than stay blocked on a terminal,
+        // where it would take the next line typed.
+        if !stdin_readable(Duration::from_millis(100)) {
+            if done.load(Ordering::Relaxed) {
+                return;
+            }
+            continue;
+        }
+        let n = match stdin.lock().read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(_) => 0,
@@ -763,6 +772,23 @@ fn pump_stdin(id: u32, writer: &Writer, done: &AtomicBool) {
         if send(writer, &req).is_err() || n == 0 {
             return;
         }
+    }
+}
+
+/// Whether a read of stdin would not block (input, its end, or an error
+/// to report), waiting at most `wait`.
+fn stdin_readable(wait: Duration) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let stdin = std::io::stdin();
+    let mut fds = [PollFd::new(&stdin, PollFlags::IN)];
+    let timeout = Timespec {
+        tv_sec: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(wait.subsec_nanos()),
+    };
+    match poll(&mut fds, Some(&timeout)) {
+        Ok(0) | Err(rustix::io::Errno::INTR) => false,
+        // Readable, hung up or in error: the read says which.
+        Ok(_) | Err(_) => true,
     }
 }
 

@@ -99,7 +99,9 @@ pub enum NetPeer {
     Socket(PathBuf),
     /// This descriptor, already connected, which the process inherited
     /// for the VM alone (one end of a socket pair whose other end the
-    /// parent gave passt); the VM takes it over.
+    /// parent gave passt); the VM takes it over and closes it. Whoever
+    /// writes the config vouches that nothing else in the process owns
+    /// it (kiln passes it to its `kiln __vmm` child for this alone).
     Fd(i32),
 }
 

@@ -132,8 +132,10 @@ pub fn become_session_leader() -> io::Result<()> {
 }
 
 /// Types what the host sends into the terminal, from a thread of its own
-/// (a command that does not read holds back this writer, not the agent's
-/// request loop). An empty chunk is the end of the host's input, typed as
+/// behind a channel of a few chunks: a command that stops reading holds
+/// back this writer first, and once the channel is full the request loop
+/// too, as with a pipe (flow control rather than input piled up in guest
+/// memory). An empty chunk is the end of the host's input, typed as
 /// EOF characters until the command has exited (`exited`), see
 /// [`type_eof_until_exit`].
 pub fn feed(mut master: File, exited: Arc<AtomicBool>) -> SyncSender<Vec<u8>> {

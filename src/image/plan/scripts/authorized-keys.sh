@@ -8,4 +8,4 @@ chroot_up
 install -d -m 700 "$R$home/.ssh"
 cat "$keys" > "$R$home/.ssh/authorized_keys"
 chmod 600 "$R$home/.ssh/authorized_keys"
-chroot "$R" chown -R "$owner:" "$home/.ssh"
+in_tree chown -R "$owner:" "$home/.ssh"

@@ -4,4 +4,4 @@
 . "$(dirname "$0")/common.sh"
 
 chroot_up
-chroot "$R" "$@"
+in_tree "$@"

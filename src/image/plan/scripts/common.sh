@@ -54,22 +54,41 @@ chroot_down() {
     [ -z "${KILN_RESOLV:-}" ] || resolv_down
 }
 
+# Runs its arguments in the tree (chroot) as root: with the build VM's
+# network if KILN_NETWORK is 1 (a recipe command that asked for it), else
+# in a network namespace of its own, with no interface but a loopback that
+# is down, as in a build VM without a network.
+in_tree() {
+    if [ "${KILN_NETWORK:-0}" = 1 ]; then
+        chroot "$R" "$@"
+    else
+        unshare --net chroot "$R" "$@"
+    fi
+}
+
 # Gives commands in the tree the build VM's DNS server: the tree's own
 # /etc/resolv.conf (often a link to systemd-resolved's file, which nothing
-# serves here) is set aside, and put back as it was when the step ends.
+# serves here) is set aside, and put back as it was when the step ends,
+# unless the command made one of its own, which is then kept.
 resolv_up() {
     mkdir -p "$R/etc"
-    KILN_RESOLV=new
     if [ -e "$R/etc/resolv.conf" ] || [ -L "$R/etc/resolv.conf" ]; then
         mv "$R/etc/resolv.conf" "$R/etc/.resolv.conf.kiln"
         KILN_RESOLV=saved
     fi
     cp /etc/resolv.conf "$R/etc/resolv.conf"
+    KILN_RESOLV="${KILN_RESOLV:-ours}"
 }
 
 resolv_down() {
-    rm -f "$R/etc/resolv.conf"
-    [ "$KILN_RESOLV" != saved ] || mv "$R/etc/.resolv.conf.kiln" "$R/etc/resolv.conf"
+    if [ -f "$R/etc/resolv.conf" ] && [ ! -L "$R/etc/resolv.conf" ] &&
+        cmp -s /etc/resolv.conf "$R/etc/resolv.conf"; then
+        rm -f "$R/etc/resolv.conf"
+        [ "$KILN_RESOLV" != saved ] || mv "$R/etc/.resolv.conf.kiln" "$R/etc/resolv.conf"
+    else
+        echo "kiln: keeping the /etc/resolv.conf the command made"
+        rm -f "$R/etc/.resolv.conf.kiln"
+    fi
 }
 
 # The kernel the tree boots (found by the normalize step), and its version.

@@ -7,4 +7,4 @@
 src=$1 dest=$2 mode=$3 owner=$4
 chroot_up
 install -D -m "$mode" "$src" "$R$dest"
-chroot "$R" chown "$owner" "$dest"
+in_tree chown "$owner" "$dest"
