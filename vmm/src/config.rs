@@ -160,7 +160,7 @@ mod tests {
         let vmdk = json.replace(r#""qcow2""#, r#""vmdk""#);
         assert!(serde_json::from_str::<VmConfig>(&vmdk).is_err());
         assert!(
-            json.contains(r#""net":{"socket":"/run/passt.sock","mac":[82,84,0,18,52,86]}"#),
+            json.contains(r#""net":{"peer":{"fd":3},"mac":[82,84,0,18,52,86]}"#),
             "{json}"
         );
         // A config written before the network existed still parses.
