@@ -254,8 +254,8 @@ fn main() {
         );
     } else {
         println!(
-            "not automated: time `debos RECIPE` against `kiln run --tools-package debos ... \
-             -- debos --disable-fakemachine RECIPE` by hand"
+            "not automated: time `debos images/debos/debian.yaml` against the README's \
+             `kiln run ... -- /src/build.sh /src/debian.yaml` by hand"
         );
     }
 }

@@ -10,6 +10,7 @@ mod exec;
 mod files;
 mod init;
 mod limits;
+mod machine_id;
 mod mount;
 mod network;
 mod port;
@@ -52,6 +53,9 @@ fn main() -> ExitCode {
             }
             if let Err(e) = network::configure_resolver() {
                 eprintln!("kiln-agent: names will not resolve: writing /etc/resolv.conf: {e}");
+            }
+            if let Err(e) = machine_id::ensure() {
+                eprintln!("kiln-agent: the guest has no machine ID (systemd-nspawn will refuse to run): {e}");
             }
         }
     }
