@@ -9,6 +9,8 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
+use crate::etc_file;
+
 /// A machine ID (32 lowercase hex digits) from a boot ID, a UUID as the
 /// kernel prints it; `None` if it is not one.
 fn from_boot_id(boot_id: &str) -> Option<String> {
@@ -32,14 +34,7 @@ fn write(root: &Path, boot_id: &str) -> io::Result<bool> {
             format!("the kernel's boot ID is not a UUID: {boot_id:?}"),
         )
     })?;
-    // The tools image's empty file may be a link into a read-only place:
-    // replace it rather than write through it.
-    match fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    fs::write(&path, format!("{id}\n"))?;
+    etc_file::replace(&path, &format!("{id}\n"))?;
     Ok(true)
 }
 

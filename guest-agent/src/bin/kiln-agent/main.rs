@@ -6,6 +6,7 @@
 //! gets a `Failed` reply and the agent keeps serving.
 
 mod disks;
+mod etc_file;
 mod exec;
 mod files;
 mod init;

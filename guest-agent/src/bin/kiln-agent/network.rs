@@ -8,6 +8,8 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
+use crate::etc_file;
+
 /// The `nameserver` lines of the kernel's IP auto-configuration report.
 fn nameservers(pnp: &str) -> Vec<&str> {
     pnp.lines()
@@ -27,18 +29,12 @@ fn write_resolv_conf(pnp: &str, root: &Path) -> io::Result<bool> {
     if servers.is_empty() {
         return Ok(false);
     }
-    let path = root.join("etc/resolv.conf");
-    match fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
     let mut text = String::from("# from the kernel's ip= configuration (kiln run --net)\n");
     for s in servers {
         text.push_str(s);
         text.push('\n');
     }
-    fs::write(&path, text)?;
+    etc_file::replace(&root.join("etc/resolv.conf"), &text)?;
     Ok(true)
 }
 
