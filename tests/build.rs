@@ -3,6 +3,8 @@
 //! are inspected from the host without root (sgdisk, debugfs, mtools,
 //! qemu-img), and booted as whole machines under OVMF and SeaBIOS.
 
+#[path = "support/examples.rs"]
+mod examples;
 #[path = "support/leftovers.rs"]
 mod leftovers;
 #[path = "support/tmux.rs"]
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use examples::copy_example;
 use kiln_agent::poll::poll_until;
 use leftovers::{mounts_and_loop_devices_mentioning, processes_left_after, processes_mentioning};
 use rustix::process::{geteuid, kill_process, Pid, Signal};
@@ -989,23 +992,6 @@ fn cloud_image_grows_its_root_on_first_boot_under_cloud_init() {
     assert_eq!(sha256_of(&qcow2), before, "booting wrote to the image");
 }
 
-/// Copies a directory of `images/` (another builder's configuration) into
-/// `dir`, as a user's checkout of it.
-fn example_copy(name: &str, dir: &Path) -> PathBuf {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("images")
-        .join(name);
-    let copy = dir.join(name);
-    let copied = Command::new("cp")
-        .arg("-a")
-        .arg(&example)
-        .arg(&copy)
-        .status()
-        .expect("cp");
-    assert!(copied.success(), "copying {}", example.display());
-    copy
-}
-
 /// The README's debos example, as the user running the tests (a normal
 /// user in CI's second pass): debos without its fakemachine, root in the
 /// guest, bootstraps Debian from the mirror through `--net`, partitions a
@@ -1015,7 +1001,8 @@ fn example_copy(name: &str, dir: &Path) -> PathBuf {
 #[ignore = "about 10 minutes under TCG: CI runs it once, as a normal user (.ci/unprivileged)"]
 fn debos_builds_a_bootable_image_under_kiln() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = example_copy("debos", tmp.path());
+    let dir = tmp.path().join("debos");
+    copy_example("debos", &dir);
     let out = kiln(
         tmp.path(),
         &[

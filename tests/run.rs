@@ -11,6 +11,8 @@
 //! Every run goes through [`Kiln::run`], which also checks that kiln left no
 //! temp files and no processes behind.
 
+#[path = "support/examples.rs"]
+mod examples;
 #[path = "support/leftovers.rs"]
 mod leftovers;
 #[path = "support/nested.rs"]
@@ -28,6 +30,7 @@ use kiln_agent::poll::poll_until;
 use rustix::process::{geteuid, kill_process, Pid, Signal};
 use sha2::{Digest, Sha256};
 
+use examples::copy_example;
 use leftovers::{processes_left_after, processes_mentioning};
 use tmux::Tmux;
 
@@ -2131,14 +2134,7 @@ fn apt_get_update_works_with_net() {
 fn a_makefile_step_that_needs_root_builds_its_image_in_kiln() {
     let k = Kiln::new(Backend::Qemu);
     let src = k.dir().join("src");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/make");
-    let copied = Command::new("cp")
-        .arg("-a")
-        .arg(&example)
-        .arg(&src)
-        .status()
-        .expect("cp");
-    assert!(copied.success(), "copying {}", example.display());
+    copy_example("make", &src);
     let share = format!("{}:/src", src.display());
     let out = k.run(&[
         "run",
