@@ -410,6 +410,83 @@ fn small_image_in_every_format_is_inspectable_and_reproducible() {
         host("debugfs", &["-R", "cat /etc/hostname", &ext4]),
         "layered\n"
     );
+    // It holds only the clusters that differ from its backing file (about
+    // 700 KiB: the partition tables, the ESP's and the root's metadata and
+    // the hostname), not every allocated cluster of the disk (2.7 MiB,
+    // what `qemu-img convert -B` wrote): 1 MiB tells the two apart.
+    let own = qcow2_own_data(&qcow2);
+    let full = fs::metadata(out_dir.join("small.qcow2"))
+        .expect("qcow2")
+        .len();
+    assert!(
+        own <= 1 << 20,
+        "the overlay holds {own} bytes of data ({} KiB; the full qcow2 is {} KiB)",
+        own >> 10,
+        full >> 10
+    );
+    eprintln!(
+        "qcow2_backing overlay: {} KiB of data, file {} KiB (full qcow2 {} KiB)",
+        own >> 10,
+        fs::metadata(&qcow2).expect("qcow2").len() >> 10,
+        full >> 10
+    );
+    // Its chain is itself and the base, not the raw disk it was made from,
+    // and it has the built disk's size.
+    let chain: serde_json::Value = serde_json::from_str(&host(
+        "qemu-img",
+        &[
+            "info",
+            "--output=json",
+            "--backing-chain",
+            "-f",
+            "qcow2",
+            qcow2_s,
+        ],
+    ))
+    .expect("qemu-img info's JSON");
+    let names: Vec<_> = chain
+        .as_array()
+        .expect("a chain")
+        .iter()
+        .map(|i| i["filename"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(names, [qcow2_s, base.to_str().expect("path")], "{chain}");
+    let raw_len = fs::metadata(&layered_raw).expect("raw").len();
+    assert_eq!(chain[0]["virtual-size"], raw_len, "{chain}");
+
+    // kiln boot opens the overlay and its base (as is and grown) and
+    // leaves both as they were. SMALL boots nothing: a machine that runs
+    // to the timeout (124) is one QEMU started, where a backing file it
+    // could not open stops it at once (125).
+    let before = (sha256_of(&qcow2), sha256_of(&base));
+    for grown in [&[][..], &["--disk-size", "128M"][..]] {
+        let mut args = vec!["boot", qcow2_s, "--firmware", "bios", "--timeout", "3"];
+        args.extend(grown);
+        let out = kiln(dir, &args);
+        assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
+    }
+    assert_eq!((sha256_of(&qcow2), sha256_of(&base)), before);
+}
+
+/// Bytes of data a qcow2 file holds itself, not through its backing file.
+fn qcow2_own_data(qcow2: &Path) -> u64 {
+    let map = host(
+        "qemu-img",
+        &[
+            "map",
+            "--output=json",
+            "-f",
+            "qcow2",
+            qcow2.to_str().expect("path"),
+        ],
+    );
+    let map: serde_json::Value = serde_json::from_str(&map).expect("qemu-img map's JSON");
+    map.as_array()
+        .expect("a list of extents")
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().expect("length"))
+        .sum()
 }
 
 /// SMALL with a fresh Debian bootstrap for its root instead of a directory.

@@ -77,17 +77,14 @@ impl Converter<'_> {
                 let iso = iso.context("no iso was built")?;
                 std::fs::rename(iso, &tmp).or_else(|_| std::fs::copy(iso, &tmp).map(|_| ()))?;
             }
-            Format::Qcow2 => {
-                let backing = match self.qcow2_backing {
-                    Some(b) => Some((b, detect_format(b)?)),
-                    None => None,
-                };
-                convert(raw, &tmp, "qcow2", "compat=1.1", backing)?;
-            }
-            Format::Vmdk => convert(raw, &tmp, "vmdk", "subformat=monolithicSparse", None)?,
-            Format::Vhdx => convert(raw, &tmp, "vhdx", "subformat=dynamic", None)?,
+            Format::Qcow2 => match self.qcow2_backing {
+                Some(base) => qcow2_delta(raw, &tmp, base)?,
+                None => convert(raw, &tmp, "qcow2", "compat=1.1")?,
+            },
+            Format::Vmdk => convert(raw, &tmp, "vmdk", "subformat=monolithicSparse")?,
+            Format::Vhdx => convert(raw, &tmp, "vhdx", "subformat=dynamic")?,
             // Fixed with the exact size: what clouds (Azure) take.
-            Format::Vpc => convert(raw, &tmp, "vpc", "subformat=fixed,force_size=on", None)?,
+            Format::Vpc => convert(raw, &tmp, "vpc", "subformat=fixed,force_size=on")?,
             Format::Ova => self.ova(raw, &tmp)?,
         }
         let (temp, final_name) = self.compress(tmp, format)?;
@@ -134,7 +131,7 @@ impl Converter<'_> {
             .tempdir_in(self.temp_dir)?;
         let disk_name = format!("{}-disk1.vmdk", self.name);
         let disk = dir.path().join(&disk_name);
-        convert(raw, &disk, "vmdk", "subformat=streamOptimized", None)?;
+        convert(raw, &disk, "vmdk", "subformat=streamOptimized")?;
         let disk_bytes = std::fs::metadata(&disk)?.len();
         let ovf_name = format!("{}.ovf", self.name);
         let ovf = ovf_descriptor(self.name, &disk_name, disk_bytes, self.disk_size);
@@ -166,23 +163,56 @@ impl Converter<'_> {
     }
 }
 
-/// `qemu-img convert` of the raw disk to `format` with creation `options`,
-/// optionally as an overlay on `backing` (a path and its format).
-fn convert(
-    raw: &Path,
-    dest: &Path,
-    format: &str,
-    options: &str,
-    backing: Option<(&Path, &str)>,
-) -> Result<()> {
-    let mut cmd = Command::new(qemu_img()?);
-    cmd.args(["convert", "-q", "-f", "raw", "-O", format, "-o", options]);
-    if let Some((b, b_format)) = backing {
-        cmd.arg("-B").arg(b).arg("-F").arg(b_format);
-    }
+/// `qemu-img convert` of the raw disk to `format` with creation `options`.
+fn convert(raw: &Path, dest: &Path, format: &str, options: &str) -> Result<()> {
     run_tool(
-        cmd.arg(raw).arg(dest),
+        Command::new(qemu_img()?)
+            .args(["convert", "-q", "-f", "raw", "-O", format, "-o", options])
+            .arg(raw)
+            .arg(dest),
         &format!("qemu-img convert to {format} ({options})"),
+    )?;
+    Ok(())
+}
+
+/// A qcow2 overlay on `base` (an existing image, its format detected)
+/// that holds only the clusters where the raw disk differs from it.
+/// `qemu-img convert -B` would copy every allocated cluster of the disk;
+/// instead the overlay starts empty on the raw disk itself (so it reads as
+/// the disk and has its size), and a safe-mode rebase onto `base` writes
+/// into it exactly what reads differently from the two backings. The
+/// result names `base`, as given, and no longer the raw disk.
+fn qcow2_delta(raw: &Path, dest: &Path, base: &Path) -> Result<()> {
+    let base_format = detect_format(base)?;
+    let tool = qemu_img()?;
+    // Absolute: a relative backing name is read relative to the overlay.
+    let raw = std::path::absolute(raw)?;
+    run_tool(
+        Command::new(&tool)
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=1.1",
+                "-F",
+                "raw",
+                "-b",
+            ])
+            .arg(&raw)
+            .arg(dest),
+        "qemu-img create of the qcow2 overlay",
+    )?;
+    run_tool(
+        Command::new(&tool)
+            .args(["rebase", "-q", "-f", "qcow2", "-F", base_format, "-b"])
+            .arg(base)
+            .arg(dest),
+        &format!(
+            "qemu-img rebase of the qcow2 overlay onto qcow2_backing {}",
+            base.display()
+        ),
     )?;
     Ok(())
 }
@@ -325,6 +355,106 @@ pub fn write_sha256(out: &Output, temp_dir: &Path) -> Result<(PathBuf, PathBuf)>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// qemu-img's answer as JSON; qemu-utils is installed by .ci/setup, so
+    /// its absence fails the test rather than skipping it.
+    fn qemu_img_json(args: &[&str], image: &Path) -> serde_json::Value {
+        let tool = qemu_img().expect("qemu-img (qemu-utils, installed by .ci/setup)");
+        let out = run_tool(Command::new(tool).args(args).arg(image), "qemu-img").expect("qemu-img");
+        serde_json::from_slice(&out).expect("qemu-img's JSON")
+    }
+
+    /// Bytes of data the qcow2 file itself holds (not its backing chain).
+    fn own_data(qcow2: &Path) -> u64 {
+        let map = qemu_img_json(&["map", "--output=json", "-f", "qcow2"], qcow2);
+        map.as_array()
+            .expect("a list of extents")
+            .iter()
+            .filter(|e| e["depth"] == 0 && e["data"] == true)
+            .map(|e| e["length"].as_u64().expect("length"))
+            .sum()
+    }
+
+    /// A sparse disk of `size` bytes with `data` written at each offset.
+    fn disk(p: &Path, size: u64, data: &[(u64, &[u8])]) {
+        use std::io::{Seek, SeekFrom};
+        let mut f = File::create(p).expect("create");
+        f.set_len(size).expect("set_len");
+        for (at, bytes) in data {
+            f.seek(SeekFrom::Start(*at)).expect("seek");
+            f.write_all(bytes).expect("write");
+        }
+    }
+
+    fn reads_back_as(qcow2: &Path, raw: &Path) {
+        let tool = qemu_img().expect("qemu-img");
+        run_tool(
+            Command::new(tool)
+                .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
+                .arg(qcow2)
+                .arg(raw),
+            "qemu-img compare",
+        )
+        .expect("the overlay reads back as the disk");
+    }
+
+    #[test]
+    fn a_qcow2_delta_holds_only_the_clusters_that_differ() {
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = |n: &str| dir.path().join(n);
+        let filled = vec![0x5au8; 8 * MIB as usize];
+        let built = [(4 * MIB, &filled[..]), (20 * MIB, b"new".as_slice())];
+        disk(&p("new.raw"), 32 * MIB, &built);
+
+        // The same disk: nothing of it in the overlay, and only the base
+        // in its backing chain (not the raw disk it was made from).
+        disk(&p("same.raw"), 32 * MIB, &built);
+        qcow2_delta(&p("new.raw"), &p("same.qcow2"), &p("same.raw")).expect("delta");
+        assert_eq!(own_data(&p("same.qcow2")), 0);
+        reads_back_as(&p("same.qcow2"), &p("new.raw"));
+        let chain = qemu_img_json(
+            &["info", "--output=json", "--backing-chain", "-f", "qcow2"],
+            &p("same.qcow2"),
+        );
+        let names: Vec<_> = chain
+            .as_array()
+            .expect("a chain")
+            .iter()
+            .map(|i| i["filename"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(names.len(), 2, "{chain}");
+        assert!(names[1].ends_with("same.raw"), "{chain}");
+        assert_eq!(chain[0]["virtual-size"], 32 * MIB);
+
+        // One changed cluster: that cluster (64 KiB) and nothing else.
+        disk(
+            &p("old.raw"),
+            32 * MIB,
+            &[(4 * MIB, &filled[..]), (20 * MIB, b"old")],
+        );
+        qcow2_delta(&p("new.raw"), &p("one.qcow2"), &p("old.raw")).expect("delta");
+        assert_eq!(own_data(&p("one.qcow2")), 64 << 10);
+        reads_back_as(&p("one.qcow2"), &p("new.raw"));
+
+        // A qcow2 base, of another size: shorter (read past its end as
+        // zeroes) or longer; the overlay keeps the built disk's size.
+        for (name, size) in [("short", 8 * MIB), ("long", 64 * MIB)] {
+            let raw = p(&format!("{name}.raw"));
+            disk(&raw, size, &[(4 * MIB, &filled[..(4 * MIB) as usize])]);
+            let base = p(&format!("{name}.base.qcow2"));
+            convert(&raw, &base, "qcow2", "compat=1.1").expect("qcow2 base");
+            let out = p(&format!("{name}.qcow2"));
+            qcow2_delta(&p("new.raw"), &out, &base).expect("delta");
+            let info = qemu_img_json(&["info", "--output=json", "-f", "qcow2"], &out);
+            assert_eq!(info["virtual-size"], 32 * MIB, "{info}");
+            assert_eq!(info["backing-filename-format"], "qcow2", "{info}");
+            reads_back_as(&out, &p("new.raw"));
+            // The 4 MiB past the short base's end and the changed cluster.
+            let data = own_data(&out);
+            assert!(data <= 4 * MIB + (64 << 10), "{name}: {data} bytes");
+        }
+    }
 
     #[test]
     fn formats_are_told_by_their_magic() {
