@@ -3,6 +3,7 @@
 
 mod boot;
 mod build;
+mod cache;
 mod kernel;
 mod run;
 mod shell;
@@ -14,7 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::sandbox::backend::kvm;
-use crate::sandbox::{cache, SandboxError};
+use crate::sandbox::SandboxError;
 use crate::util::{ctrl_c, owned_dir};
 
 /// Exit code for kiln's own failures (as opposed to the command's).
@@ -51,6 +52,11 @@ enum Cmd {
     Tools {
         #[command(subcommand)]
         action: tools::ToolsAction,
+    },
+    /// The cache: list its entries, prune them.
+    Cache {
+        #[command(subcommand)]
+        action: cache::CacheAction,
     },
     /// Internal: runs kiln-vmm in the child process the kvm backend starts.
     #[command(name = "__vmm", hide = true)]
@@ -101,9 +107,13 @@ pub fn main() -> ExitCode {
     }
     // What kilns killed outright left behind, removed beside the work (a
     // kernel build's tree takes a while); joined before exiting.
-    let sweeper = std::thread::spawn(|| {
+    // `kiln cache` does its own sweep of the cache, and reports it.
+    let sweep_cache = !matches!(cli.command, Cmd::Cache { .. });
+    let sweeper = std::thread::spawn(move || {
         owned_dir::sweep_temp();
-        cache::sweep();
+        if sweep_cache {
+            crate::sandbox::cache::sweep();
+        }
     });
     let result = match cli.command {
         Cmd::Run(a) => run::run(*a),
@@ -112,6 +122,7 @@ pub fn main() -> ExitCode {
         Cmd::Boot(a) => boot::boot(*a),
         Cmd::Kernel { action } => kernel::kernel(action),
         Cmd::Tools { action } => tools::tools(action),
+        Cmd::Cache { action } => cache::cache(action),
         Cmd::Vmm { .. } => unreachable!("handled above"),
     };
     let _ = sweeper.join();

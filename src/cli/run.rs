@@ -228,11 +228,14 @@ pub fn execute(opts: &RunOptions, command: &[String], tty: bool) -> Result<u8> {
     }
     // A tools image with added packages is built on first use (its own
     // cache entry), before anything else starts.
-    let tools = if opts.tools_packages.is_empty() {
-        opts.tools.clone()
+    // Held in use until the VM is gone (the guest holds only what it
+    // locates itself).
+    let (tools, _tools_held) = if opts.tools_packages.is_empty() {
+        (opts.tools.clone(), None)
     } else {
         let extra = tools::Extra::new(&opts.tools_packages)?;
-        Some(tools::build(false, &extra)?)
+        let (image, held) = tools::build(false, &extra)?;
+        (Some(image), Some(held))
     };
     let mut guest = Guest::boot(GuestConfig {
         disks: disks

@@ -38,9 +38,9 @@ pub fn tools(action: ToolsAction) -> Result<u8> {
             force,
             json,
             packages,
-        } => (tools::build(force, &tools::Extra::new(&packages)?)?, json),
+        } => (tools::build(force, &tools::Extra::new(&packages)?)?.0, json),
         ToolsAction::Path { json, packages } => {
-            (tools::locate(None, &tools::Extra::new(&packages)?)?, json)
+            (tools::locate(None, &tools::Extra::new(&packages)?)?.0, json)
         }
     };
     print_artifact(&path, None, json);

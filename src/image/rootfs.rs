@@ -23,6 +23,8 @@ pub struct RootTar {
     /// tar's flag for the archive's compression ("" for none).
     pub tar_flag: &'static str,
     pub size: u64,
+    /// Holds a cached bootstrap in use while the archive is.
+    _use: cache::CacheUse,
 }
 
 pub fn prepare(
@@ -47,13 +49,19 @@ pub fn prepare(
     }
 }
 
-fn finish(path: PathBuf, tar_flag: &'static str, work: &Path) -> Result<RootTar> {
+fn finish(
+    path: PathBuf,
+    tar_flag: &'static str,
+    work: &Path,
+    held: cache::CacheUse,
+) -> Result<RootTar> {
     let size = std::fs::metadata(&path)?.len();
     if size % 512 == 0 {
         return Ok(RootTar {
             path,
             tar_flag,
             size,
+            _use: held,
         });
     }
     // A disk is read in whole sectors: pad a copy with zeros, which tar
@@ -67,6 +75,7 @@ fn finish(path: PathBuf, tar_flag: &'static str, work: &Path) -> Result<RootTar>
         path: padded,
         tar_flag,
         size: len,
+        _use: held,
     })
 }
 
@@ -84,7 +93,7 @@ fn tarball(p: &Path, work: &Path) -> Result<RootTar> {
     };
     let len = std::fs::metadata(p)?.len();
     if flag.is_empty() || len % 512 == 0 {
-        return finish(p.to_path_buf(), flag, work);
+        return finish(p.to_path_buf(), flag, work, cache::CacheUse::none());
     }
     // Padding a compressed stream to whole sectors is not safe for every
     // decompressor (zstd rejects trailing zeros): decompress it here.
@@ -102,7 +111,7 @@ fn tarball(p: &Path, work: &Path) -> Result<RootTar> {
             p.display()
         );
     }
-    finish(out, "", work)
+    finish(out, "", work, cache::CacheUse::none())
 }
 
 fn directory(d: &Path, epoch: u64, work: &Path) -> Result<RootTar> {
@@ -130,7 +139,7 @@ fn directory(d: &Path, epoch: u64, work: &Path) -> Result<RootTar> {
             d.display()
         );
     }
-    finish(out, "", work)
+    finish(out, "", work, cache::CacheUse::none())
 }
 
 /// mmdebstrap options that shape the tree (part of the cache key).
@@ -165,12 +174,15 @@ fn debian(
         MMDEBSTRAP_OPTIONS.join(" ").as_bytes(),
     ]);
     let dest = cache::root()?.join("rootfs").join(&key[..16]);
+    // Held from before it is looked at or built until the archive is done
+    // with, so that no gc removes it under the build.
+    let held = cache::CacheUse::begin(&dest);
     let staging = match cache::Staging::begin(&dest, fresh, |d| d.join("root.tar").is_file())? {
         cache::Begin::Done(dir) => {
             if !json {
                 eprintln!("root: {suite} bootstrap from the cache ({})", dir.display());
             }
-            return finish(dir.join("root.tar"), "", &dir);
+            return finish(dir.join("root.tar"), "", &dir, held);
         }
         cache::Begin::Build(s) => s,
     };
@@ -199,5 +211,5 @@ fn debian(
         &cache::root()?.join("rootfs").join("last-bootstrap.log"),
     )?;
     let dir = staging.commit()?;
-    finish(dir.join("root.tar"), "", &dir)
+    finish(dir.join("root.tar"), "", &dir, held)
 }

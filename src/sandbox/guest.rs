@@ -14,6 +14,7 @@ use kiln_agent::{ExecRequest, WindowSize, TOOLS_DISK_SERIAL};
 use kiln_vmm::{DiskConfig, DiskFormat};
 
 use crate::sandbox::backend::{self, BackendChoice, Vm, VmSpec};
+use crate::sandbox::cache::CacheUse;
 use crate::sandbox::net::{self, NetSpec, Passt};
 use crate::sandbox::session::{ExecOutcome, Session, Watch};
 use crate::sandbox::share::{self, Share, ShareArg};
@@ -153,18 +154,30 @@ pub struct Guest {
     watch: VmWatch,
     session: Session,
     _runtime: OwnedDir,
+    /// The cache entries the VM boots from, held in use.
+    _cached: Vec<CacheUse>,
 }
 
 impl Guest {
     /// Boots the VM and waits for the agent's handshake; mounts the shares.
     pub fn boot(cfg: GuestConfig) -> Result<Guest> {
+        // What the VM boots from the cache is held in use for as long as
+        // the Guest lives, so that no `kiln cache gc` removes it.
+        let mut cached = Vec::new();
         let kernel = match &cfg.kernel {
             Some(p) if p.is_file() => p.clone(),
             Some(p) => bail!("kernel {} does not exist", p.display()),
-            None => kernel::locate()?.vmlinux(),
+            None => {
+                let k = kernel::locate()?;
+                let vmlinux = k.vmlinux();
+                cached.push(k.into_use());
+                vmlinux
+            }
         };
-        let tools_image = tools::locate(cfg.tools.as_deref(), &tools::Extra::default())?;
-        let initramfs = initramfs::path()?;
+        let (tools_image, held) = tools::locate(cfg.tools.as_deref(), &tools::Extra::default())?;
+        cached.push(held);
+        let (initramfs, held) = initramfs::path()?;
+        cached.push(held);
         let (backend, note) = backend::select(cfg.backend, &cfg.disks, cfg.net)?;
         if let Some(n) = note {
             eprintln!("{n}");
@@ -252,6 +265,7 @@ impl Guest {
             watch,
             session,
             _runtime: runtime,
+            _cached: cached,
         };
         for i in 0..guest.watch.shares.len() {
             let m = guest.watch.shares[i].mount_request();

@@ -23,9 +23,20 @@ enum Node<'a> {
     CharDev(u32, u32),
 }
 
-/// The initramfs for the embedded agent, written into the cache on first use.
-pub fn path() -> Result<PathBuf> {
-    path_in(&cache::root()?)
+/// The initramfs for the embedded agent, written into the cache on first
+/// use; held in use while the [`cache::CacheUse`] lives.
+pub fn path() -> Result<(PathBuf, cache::CacheUse)> {
+    let root = cache::root()?;
+    // Held before it is looked at: one a gc removed meanwhile is written
+    // again.
+    let held = cache::CacheUse::begin(&entry_in(&root));
+    Ok((path_in(&root)?, held))
+}
+
+/// Where the initramfs for the embedded agent is, in the cache at `root`.
+fn entry_in(root: &Path) -> PathBuf {
+    root.join("initramfs")
+        .join(format!("{}.cpio", &cache::hash(&[AGENT])[..16]))
 }
 
 /// The initramfs in the cache at `root`. The cached copy is compared with
@@ -34,8 +45,8 @@ pub fn path() -> Result<PathBuf> {
 /// written to a temp file renamed into place: kilns starting at once each
 /// write theirs, one rename wins, and every reader sees a whole archive.
 fn path_in(root: &Path) -> Result<PathBuf> {
+    let file = entry_in(root);
     let dir = root.join("initramfs");
-    let file = dir.join(format!("{}.cpio", &cache::hash(&[AGENT])[..16]));
     let want = archive(AGENT);
     if fs::read(&file).is_ok_and(|have| have == want) {
         return Ok(file);

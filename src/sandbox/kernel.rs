@@ -17,15 +17,22 @@ const DEFAULT_SOURCE: &str = "/usr/src/linux-source-6.1.tar.xz";
 const INSTALL_HINT: &str = "sudo apt-get install linux-source-6.1 build-essential bc bison \
                             flex libelf-dev libssl-dev";
 
-#[derive(Debug, Clone)]
+/// A built kernel, held in use (see [`cache::CacheUse`]) while this lives.
+#[derive(Debug)]
 pub struct Kernel {
     pub dir: PathBuf,
+    held: cache::CacheUse,
 }
 
 impl Kernel {
     /// The uncompressed kernel, booted through its PVH entry.
     pub fn vmlinux(&self) -> PathBuf {
         self.dir.join("vmlinux")
+    }
+
+    /// What holds the entry in use, for whoever uses it longer than this.
+    pub fn into_use(self) -> cache::CacheUse {
+        self.held
     }
 
     pub fn release(&self) -> String {
@@ -128,22 +135,26 @@ fn locate_in(dir: &Path) -> Result<Kernel> {
         if let Some(v) = source_version()? {
             let d = dir.join(entry_name(&v));
             if complete(&d) {
-                cache::verify(&d, FILES, REBUILD)?;
-                return Ok(Kernel { dir: d });
+                return in_use(d);
             }
         }
     }
     built.sort();
     match built.pop() {
-        Some((_, dir)) => {
-            cache::verify(&dir, FILES, REBUILD)?;
-            Ok(Kernel { dir })
-        }
+        Some((_, dir)) => in_use(dir),
         None => bail!(
             "the guest kernel is not built yet: run 'kiln kernel build' \
              (a few minutes, once; needs: {INSTALL_HINT})"
         ),
     }
+}
+
+/// The entry `dir`, checked once it is held in use (so that a `kiln cache
+/// gc` that removed it meanwhile shows as its files missing).
+fn in_use(dir: PathBuf) -> Result<Kernel> {
+    let held = cache::CacheUse::begin(&dir);
+    cache::verify(&dir, FILES, REBUILD)?;
+    Ok(Kernel { dir, held })
 }
 
 /// Builds the kernel into the cache unless it is there already.
@@ -155,8 +166,10 @@ pub fn build(force: bool) -> Result<Kernel> {
         );
     };
     let dest = kernel_dir()?.join(entry_name(&version));
+    // Held from before the build, so that no gc removes what it publishes.
+    let held = cache::CacheUse::begin(&dest);
     let staging = match cache::Staging::begin(&dest, force, usable)? {
-        cache::Begin::Done(dir) => return Ok(Kernel { dir }),
+        cache::Begin::Done(dir) => return Ok(Kernel { dir, held }),
         cache::Begin::Build(s) => s,
     };
     // The unpacked source tree lives in a temp dir kiln owns, so it is gone
@@ -179,7 +192,7 @@ pub fn build(force: bool) -> Result<Kernel> {
         &kernel_dir()?.join("last-build.log"),
     )?;
     let dir = staging.commit_with_manifest(FILES)?;
-    Ok(Kernel { dir })
+    Ok(Kernel { dir, held })
 }
 
 #[cfg(test)]

@@ -130,21 +130,24 @@ fn entry_in(root: &Path, extra: &Extra) -> PathBuf {
 }
 
 /// The tools image: `user` if given (checked), else the cached one with
-/// `extra` packages.
-pub fn locate(user: Option<&Path>, extra: &Extra) -> Result<PathBuf> {
+/// `extra` packages, held in use while the [`cache::CacheUse`] lives.
+pub fn locate(user: Option<&Path>, extra: &Extra) -> Result<(PathBuf, cache::CacheUse)> {
     if let Some(p) = user {
         let meta = std::fs::metadata(p).with_context(|| format!("tools image {}", p.display()))?;
         if !meta.is_file() {
             bail!("tools image {} is not a file", p.display());
         }
-        return Ok(p.to_path_buf());
+        return Ok((p.to_path_buf(), cache::CacheUse::none()));
     }
     locate_cached(&cache::root()?, extra)
 }
 
 /// The cached image with `extra` packages, in the cache at `root`.
-fn locate_cached(root: &Path, extra: &Extra) -> Result<PathBuf> {
+fn locate_cached(root: &Path, extra: &Extra) -> Result<(PathBuf, cache::CacheUse)> {
     let dir = entry_in(root, extra);
+    // Held before it is looked at: a gc that removed it meanwhile shows as
+    // the image not built.
+    let held = cache::CacheUse::begin(&dir);
     let image = dir.join(IMAGE_NAME);
     if !image.is_file() && !extra.is_empty() {
         bail!(
@@ -161,7 +164,7 @@ fn locate_cached(root: &Path, extra: &Extra) -> Result<PathBuf> {
         );
     }
     cache::verify(&dir, &[IMAGE_NAME], &rebuild(extra))?;
-    Ok(image)
+    Ok((image, held))
 }
 
 /// `--package P` for each added package, as the build command takes them.
@@ -190,11 +193,13 @@ mmdebstrap "$@" | tar2sqfs "${sqfs[@]}" "$KILN_TOOLS_OUT"
 "#;
 
 /// Builds the tools image with `extra` packages into the cache unless it
-/// is there already.
-pub fn build(force: bool, extra: &Extra) -> Result<PathBuf> {
+/// is there already; held in use while the [`cache::CacheUse`] lives.
+pub fn build(force: bool, extra: &Extra) -> Result<(PathBuf, cache::CacheUse)> {
     let dest = entry(extra)?;
+    // Held from before the build, so that no gc removes what it publishes.
+    let held = cache::CacheUse::begin(&dest);
     let staging = match cache::Staging::begin(&dest, force, |d| usable(d, extra))? {
-        cache::Begin::Done(dir) => return Ok(dir.join(IMAGE_NAME)),
+        cache::Begin::Done(dir) => return Ok((dir.join(IMAGE_NAME), held)),
         cache::Begin::Build(s) => s,
     };
     let bootstrap = Mmdebstrap::prepare(
@@ -247,9 +252,8 @@ pub fn build(force: bool, extra: &Extra) -> Result<PathBuf> {
         "build.log",
         &cache::root()?.join("tools").join("last-build.log"),
     )?;
-    Ok(staging
-        .commit_with_manifest(&[IMAGE_NAME])?
-        .join(IMAGE_NAME))
+    let dir = staging.commit_with_manifest(&[IMAGE_NAME])?;
+    Ok((dir.join(IMAGE_NAME), held))
 }
 
 /// The Debian mirror builds use: `KILN_DEBIAN_MIRROR`, or Debian's CDN.
@@ -299,7 +303,7 @@ mod tests {
         let data = vec![1u8; 256 << 10];
         std::fs::write(s.path().join(IMAGE_NAME), &data).expect("write");
         s.commit_with_manifest(&[IMAGE_NAME]).expect("commit");
-        let image = locate_cached(root.path(), &with).expect("as built");
+        let (image, _held) = locate_cached(root.path(), &with).expect("as built");
         // Give the change other file times than the build's (one clock
         // tick), then flip a byte, size kept.
         std::thread::sleep(std::time::Duration::from_millis(50));

@@ -9,7 +9,7 @@
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 /// The file, inside an owned directory, that its owner keeps locked.
@@ -105,22 +105,49 @@ pub fn sweep_temp() {
 /// cannot judge or remove it leaves, and two kilns sweeping at once only
 /// find less to remove.
 pub fn sweep(parent: &Path, is_ours: impl Fn(&str) -> bool) {
+    for dir in abandoned(parent, is_ours) {
+        let _ = dir.remove();
+    }
+}
+
+/// A directory whose owner is gone, claimed: while this lives no other
+/// sweep judges it.
+pub struct Abandoned {
+    path: PathBuf,
+    _lock: Option<File>,
+}
+
+impl Abandoned {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the directory, while its lock (if any) is still held.
+    pub fn remove(self) -> io::Result<()> {
+        fs::remove_dir_all(&self.path)
+    }
+}
+
+/// The directories in `parent` that `is_ours` claims by name and whose
+/// owner is gone, each claimed (see [`sweep`], which removes them; `kiln
+/// cache gc` measures them first).
+pub fn abandoned(parent: &Path, is_ours: impl Fn(&str) -> bool) -> Vec<Abandoned> {
     let Ok(entries) = fs::read_dir(parent) else {
-        return;
+        return Vec::new();
     };
     let uid = rustix::process::geteuid().as_raw();
+    let mut found = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
         if !name.to_str().is_some_and(&is_ours) {
             continue;
         }
         let path = entry.path();
-        if let Some(_lock) = claim(&path, uid) {
-            // Removed while its lock (if any) is held: no other sweep
-            // judges it meanwhile.
-            let _ = fs::remove_dir_all(&path);
+        if let Some(lock) = claim(&path, uid) {
+            found.push(Abandoned { path, _lock: lock });
         }
     }
+    found
 }
 
 /// Whether `dir` is an abandoned directory of this user's: `Some` with the

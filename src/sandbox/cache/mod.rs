@@ -10,6 +10,10 @@
 //! when they are used, so a truncated or corrupted file is named as such
 //! (with the command that rebuilds it) instead of making the guest fail
 //! in some puzzling way.
+//!
+//! Every kiln holds the entries it uses ([`CacheUse`], in `usage.rs`,
+//! which also records their last use), and `kiln cache ls|gc` lists and
+//! prunes them by that (`gc.rs`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -23,6 +27,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::util::owned_dir::{self, OwnedDir};
+
+mod gc;
+mod usage;
+
+pub use gc::{gc, list, Entry, Policy, Report};
+pub use usage::CacheUse;
 
 pub fn root() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("KILN_CACHE_DIR").filter(|v| !v.is_empty()) {
@@ -76,17 +86,11 @@ impl Staging {
             .context("cache entry has no name")?
             .to_string_lossy()
             .into_owned();
-        let lock_path = parent.join(format!(".{name}.lock"));
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("opening {}", lock_path.display()))?;
+        let lock_path = build_lock(dest);
         // Blocks until the other build of this entry ends.
-        flock(&lock, FlockOperation::LockExclusive)
-            .map_err(std::io::Error::from)
-            .with_context(|| format!("locking {}", lock_path.display()))?;
+        let lock = lock_file(&lock_path, FlockOperation::LockExclusive, true)
+            .with_context(|| format!("locking {}", lock_path.display()))?
+            .with_context(|| format!("cannot create {}", lock_path.display()))?;
         if !force && complete(dest) {
             return Ok(Begin::Done(dest.to_path_buf()));
         }
@@ -347,20 +351,66 @@ pub fn usable(dir: &Path, names: &[&str], fix: &str) -> bool {
 /// read-only cache, or a build holding the lock, keeps the old manifest,
 /// which costs only a hash next time.
 fn record(dir: &Path, manifest: &Manifest) {
-    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
-        return;
-    };
-    let lock_path = parent.join(format!(".{}.lock", name.to_string_lossy()));
-    let Ok(lock) = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(lock_path)
-    else {
-        return;
-    };
-    if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok() {
+    let lock = lock_file(
+        &build_lock(dir),
+        FlockOperation::NonBlockingLockExclusive,
+        true,
+    );
+    if let Ok(Some(_lock)) = lock {
         let _ = write_manifest(dir, manifest);
+    }
+}
+
+/// `<parent>/.<entry>.<suffix>`: the files kept beside an entry.
+fn beside(entry: &Path, suffix: &str) -> PathBuf {
+    let name = entry.file_name().unwrap_or_default().to_string_lossy();
+    entry.with_file_name(format!(".{name}.{suffix}"))
+}
+
+/// The lock a build of `entry` holds exclusively (see [`Staging`]).
+fn build_lock(entry: &Path) -> PathBuf {
+    beside(entry, "lock")
+}
+
+/// Opens the lock file `path`, creating it if `create` (when the cache is
+/// read-only, an existing one is opened for reading, which flock takes as
+/// well), and locks it with `op`; `Ok(None)` if there is no such file to
+/// open. `kiln cache gc` removes an entry's lock files while it holds them:
+/// whoever locked a file that was removed meanwhile locks the path's new
+/// file instead, so that every kiln locks the same one.
+fn lock_file(path: &Path, op: FlockOperation, create: bool) -> std::io::Result<Option<fs::File>> {
+    loop {
+        let opened = if create {
+            fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)
+                .or_else(|e| {
+                    if e.raw_os_error() == Some(libc::EROFS)
+                        || e.kind() == ErrorKind::PermissionDenied
+                    {
+                        fs::File::open(path)
+                    } else {
+                        Err(e)
+                    }
+                })
+        } else {
+            fs::File::open(path)
+        };
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        flock(&file, op)?;
+        let held = file.metadata()?;
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.dev() == held.dev() && m.ino() == held.ino() => return Ok(Some(file)),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 
