@@ -395,6 +395,9 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         .out_dir
         .canonicalize()
         .with_context(|| format!("output directory {}", opts.out_dir.display()))?;
+    if let Some(b) = &c.recipe.output.qcow2_backing {
+        output::check_backing_is_kept(b, &out_dir, &c.name, &formats, c.recipe.output.compress)?;
+    }
     // What builds killed outright left here.
     owned_dir::sweep(&out_dir, |n| n.starts_with(WORK_PREFIX));
     let _remove_if_empty = RemoveIfEmpty(created.then(|| out_dir.clone()));

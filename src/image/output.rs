@@ -100,17 +100,13 @@ impl Converter<'_> {
     }
 
     fn compress(&self, tmp: PathBuf, format: Format) -> Result<(PathBuf, String)> {
-        let base = format!("{}.{}", self.name, format.ext());
-        let (tool, ext, args): (&str, &str, &[&str]) = match self.compress {
-            // ova is itself an archive that VirtualBox opens as is.
-            _ if format == Format::Ova => return Ok((tmp, base)),
-            Compression::None => return Ok((tmp, base)),
-            Compression::Xz => ("xz", "xz", &["-T0", "-6", "--force", "--quiet"]),
-            Compression::Zstd => ("zstd", "zst", &["-T0", "-19", "--rm", "--force", "--quiet"]),
+        let base = final_name(self.name, format, self.compress);
+        let Some((tool, ext, args)) = compressor(format, self.compress) else {
+            return Ok((tmp, base));
         };
         if which(tool).is_none() {
             bail!(
-                "{tool} not found, needed for compress = \"{ext}\": sudo apt-get install {}",
+                "{tool} not found, needed for compress = \"{tool}\": sudo apt-get install {}",
                 if tool == "xz" { "xz-utils" } else { "zstd" }
             );
         }
@@ -120,7 +116,7 @@ impl Converter<'_> {
         )?;
         let mut done = tmp.into_os_string();
         done.push(format!(".{ext}"));
-        Ok((PathBuf::from(done), format!("{base}.{ext}")))
+        Ok((PathBuf::from(done), base))
     }
 
     /// An OVA: the OVF descriptor, a manifest of SHA256 digests and a
@@ -161,6 +157,57 @@ impl Converter<'_> {
         )?;
         Ok(())
     }
+}
+
+/// The tool, file extension and arguments that compress `format`'s
+/// output, if it is compressed: the ova never is, being itself an archive
+/// that VirtualBox opens as is.
+fn compressor(
+    format: Format,
+    compress: Compression,
+) -> Option<(&'static str, &'static str, &'static [&'static str])> {
+    match compress {
+        _ if format == Format::Ova => None,
+        Compression::None => None,
+        Compression::Xz => Some(("xz", "xz", &["-T0", "-6", "--force", "--quiet"])),
+        Compression::Zstd => Some(("zstd", "zst", &["-T0", "-19", "--rm", "--force", "--quiet"])),
+    }
+}
+
+/// The file name `format`'s output gets in the output directory.
+pub fn final_name(name: &str, format: Format, compress: Compression) -> String {
+    let base = format!("{name}.{}", format.ext());
+    match compressor(format, compress) {
+        Some((_, ext, _)) => format!("{base}.{ext}"),
+        None => base,
+    }
+}
+
+/// Refuses a `qcow2_backing` that is one of the files this build replaces
+/// (an output or its `.sha256`): the overlay would name itself, or the
+/// base would be gone once the outputs take their names.
+pub fn check_backing_is_kept(
+    backing: &Path,
+    out_dir: &Path,
+    name: &str,
+    formats: &[Format],
+    compress: Compression,
+) -> Result<()> {
+    for f in formats {
+        let out = final_name(name, *f, compress);
+        for file in [out.clone(), format!("{out}.sha256")] {
+            let path = out_dir.join(&file);
+            if path.canonicalize().is_ok_and(|p| p == backing) {
+                bail!(
+                    "output.qcow2_backing is {}, which this build replaces with its \
+                     {file}: copy the base image elsewhere and name that, or build \
+                     into another directory (-o DIR)",
+                    backing.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `qemu-img convert` of the raw disk to `format` with creation `options`.
@@ -355,6 +402,30 @@ pub fn write_sha256(out: &Output, temp_dir: &Path) -> Result<(PathBuf, PathBuf)>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backing_image_the_build_would_replace_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().canonicalize().expect("canonical");
+        for f in ["img.qcow2", "img.raw.zst.sha256", "other.qcow2"] {
+            File::create(out.join(f)).expect("create");
+        }
+        let check = |base: &str, formats: &[Format], compress| {
+            check_backing_is_kept(&out.join(base), &out, "img", formats, compress)
+        };
+        let err = check(
+            "img.qcow2",
+            &[Format::Raw, Format::Qcow2],
+            Compression::None,
+        )
+        .expect_err("the overlay would replace its own base");
+        assert!(err.to_string().contains("-o DIR"), "{err}");
+        check("img.raw.zst.sha256", &[Format::Raw], Compression::Zstd)
+            .expect_err("a checksum the build rewrites");
+        check("other.qcow2", &[Format::Qcow2], Compression::None).expect("another image");
+        // Compressed, the qcow2 output is img.qcow2.zst: img.qcow2 is kept.
+        check("img.qcow2", &[Format::Qcow2], Compression::Zstd).expect("not an output");
+    }
 
     /// qemu-img's answer as JSON; qemu-utils is installed by .ci/setup, so
     /// its absence fails the test rather than skipping it.

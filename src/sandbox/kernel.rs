@@ -153,6 +153,13 @@ fn locate_in(dir: &Path) -> Result<Kernel> {
 /// gc` that removed it meanwhile shows as its files missing).
 fn in_use(dir: PathBuf) -> Result<Kernel> {
     let held = cache::CacheUse::begin(&dir);
+    if !dir.exists() {
+        bail!(
+            "the guest kernel {} was removed as kiln started (by a 'kiln cache gc'?): \
+             run the command again ('kiln kernel build' if no kernel is left)",
+            dir.display()
+        );
+    }
     cache::verify(&dir, FILES, REBUILD)?;
     Ok(Kernel { dir, held })
 }

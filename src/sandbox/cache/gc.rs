@@ -181,12 +181,15 @@ pub fn gc(root: &Path, policy: &Policy, now: SystemTime) -> Result<Report, GcErr
         if !(old || over) {
             continue;
         }
-        if remove(&e, policy.dry_run)? {
-            total -= e.size;
-            report.freed += e.size;
-            report.removed.push(e);
-        } else {
-            report.in_use.push(Entry { in_use: true, ..e });
+        match remove(&e, policy.dry_run)? {
+            Removal::Removed => {
+                total -= e.size;
+                report.freed += e.size;
+                report.removed.push(e);
+            }
+            Removal::InUse => report.in_use.push(Entry { in_use: true, ..e }),
+            // Another gc (or a hand) was first: nothing freed by us.
+            Removal::Gone => total -= e.size,
         }
     }
     report.total = total;
@@ -196,14 +199,26 @@ pub fn gc(root: &Path, policy: &Policy, now: SystemTime) -> Result<Report, GcErr
     Ok(report)
 }
 
-/// Removes `e` unless a kiln uses or builds it; whether it did (or with
-/// `dry_run`, could).
-fn remove(e: &Entry, dry_run: bool) -> Result<bool, GcError> {
+/// What became of an entry gc chose.
+enum Removal {
+    /// Removed (with `dry_run`: could be).
+    Removed,
+    /// A kiln uses or builds it, or used it since gc listed it.
+    InUse,
+    /// It was gone by the time gc held its locks.
+    Gone,
+}
+
+/// Removes `e` unless a kiln uses or builds it.
+fn remove(e: &Entry, dry_run: bool) -> Result<Removal, GcError> {
     let failed = |path: &Path| {
         let path = path.to_path_buf();
         move |source| GcError::Remove { path, source }
     };
     let use_path = use_lock(&e.path);
+    // An entry no kiln has recorded a use of yet gets its use lock from gc
+    // below; that file's fresh mtime is not a use.
+    let recorded = use_path.exists();
     // Without waiting: a kiln holding either lock may hold it for hours.
     let user = match lock_file(
         &use_path,
@@ -211,21 +226,43 @@ fn remove(e: &Entry, dry_run: bool) -> Result<bool, GcError> {
         !dry_run,
     ) {
         Ok(l) => l,
-        Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(false),
+        Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(Removal::InUse),
         Err(err) => return Err(failed(&use_path)(err)),
     };
     let build_path = build_lock(&e.path);
+    let keep = |user: Option<fs::File>| {
+        if !recorded && user.is_some() {
+            let _ = fs::remove_file(&use_path);
+        }
+        Ok(Removal::InUse)
+    };
     let builder = match lock_file(&build_path, FlockOperation::NonBlockingLockExclusive, false) {
         Ok(l) => l,
-        Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(false),
+        Err(err) if err.kind() == ErrorKind::WouldBlock => return keep(user),
         Err(err) => return Err(failed(&build_path)(err)),
     };
+    // Decided on what `list` saw: a kiln may have used the entry (and let
+    // go) since, or rebuilt it.
+    let used = if recorded {
+        last_used(&e.path)
+    } else {
+        fs::symlink_metadata(&e.path)
+            .and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    };
+    if unix_seconds(used) > e.last_used {
+        return keep(user);
+    }
     if dry_run {
-        return Ok(true);
+        return Ok(Removal::Removed);
     }
     let parent = e.path.parent().unwrap_or(Path::new("/"));
     let grave = OwnedDir::new_in(parent, &staging_prefix(&e.key)).map_err(failed(parent))?;
-    fs::rename(&e.path, grave.path().join(&e.key)).map_err(failed(&e.path))?;
+    match fs::rename(&e.path, grave.path().join(&e.key)) {
+        Ok(()) => {}
+        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(Removal::Gone),
+        Err(err) => return Err(failed(&e.path)(err)),
+    }
     // Removed while held: a kiln that opened them meanwhile locks new ones
     // (see `lock_file`), and finds the entry gone.
     if user.is_some() {
@@ -237,7 +274,7 @@ fn remove(e: &Entry, dry_run: bool) -> Result<bool, GcError> {
     drop((user, builder));
     // Removes the entry; if that fails, the next sweep does.
     drop(grave);
-    Ok(true)
+    Ok(Removal::Removed)
 }
 
 /// Removes the lock files of entries that do not exist (a build that

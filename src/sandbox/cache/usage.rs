@@ -23,7 +23,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use rustix::fs::FlockOperation;
+use rustix::fs::{futimens, FlockOperation, Timespec, Timestamps, UTIME_NOW, UTIME_OMIT};
 
 use super::{beside, lock_file};
 
@@ -48,7 +48,19 @@ impl CacheUse {
             .ok()
             .flatten();
         if let Some(f) = &lock {
-            let _ = f.set_modified(SystemTime::now());
+            // UTIME_NOW needs only write access where an explicit time
+            // needs ownership: a cache shared by a group records them all.
+            let now = Timestamps {
+                last_access: Timespec {
+                    tv_sec: 0,
+                    tv_nsec: UTIME_OMIT,
+                },
+                last_modification: Timespec {
+                    tv_sec: 0,
+                    tv_nsec: UTIME_NOW,
+                },
+            };
+            let _ = futimens(f, &now);
         }
         CacheUse { _lock: lock }
     }
