@@ -528,6 +528,125 @@ fn a_fresh_debian_bootstrap_builds_with_the_users_own_rights() {
     assert!(stat.contains("User:     0"), "{stat}");
 }
 
+/// `lock` with the version of `package` replaced by another.
+fn edit_lock(lock: &str, package: &str) -> String {
+    lock.lines()
+        .map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [name, version, arch] if name == package => format!("{name} {version}.1 {arch}\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect()
+}
+
+/// A Debian build lists its packages in NAME.packages and writes
+/// RECIPE.lock; `--locked` builds against that lock, and refuses, writing
+/// nothing, once a version in it differs: after the VM's commands when
+/// the recipe has some, before the build VM starts when it has none.
+#[test]
+fn a_debian_build_lists_its_packages_and_locked_refuses_other_versions() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    small_debian_recipe(dir);
+    let build = |out: &str, extra: &[&str]| {
+        let mut args = vec!["build", "small-debian.toml", "-o", out, "--format", "raw"];
+        args.extend_from_slice(extra);
+        kiln(dir, &args)
+    };
+    let one = build("one", &[]);
+    let stderr = text(&one.stderr);
+    assert!(one.status.success(), "build failed: {stderr}");
+    assert!(stderr.contains("lock: wrote"), "{stderr}");
+    assert_eq!(
+        files_in(&dir.join("one")),
+        ["small.packages", "small.raw", "small.raw.sha256"]
+    );
+    let manifest = fs::read_to_string(dir.join("one/small.packages")).expect("manifest");
+    let base_files = manifest
+        .lines()
+        .find(|l| l.starts_with("base-files "))
+        .unwrap_or_else(|| panic!("no base-files in:\n{manifest}"));
+    let words: Vec<&str> = base_files.split_whitespace().collect();
+    assert_eq!(words.len(), 3, "{base_files}");
+    assert!(words[1].starts_with("12."), "{base_files}");
+    assert_eq!(words[2], "amd64");
+    let names: Vec<&str> = manifest
+        .lines()
+        .map(|l| l.split(' ').next().unwrap_or_default())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted, "sorted by name");
+    assert!(names.contains(&"dpkg"), "{manifest}");
+    let lock = fs::read_to_string(dir.join("small-debian.lock")).expect("lock");
+    let listed: String = lock
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(listed, manifest, "the lock lists what the manifest does");
+
+    // The same packages: it builds, and the lock stays as it was.
+    let two = build("two", &["--locked"]);
+    assert!(
+        two.status.success(),
+        "--locked failed: {}",
+        text(&two.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("two/small.packages")).expect("manifest"),
+        manifest
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("small-debian.lock")).expect("lock"),
+        lock
+    );
+
+    // Another version of base-files in the lock, as after the mirror moved.
+    let edited = edit_lock(&lock, "base-files");
+    fs::write(dir.join("small-debian.lock"), &edited).expect("edit lock");
+    let three = build("three", &["--locked"]);
+    let stderr = text(&three.stderr);
+    assert_eq!(three.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("~ base-files:amd64"), "{stderr}");
+    assert!(stderr.contains("build without --locked"), "{stderr}");
+    assert!(!dir.join("three").exists(), "outputs written: {stderr}");
+    assert_eq!(
+        fs::read_to_string(dir.join("small-debian.lock")).expect("lock"),
+        edited
+    );
+
+    // Without commands the bootstrap is checked before the VM starts.
+    let text_no_cmds = fs::read_to_string(dir.join("small-debian.toml"))
+        .expect("recipe")
+        .replace(r#"commands = ["echo built-in-chroot > /etc/built"]"#, "");
+    fs::write(dir.join("no-commands.toml"), text_no_cmds).expect("write");
+    let out = kiln(
+        dir,
+        &["build", "no-commands.toml", "-o", "four", "--locked"],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("no lock file"), "{stderr}");
+    assert!(stderr.contains("without --locked"), "{stderr}");
+    fs::write(dir.join("no-commands.lock"), &edited).expect("lock");
+    let out = kiln(
+        dir,
+        &["build", "no-commands.toml", "-o", "four", "--locked"],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("the bootstrap's packages differ"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("~ base-files:amd64"), "{stderr}");
+    assert!(
+        !stderr.contains("boot build VM"),
+        "the VM started: {stderr}"
+    );
+    assert!(!dir.join("four").exists(), "outputs written: {stderr}");
+}
+
 /// Without subordinate ids (nobody has none), an unprivileged bootstrap
 /// stops before it starts, and says how to add them.
 #[test]
@@ -975,7 +1094,8 @@ fn live_iso_boots_from_cd_and_usb_under_both_firmwares_and_rebuilds_identically(
         files_in(&dir.join("one")),
         [
             "debian-bookworm-live.iso",
-            "debian-bookworm-live.iso.sha256"
+            "debian-bookworm-live.iso.sha256",
+            "debian-bookworm-live.packages"
         ]
     );
 

@@ -62,6 +62,11 @@ pub struct BuildArgs {
     /// shell reads its commands from stdin and ends where stdin does.
     #[arg(long, display_order = 9)]
     debug_shell: bool,
+    /// Refuse to build, writing nothing, when the image's packages differ
+    /// from RECIPE.lock (beside the recipe), which every build without
+    /// --locked writes: how to notice that the mirror moved.
+    #[arg(long, display_order = 10)]
+    locked: bool,
 }
 
 pub fn build(a: BuildArgs) -> Result<u8> {
@@ -77,6 +82,7 @@ pub fn build(a: BuildArgs) -> Result<u8> {
         fresh: a.fresh,
         timeout: a.vm.timeout,
         debug_shell: a.debug_shell,
+        locked: a.locked,
     })
     .map(|()| 0)
 }

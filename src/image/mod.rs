@@ -7,6 +7,7 @@ pub mod build;
 pub mod firmware_boot;
 mod ids;
 mod output;
+mod packages;
 mod plan;
 pub mod recipe;
 mod rootfs;
