@@ -5,7 +5,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -13,17 +12,16 @@ use indicatif::ProgressBar;
 use kiln_agent::ExecRequest;
 use kiln_vmm::{DiskConfig, DiskFormat};
 
-use super::packages::{self, Packages};
+use super::packages::Packages;
 use super::plan::{self, Step};
 use super::recipe::{Checked, Format, RootSource};
-use super::{ids, output, rootfs};
+use super::{ids, lock, output, rootfs};
 use crate::sandbox::backend::BackendChoice;
 use crate::sandbox::guest::{login_shell, Guest, GuestConfig};
 use crate::sandbox::session::ExecOutcome;
 use crate::sandbox::SandboxError;
 use crate::util::ctrl_c;
 use crate::util::owned_dir::{self, OwnedDir};
-use crate::util::process::run_tool;
 use crate::util::spinner::spinner;
 use crate::util::tail::Tail;
 
@@ -50,119 +48,6 @@ pub struct BuildOptions {
 /// Where the dpkg status file is in the build VM's tree.
 fn guest_dpkg_status() -> String {
     format!("{}/var/lib/dpkg/status", plan::TREE)
-}
-
-/// The changes a `--locked` failure lists before "and N more".
-const LOCK_CHANGES_SHOWN: usize = 10;
-
-/// `RECIPE.lock`: the recipe's file name with `.lock` for its extension,
-/// beside it.
-pub fn lock_path(recipe: &Path) -> PathBuf {
-    recipe.with_extension("lock")
-}
-
-/// The lock `--locked` builds against; its absence is an error that says
-/// how to make one.
-fn read_lock(path: &Path) -> Result<Packages> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "--locked: there is no lock file {}; build once without --locked to write it \
-             (a build writes one when its image has a dpkg status, as a Debian root does)",
-            path.display()
-        ),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    Packages::from_list(&text).with_context(|| format!("the lock file {}", path.display()))
-}
-
-/// Fails, listing the differences, unless `now` is what `lock` holds.
-/// `when` says which packages were compared.
-fn check_lock(
-    now: &Packages,
-    lock: &Packages,
-    lock_file: &Path,
-    when: &str,
-    out_dir: &Path,
-) -> Result<()> {
-    let changes = now.diff(lock);
-    if changes.is_empty() {
-        return Ok(());
-    }
-    bail!(
-        "--locked: {when} differ from the lock {} in {} package(s):\n{}\
-         The mirror now gives other versions, or the recipe changed. To accept them, \
-         build without --locked, which rewrites the lock.\n(nothing was written to {})",
-        lock_file.display(),
-        changes.len(),
-        packages::describe(&changes, LOCK_CHANGES_SHOWN),
-        out_dir.display()
-    )
-}
-
-/// The installed packages of a bootstrap's root archive, from its dpkg
-/// status, read on the host before the build VM starts.
-fn archive_packages(archive: &Path) -> Result<Packages> {
-    // mmdebstrap's archives name members "./PATH".
-    let status = run_tool(
-        Command::new("tar")
-            .arg("-xOf")
-            .arg(archive)
-            .arg("./var/lib/dpkg/status"),
-        "reading the bootstrap's dpkg status with tar",
-    )?;
-    Packages::from_dpkg_status(&String::from_utf8_lossy(&status))
-        .context("the bootstrap's /var/lib/dpkg/status")
-}
-
-/// Writes the lock beside the recipe, if it is new or says something
-/// else; a note says what changed. A lock that cannot be written is a
-/// warning: the image is built, only `--locked` cannot use it. Returns
-/// whether the lock now lists `now`.
-fn update_lock(c: &Checked, now: &Packages, json: bool) -> bool {
-    let path = lock_path(&c.file);
-    let text = now.to_lock(&c.name);
-    let old = std::fs::read_to_string(&path).ok();
-    if old.as_deref() == Some(text.as_str()) {
-        return true;
-    }
-    let write = || -> Result<()> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".kiln-lock-")
-            .tempfile_in(dir)?;
-        tmp.write_all(text.as_bytes())?;
-        // tempfile makes it 0600; a lock is to be read and committed.
-        tmp.as_file()
-            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(&path)?;
-        Ok(())
-    };
-    if let Err(e) = write() {
-        eprintln!(
-            "kiln: warning: could not write the lock file {}: {e:#}",
-            path.display()
-        );
-        return false;
-    }
-    if json {
-        return true;
-    }
-    let old = old.and_then(|t| Packages::from_list(&t).ok());
-    match old {
-        Some(old) => {
-            let changes = now.diff(&old);
-            eprintln!(
-                "lock: {} updated, {} package(s) changed:\n{}",
-                path.display(),
-                changes.len(),
-                packages::describe(&changes, LOCK_CHANGES_SHOWN).trim_end()
-            );
-        }
-        None => eprintln!("lock: wrote {} ({} packages)", path.display(), now.len()),
-    }
-    true
 }
 
 /// The epoch every timestamp in the image is clamped to:
@@ -534,9 +419,9 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         );
     }
     let epoch = epoch(&c)?;
-    let lock_file = lock_path(&c.file);
+    let lock_file = lock::lock_path(&c.file);
     let lock = if opts.locked {
-        Some(read_lock(&lock_file)?)
+        Some(lock::read(&lock_file)?)
     } else {
         None
     };
@@ -586,8 +471,8 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     // is finished.
     if let Some(lock) = &lock {
         if matches!(c.root, RootSource::Debian { .. }) && c.recipe.commands.is_empty() {
-            let now = progress.host("check lock", || archive_packages(&root.path))?;
-            check_lock(&now, lock, &lock_file, "the bootstrap's packages", &out_dir)?;
+            let now = progress.host("check lock", || lock::archive_packages(&root.path))?;
+            lock::check(&now, lock, &lock_file, "the bootstrap's packages", &out_dir)?;
         }
     }
 
@@ -723,7 +608,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
                 lock_file.display()
             );
         };
-        check_lock(now, lock, &lock_file, "the image's packages", &out_dir)?;
+        lock::check(now, lock, &lock_file, "the image's packages", &out_dir)?;
     }
     for step in plan.output_steps(kernel)? {
         marks.extend(runner.run(&step, &mut progress)?);
@@ -804,7 +689,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         }
     }
     let lock_written = match (&installed, opts.locked) {
-        (Some(now), false) => update_lock(&c, now, opts.json),
+        (Some(now), false) => lock::update(&c.file, &c.name, now, opts.json),
         (Some(_), true) => true,
         (None, _) => false,
     };
@@ -861,33 +746,6 @@ mod tests {
         let b = debug_banner("unpack root", 2, "", false, &disks);
         assert!(b.contains("with no output"), "{b}");
         assert!(b.contains("none yet"), "{b}");
-    }
-
-    #[test]
-    fn the_lock_is_beside_the_recipe_and_a_difference_is_a_clear_error() {
-        assert_eq!(
-            lock_path(Path::new("dir/small.toml")),
-            Path::new("dir/small.lock")
-        );
-        assert_eq!(lock_path(Path::new("recipe")), Path::new("recipe.lock"));
-        let lock = Packages::from_list("a 1 amd64\nb 1 amd64\n").expect("lock");
-        let out = Path::new("/out");
-        let file = Path::new("r.lock");
-        assert!(check_lock(&lock, &lock, file, "the image's packages", out).is_ok());
-        let now = Packages::from_list("a 2 amd64\nb 1 amd64\n").expect("now");
-        let e = check_lock(&now, &lock, file, "the image's packages", out)
-            .expect_err("differs")
-            .to_string();
-        assert!(
-            e.starts_with("--locked: the image's packages differ from the lock r.lock in 1 package(s):\n  ~ a:amd64 1 (locked) -> 2\n"),
-            "{e}"
-        );
-        assert!(e.contains("build without --locked"), "{e}");
-        assert!(e.ends_with("(nothing was written to /out)"), "{e}");
-        let missing = read_lock(Path::new("/nonexistent/r.lock"))
-            .expect_err("missing")
-            .to_string();
-        assert!(missing.contains("build once without --locked"), "{missing}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod build;
 pub mod firmware_boot;
 mod ids;
+mod lock;
 mod output;
 mod packages;
 mod plan;
