@@ -1720,7 +1720,11 @@ fn two_kilns_starting_at_once_share_one_initramfs() {
         v.sort();
         v
     };
-    let initramfs = names(&cache.join("initramfs"));
+    // The entry, and the lock file of its users (`.NAME.use`).
+    let initramfs: Vec<String> = names(&cache.join("initramfs"))
+        .into_iter()
+        .filter(|n| !n.starts_with('.'))
+        .collect();
     assert_eq!(initramfs.len(), 1, "{initramfs:?}");
     assert!(initramfs[0].ends_with(".cpio"), "{initramfs:?}");
     // Whole: a 'cpio' magic at the start and the trailer at the end.
@@ -1728,11 +1732,17 @@ fn two_kilns_starting_at_once_share_one_initramfs() {
     assert!(data.starts_with(b"070701"));
     assert!(data.windows(10).any(|w| w == b"TRAILER!!!"));
     // No staging directory or temp file anywhere (kiln's are dot names;
-    // the entries' lock files stay, by design).
-    for dir in [&cache, &cache.join("kernel"), &copy, &cache.join("tools")] {
+    // the entries' build and use lock files stay, by design).
+    for dir in [
+        &cache,
+        &cache.join("kernel"),
+        &copy,
+        &cache.join("tools"),
+        &cache.join("initramfs"),
+    ] {
         let left: Vec<String> = names(dir)
             .into_iter()
-            .filter(|n| n.starts_with('.') && !n.ends_with(".lock"))
+            .filter(|n| n.starts_with('.') && !n.ends_with(".lock") && !n.ends_with(".use"))
             .collect();
         assert!(left.is_empty(), "left in {}: {left:?}", dir.display());
     }
