@@ -107,7 +107,8 @@ pub struct RunOptions {
     #[arg(long = "copy-in", value_name = "HOST:GUEST", display_order = 7)]
     copy_in: Vec<CopyArg>,
     /// Copy a guest file or directory to the host after the command:
-    /// GUEST:HOST. HOST appears only once complete. A directory is copied to
+    /// GUEST:HOST. HOST appears only once complete. A file is written
+    /// sparse (its zero blocks become holes). A directory is copied to
     /// a new path (an existing HOST is refused, never merged into) with
     /// modes, symlinks (never followed), hard links, xattrs and sparse
     /// files kept; its owners are kept only when kiln runs as root.

@@ -18,6 +18,7 @@ use kiln_agent::{
 };
 
 use crate::sandbox::tree_copy;
+use crate::util::sparse::SparseWriter;
 
 /// Polled while waiting for the guest: returns an error to abandon the wait
 /// (Ctrl-C, `--timeout`).
@@ -509,11 +510,13 @@ impl Session {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let mut tmp = tempfile::Builder::new()
+        let tmp = tempfile::Builder::new()
             .prefix(tree_copy::COPY_OUT_PREFIX)
             .tempfile_in(dir)
             .with_context(|| format!("creating a file in {}", dir.display()))?;
         let mut written = 0u64;
+        // Sparse: a disk image the guest made sparse stays so.
+        let mut out = SparseWriter::new(tmp.as_file());
         loop {
             match self.recv(watch)? {
                 Reply::FileHeader { id: i, .. } | Reply::TreeHeader { id: i } if i == id => {
@@ -535,7 +538,7 @@ impl Session {
                              {guest} (did the file change while it was copied?)"
                         );
                     }
-                    tmp.write_all(&data)
+                    out.write_all(&data)
                         .with_context(|| format!("writing {}", host.display()))?;
                     written += data.len() as u64;
                 }
@@ -548,6 +551,8 @@ impl Session {
                 _ => {}
             }
         }
+        out.finish()
+            .with_context(|| format!("writing {}", host.display()))?;
         // fchmod, not chmod by name: the name is in a directory others
         // may write to. No chown: the file stays the invoking user's.
         tmp.as_file()
