@@ -1260,3 +1260,87 @@ fn debos_builds_a_bootable_image_under_kiln() {
     );
     assert!(boot.status.success(), "boot failed: {}", text(&boot.stderr));
 }
+
+/// The README's mkosi example, as the user running the tests (a normal
+/// user in CI's second pass): Debian's mkosi 14, which needs root on a
+/// host, builds images/mkosi's bootable bookworm image as root in the
+/// guest (debootstrap, loop devices, systemd-nspawn, dracut, systemd-boot
+/// with a unified kernel image) from the shared directory, in the guest's
+/// own /root; --copy-out brings the image out sparse and the user's, and
+/// it boots to a login prompt under UEFI.
+#[test]
+#[ignore = "about 15 minutes under TCG: CI runs it once, as a normal user (.ci/unprivileged)"]
+fn mkosi_builds_a_bootable_image_under_kiln() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("mkosi");
+    copy_example("mkosi", &dir);
+    let out = kiln(
+        tmp.path(),
+        &[
+            "run",
+            "--net",
+            "--mem",
+            "3G",
+            "--cpus",
+            "2",
+            "--timeout",
+            "3600",
+            "--tools-package",
+            "mkosi",
+            "--tools-package",
+            "apt",
+            "--tools-package",
+            "ca-certificates",
+            "--tools-package",
+            "binutils",
+            "--share",
+            "mkosi:/src",
+            "--workdir",
+            "/root",
+            "--copy-out",
+            "/root/out/debian~bookworm/image.raw:mkosi/image.raw",
+            "--",
+            "mkosi",
+            "-C",
+            "/src",
+            "--output-dir",
+            "/root/out",
+            "--force",
+            "build",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "mkosi failed: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // mkosi wrote nothing into the shared directory; only the copy-out did.
+    assert_eq!(files_in(&dir), ["image.raw", "mkosi.conf"]);
+    let image = dir.join("image.raw");
+    let meta = fs::metadata(&image).expect("image");
+    assert_eq!(
+        meta.uid(),
+        geteuid().as_raw(),
+        "the image is not the user's"
+    );
+    // Sparse, as mkosi made it in the guest: the copy-out kept the holes.
+    assert!(
+        meta.blocks() * 512 < meta.len() * 9 / 10,
+        "image.raw came out without its holes: {} of {} bytes allocated",
+        meta.blocks() * 512,
+        meta.len()
+    );
+    let image_s = image.to_str().expect("path");
+    let table = host("sgdisk", &["-p", image_s]);
+    assert!(
+        table.contains("EF00") && table.contains("Root Partition"),
+        "{table}"
+    );
+
+    let boot = kiln(
+        tmp.path(),
+        &["boot", image_s, "--firmware", "uefi", "--timeout", "900"],
+    );
+    assert!(boot.status.success(), "boot failed: {}", text(&boot.stderr));
+}
