@@ -1200,23 +1200,11 @@ fn debos_builds_a_bootable_image_under_kiln() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("debos");
     copy_example("debos", &dir);
-    let out = kiln(
+    run_builder(
         tmp.path(),
+        "debos",
+        &["debos", "parted", "dosfstools", "udev"],
         &[
-            "run",
-            "--net",
-            "--mem",
-            "3G",
-            "--cpus",
-            "2",
-            "--tools-package",
-            "debos",
-            "--tools-package",
-            "parted",
-            "--tools-package",
-            "dosfstools",
-            "--tools-package",
-            "udev",
             "--share",
             "debos:/src",
             "--workdir",
@@ -1225,12 +1213,6 @@ fn debos_builds_a_bootable_image_under_kiln() {
             "/src/build.sh",
             "/src/debian.yaml",
         ],
-    );
-    assert!(
-        out.status.success(),
-        "debos failed: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
     );
     assert_eq!(
         files_in(&dir),
@@ -1244,21 +1226,12 @@ fn debos_builds_a_bootable_image_under_kiln() {
         ]
     );
     let image = dir.join("debian-debos.img");
-    let owner = fs::metadata(&image).expect("image").uid();
-    assert_eq!(owner, geteuid().as_raw(), "the image is not the user's");
     let image_s = image.to_str().expect("path");
-    let table = host("sgdisk", &["-p", image_s]);
-    assert!(table.contains("EF00") && table.contains("root"), "{table}");
     host(
         "mdir",
         &["-i", &format!("{image_s}@@1M"), "::/EFI/BOOT/BOOTX64.EFI"],
     );
-
-    let boot = kiln(
-        tmp.path(),
-        &["boot", image_s, "--firmware", "uefi", "--timeout", "600"],
-    );
-    assert!(boot.status.success(), "boot failed: {}", text(&boot.stderr));
+    assert_users_gpt_image_boots(tmp.path(), &image, "root", &["--timeout", "600"]);
 }
 
 /// The README's mkosi example, as the user running the tests (a normal
@@ -1274,25 +1247,13 @@ fn mkosi_builds_a_bootable_image_under_kiln() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("mkosi");
     copy_example("mkosi", &dir);
-    let out = kiln(
+    run_builder(
         tmp.path(),
+        "mkosi",
+        &["mkosi", "apt", "ca-certificates", "binutils"],
         &[
-            "run",
-            "--net",
-            "--mem",
-            "3G",
-            "--cpus",
-            "2",
             "--timeout",
             "3600",
-            "--tools-package",
-            "mkosi",
-            "--tools-package",
-            "apt",
-            "--tools-package",
-            "ca-certificates",
-            "--tools-package",
-            "binutils",
             "--share",
             "mkosi:/src",
             "--workdir",
@@ -1309,21 +1270,10 @@ fn mkosi_builds_a_bootable_image_under_kiln() {
             "build",
         ],
     );
-    assert!(
-        out.status.success(),
-        "mkosi failed: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
     // mkosi wrote nothing into the shared directory; only the copy-out did.
     assert_eq!(files_in(&dir), ["image.raw", "mkosi.conf"]);
     let image = dir.join("image.raw");
     let meta = fs::metadata(&image).expect("image");
-    assert_eq!(
-        meta.uid(),
-        geteuid().as_raw(),
-        "the image is not the user's"
-    );
     // Sparse, as mkosi made it in the guest: the copy-out kept the holes.
     assert!(
         meta.blocks() * 512 < meta.len() * 9 / 10,
@@ -1331,26 +1281,48 @@ fn mkosi_builds_a_bootable_image_under_kiln() {
         meta.blocks() * 512,
         meta.len()
     );
+    // The whole console (--console), should the boot fail: where it
+    // stopped is rarely in the last lines.
+    assert_users_gpt_image_boots(
+        tmp.path(),
+        &image,
+        "Root Partition",
+        &["--timeout", "900", "--console"],
+    );
+}
+
+/// `kiln run` of another image builder the way the README shows it: with
+/// the network, 3G and 2 vCPUs, a tools image with `tools` added, then
+/// `rest` (shares, working directory, the command); it must succeed.
+fn run_builder(dir: &Path, builder: &str, tools: &[&str], rest: &[&str]) {
+    let mut args = vec!["run", "--net", "--mem", "3G", "--cpus", "2"];
+    for t in tools {
+        args.extend(["--tools-package", t]);
+    }
+    args.extend_from_slice(rest);
+    let out = kiln(dir, &args);
+    assert!(
+        out.status.success(),
+        "{builder} failed: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// A builder's image on the host: the user's, a GPT with an EFI system
+/// partition and one named `root_name`, and it boots under UEFI to a login
+/// prompt (`boot_args`: its timeout and such).
+fn assert_users_gpt_image_boots(dir: &Path, image: &Path, root_name: &str, boot_args: &[&str]) {
+    let owner = fs::metadata(image).expect("image").uid();
+    assert_eq!(owner, geteuid().as_raw(), "the image is not the user's");
     let image_s = image.to_str().expect("path");
     let table = host("sgdisk", &["-p", image_s]);
     assert!(
-        table.contains("EF00") && table.contains("Root Partition"),
+        table.contains("EF00") && table.contains(root_name),
         "{table}"
     );
-
-    let boot = kiln(
-        tmp.path(),
-        &[
-            "boot",
-            image_s,
-            "--firmware",
-            "uefi",
-            "--timeout",
-            "900",
-            "--console",
-        ],
-    );
-    // The whole console (--console), should it fail: where the boot
-    // stopped is rarely in the last lines.
+    let mut args = vec!["boot", image_s, "--firmware", "uefi"];
+    args.extend_from_slice(boot_args);
+    let boot = kiln(dir, &args);
     assert!(boot.status.success(), "boot failed: {}", text(&boot.stderr));
 }
