@@ -64,9 +64,7 @@ fn epoch(c: &Checked) -> Result<u64> {
     if let Some(e) = c.recipe.source_date_epoch {
         return Ok(e);
     }
-    let h = crate::sandbox::cache::hash(&[c.text.as_bytes()]);
-    let n = u64::from_str_radix(&h[..8], 16).unwrap_or(0);
-    Ok(1_577_836_800 + n % (5 * 365 * 86_400))
+    Ok(ids::fallback_epoch(c))
 }
 
 /// The build's work directory in the output directory: `.kiln-build-<random>`.
@@ -476,7 +474,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         }
     }
 
-    let ids = ids::Ids::new(c.text.as_bytes());
+    let ids = ids::Ids::for_recipe(&c);
     let parts = if needs_disk {
         plan::plan_partitions(&c, &ids)
     } else {

@@ -342,8 +342,6 @@ pub struct Checked {
     pub name: String,
     pub recipe: Recipe,
     pub root: RootSource,
-    /// The exact text, which keys everything derived from the recipe.
-    pub text: String,
     /// Partition sizes in bytes, "rest" resolved.
     pub sizes: Vec<u64>,
     pub disk_size: u64,
@@ -388,7 +386,7 @@ impl Checked {
             anyhow!("{}: {}{hint}", file.display(), msg.trim_end())
         })?;
         let dir = file.parent().unwrap_or(Path::new("."));
-        check(file, dir, recipe, text)
+        check(file, dir, recipe)
     }
 
     pub fn formats(&self) -> Vec<Format> {
@@ -400,7 +398,7 @@ impl Checked {
     }
 }
 
-fn check(file: &Path, dir: &Path, mut recipe: Recipe, text: String) -> Result<Checked> {
+fn check(file: &Path, dir: &Path, mut recipe: Recipe) -> Result<Checked> {
     let at = |key: &str, msg: String| anyhow!("{}: {key}: {msg}", file.display());
     let name = match &recipe.name {
         Some(n) => n.clone(),
@@ -655,7 +653,6 @@ fn check(file: &Path, dir: &Path, mut recipe: Recipe, text: String) -> Result<Ch
         name,
         recipe,
         root,
-        text,
         sizes,
         disk_size,
     })

@@ -423,7 +423,7 @@ impl Inputs<'_> {
     }
 
     fn partition(&self) -> Step {
-        let ids = Ids::new(self.recipe.text.as_bytes());
+        let ids = Ids::for_recipe(self.recipe);
         let step = Step::new("partition");
         let run = Run::new(Script::Partition).env("KILN_PARTITIONS", self.parts.len().to_string());
         match self.recipe.recipe.table {
@@ -594,7 +594,7 @@ type = "both"
     }
 
     fn steps(c: &Checked, formats: &[Format], kernel: Option<&str>) -> Vec<Step> {
-        let ids = Ids::new(c.text.as_bytes());
+        let ids = Ids::for_recipe(c);
         let parts = plan_partitions(c, &ids);
         let inputs = Inputs {
             recipe: c,
