@@ -10,6 +10,7 @@ mod leftovers;
 #[path = "support/tmux.rs"]
 mod tmux;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -37,10 +38,17 @@ fn kiln(dir: &Path, args: &[&str]) -> Output {
 
 /// `kiln ARGS` in `dir`, given `stdin`; checks it left no runtime files.
 fn kiln_with_stdin(dir: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    kiln_with_env(dir, args, stdin, &[])
+}
+
+/// `kiln ARGS` in `dir`, given `stdin` and `env`; checks it left no
+/// runtime files.
+fn kiln_with_env(dir: &Path, args: &[&str], stdin: &[u8], env: &[(&str, &Path)]) -> Output {
     let runtime = dir.join("runtime");
     fs::create_dir_all(&runtime).expect("runtime dir");
     let mut child = Command::new(kiln_exe())
         .args(args)
+        .envs(env.iter().copied())
         .env("TMPDIR", &runtime)
         .env_remove("SOURCE_DATE_EPOCH")
         .stdin(Stdio::piped())
@@ -526,6 +534,147 @@ fn a_fresh_debian_bootstrap_builds_with_the_users_own_rights() {
     assert!(stat.contains("User:     0"), "{stat}");
     let stat = host("debugfs", &["-R", "stat /usr/bin/dpkg", &ext4]);
     assert!(stat.contains("User:     0"), "{stat}");
+}
+
+/// The package names in `lock`-style lines or an apt cache's file names
+/// (`name_version_arch.deb`).
+fn package_names<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
+    names
+        .into_iter()
+        .filter_map(|n| n.split(['_', ' ']).next())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The apt file names in the package cache at `cache` (one mirror).
+fn cached_debs(cache: &Path) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for store in fs::read_dir(cache.join("debs")).expect("debs").flatten() {
+        let index = store.path().join("index");
+        if let Ok(text) = fs::read_to_string(&index) {
+            names.extend(
+                text.lines()
+                    .filter_map(|l| l.split(' ').nth(1))
+                    .map(str::to_string),
+            );
+        }
+    }
+    names
+}
+
+/// The packages a bootstrap in the cache at `cache` installed, by the
+/// dpkg status in its root archive, and the archive's SHA-256.
+fn bootstraps(cache: &Path) -> BTreeMap<PathBuf, (BTreeSet<String>, String)> {
+    let mut found = BTreeMap::new();
+    for e in fs::read_dir(cache.join("rootfs"))
+        .expect("rootfs")
+        .flatten()
+    {
+        let tar = e.path().join("root.tar");
+        if !tar.is_file() {
+            continue;
+        }
+        let status = host(
+            "tar",
+            &["-xOf", &tar.display().to_string(), "./var/lib/dpkg/status"],
+        );
+        let names = package_names(status.lines().filter_map(|l| l.strip_prefix("Package: ")));
+        let sha = host("sha256sum", &[&tar.display().to_string()]);
+        let sha = sha.split(' ').next().unwrap_or_default().to_string();
+        found.insert(e.path(), (names, sha));
+    }
+    found
+}
+
+/// Downloaded packages are kept in the cache and offered to every later
+/// bootstrap: adding one package to a recipe downloads only it and what it
+/// newly pulls in, a fresh bootstrap of the same recipe downloads nothing,
+/// and a warm cache gives the same root archive as a cold one. Each build
+/// stops before its VM (its lock names a package no bootstrap has), so
+/// only the host's bootstrap runs, in a cache of the test's own.
+#[test]
+fn adding_a_package_downloads_only_that_package() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let cache = dir.join("cache");
+    small_debian_recipe(dir);
+    let a = fs::read_to_string(dir.join("small-debian.toml"))
+        .expect("recipe")
+        .replace(r#"commands = ["echo built-in-chroot > /etc/built"]"#, "");
+    fs::write(dir.join("a.toml"), &a).expect("write");
+    let b = a.replace(
+        "variant = \"essential\"",
+        "variant = \"essential\"\npackages = [\"less\"]",
+    );
+    assert_ne!(a, b);
+    fs::write(dir.join("b.toml"), &b).expect("write");
+    for lock in ["a.lock", "b.lock"] {
+        fs::write(dir.join(lock), "kiln-no-such-package 1 amd64\n").expect("lock");
+    }
+    let build = |recipe: &str, extra: &[&str]| {
+        let mut args = vec!["build", recipe, "-o", "out", "--locked"];
+        args.extend_from_slice(extra);
+        let out = kiln_with_env(dir, &args, b"", &[("KILN_CACHE_DIR", &cache)]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{stderr}");
+        assert!(
+            !stderr.contains("boot build VM"),
+            "the VM started: {stderr}"
+        );
+        stderr
+    };
+
+    let first = build("a.toml", &[]);
+    let after_a = cached_debs(&cache);
+    let roots = bootstraps(&cache);
+    assert_eq!(roots.len(), 1, "{roots:?}");
+    let (a_root, (a_pkgs, a_sha)) = roots.into_iter().next().expect("one");
+    assert_eq!(package_names(after_a.iter().map(String::as_str)), a_pkgs);
+    assert!(
+        first.contains(&format!(
+            "root: 0 packages from the package cache, {} downloaded",
+            after_a.len()
+        )),
+        "{first}"
+    );
+
+    let second = build("b.toml", &[]);
+    let after_b = cached_debs(&cache);
+    let mut roots = bootstraps(&cache);
+    roots.remove(&a_root);
+    let (_, (b_pkgs, _)) = roots.into_iter().next().expect("b's bootstrap");
+    let added: BTreeSet<String> = b_pkgs.difference(&a_pkgs).cloned().collect();
+    assert!(added.contains("less"), "{added:?}");
+    let downloaded: Vec<&String> = after_b.difference(&after_a).collect();
+    assert_eq!(
+        package_names(downloaded.iter().map(|s| s.as_str())),
+        added,
+        "b downloaded other packages than it adds to a"
+    );
+    assert!(
+        second.contains(&format!(
+            "root: {} packages from the package cache, {} downloaded",
+            after_a.len(),
+            downloaded.len()
+        )),
+        "{second}"
+    );
+
+    let third = build("a.toml", &["--fresh"]);
+    assert!(
+        third.contains(&format!(
+            "root: {} packages from the package cache, 0 downloaded",
+            after_a.len()
+        )),
+        "{} stored after a: {third}",
+        after_a.len()
+    );
+    assert_eq!(
+        bootstraps(&cache)[&a_root].1,
+        a_sha,
+        "a warm cache gave another root archive than a cold one"
+    );
 }
 
 /// `lock` with the version of `package` replaced by another.

@@ -697,6 +697,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
             "name": c.name,
             "source_date_epoch": epoch,
             "root_archive": root.path,
+            "debs": root.debs,
             "outputs": summary,
             "packages": manifest.is_some().then_some(&manifest_final),
             "lock": lock_written.then_some(&lock_file),

@@ -58,6 +58,13 @@ impl Packages {
         self.0.len()
     }
 
+    /// (name, version, architecture) of each, by name then architecture.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.0
+            .iter()
+            .map(|((name, arch), version)| (name.as_str(), version.as_str(), arch.as_str()))
+    }
+
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

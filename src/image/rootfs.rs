@@ -4,6 +4,7 @@
 //! a directory packed with root ownership. The guest reads the archive
 //! straight off a read-only disk, so it must be a whole number of sectors.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -11,8 +12,10 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::image::lock;
 use crate::image::recipe::RootSource;
 use crate::sandbox::cache;
+use crate::sandbox::cache::debs::{self, DebReport};
 use crate::sandbox::mmdebstrap::Mmdebstrap;
 use crate::util::owned_dir;
 use crate::util::process::tie;
@@ -23,6 +26,9 @@ pub struct RootTar {
     /// tar's flag for the archive's compression ("" for none).
     pub tar_flag: &'static str,
     pub size: u64,
+    /// What a bootstrap run now took from the package cache and downloaded
+    /// (none for a bootstrap from the cache, or another kind of root).
+    pub debs: Option<DebReport>,
     /// Holds a cached bootstrap in use while the archive is.
     _use: cache::CacheUse,
 }
@@ -61,6 +67,7 @@ fn finish(
             path,
             tar_flag,
             size,
+            debs: None,
             _use: held,
         });
     }
@@ -75,6 +82,7 @@ fn finish(
         path: padded,
         tar_flag,
         size: len,
+        debs: None,
         _use: held,
     })
 }
@@ -192,24 +200,89 @@ fn debian(
         &format!("a root.suite = \"{suite}\" image"),
         owned_dir::ROOTFS,
     )?;
+    // Every package the mirror gave an earlier bootstrap is offered to this
+    // one; a cache that cannot take them (read-only) only costs downloads.
+    let cache_root = cache::root()?;
+    let offer = debs::Store::open(&cache_root, mirror).and_then(|s| {
+        let o = s.offer()?;
+        Ok((s, o))
+    });
+    let offer = match offer {
+        Ok(o) => Some(o),
+        Err(e) => {
+            eprintln!("warning: {e}; every package is downloaded");
+            None
+        }
+    };
+    let tar = std::path::absolute(staging.path().join("root.tar"))?;
     let mut cmd = Command::new("mmdebstrap");
     cmd.arg(bootstrap.mode())
         .arg(format!("--variant={variant}"))
         .args(MMDEBSTRAP_OPTIONS)
         .arg(format!("--components={}", components.join(",")));
+    if let Some((_, o)) = &offer {
+        // The hooks name their folders relative to the offer.
+        cmd.args(debs::MMDEBSTRAP_HOOKS).current_dir(o.path());
+    }
     if !packages.is_empty() {
         cmd.arg(format!("--include={}", packages.join(",")));
     }
     cmd.arg(suite)
-        .arg(staging.path().join("root.tar"))
+        .arg(&tar)
         .arg(mirror)
         .env("SOURCE_DATE_EPOCH", epoch.to_string());
     bootstrap.run(
         cmd,
         &format!("root: bootstrapping {suite}"),
         "bootstrap.log",
-        &cache::root()?.join("rootfs").join("last-bootstrap.log"),
+        &cache_root.join("rootfs").join("last-bootstrap.log"),
     )?;
+    let report = match offer {
+        Some((store, o)) => match o.ingest(&store, &installed(&tar)) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("warning: the downloaded packages were not kept: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    if let Some(r) = &report {
+        if !json {
+            eprintln!("{}", summary(r));
+        }
+        if !r.not_kept.is_empty() {
+            eprintln!(
+                "warning: not kept in the package cache, as their SHA-256 is not the one \
+                 the mirror's package lists give: {}",
+                r.not_kept.join(", ")
+            );
+        }
+    }
     let dir = staging.commit()?;
-    finish(dir.join("root.tar"), "", &dir, held)
+    let mut root = finish(dir.join("root.tar"), "", &dir, held)?;
+    root.debs = report;
+    Ok(root)
+}
+
+/// The installed packages of a root archive, by apt's file names for
+/// them; none if it has no dpkg status that can be read.
+fn installed(tar: &Path) -> BTreeSet<String> {
+    lock::archive_packages(tar)
+        .map(|p| {
+            p.iter()
+                .map(|(name, version, arch)| debs::apt_name(name, version, arch, "deb"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// "root: 97 packages from the package cache, 1 downloaded (150 KiB)".
+fn summary(r: &DebReport) -> String {
+    format!(
+        "root: {} packages from the package cache, {} downloaded ({} KiB)",
+        r.reused,
+        r.downloaded.len(),
+        r.downloaded_bytes.div_ceil(1024)
+    )
 }

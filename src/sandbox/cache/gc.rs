@@ -16,9 +16,9 @@ use super::{build_lock, is_staging, lock_file, staging_prefix};
 use crate::util::owned_dir::{self, OwnedDir};
 
 /// The directories of the cache that hold entries, one per kind: kernel
-/// and tools images, and root bootstraps, are directories; initramfs
-/// archives are files (`<hash>.cpio`).
-pub const KINDS: [&str; 4] = ["kernel", "tools", "initramfs", "rootfs"];
+/// and tools images, root bootstraps and one mirror's packages are
+/// directories; initramfs archives are files (`<hash>.cpio`).
+pub const KINDS: [&str; 5] = ["kernel", "tools", "initramfs", "rootfs", super::debs::KIND];
 
 /// One entry of the cache.
 #[derive(Debug, Clone, Serialize)]

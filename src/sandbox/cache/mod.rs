@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::util::owned_dir::{self, OwnedDir};
 
+pub mod debs;
 mod gc;
 mod usage;
 
