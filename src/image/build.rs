@@ -12,7 +12,6 @@ use indicatif::ProgressBar;
 use kiln_agent::ExecRequest;
 use kiln_vmm::{DiskConfig, DiskFormat};
 
-use super::packages::Packages;
 use super::plan::{self, Step};
 use super::recipe::{Checked, Format, RootSource};
 use super::{ids, lock, output, rootfs};
@@ -22,6 +21,7 @@ use crate::sandbox::session::ExecOutcome;
 use crate::sandbox::SandboxError;
 use crate::util::ctrl_c;
 use crate::util::owned_dir::{self, OwnedDir};
+use crate::util::packages::Packages;
 use crate::util::spinner::spinner;
 use crate::util::tail::Tail;
 

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use super::packages::{self, Packages};
+use crate::util::packages::{self, Packages};
 use crate::util::process::run_tool;
 
 /// The changes a `--locked` failure lists before "and N more".

@@ -8,7 +8,6 @@ pub mod firmware_boot;
 mod ids;
 mod lock;
 mod output;
-mod packages;
 mod plan;
 pub mod recipe;
 mod rootfs;

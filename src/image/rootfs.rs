@@ -4,7 +4,6 @@
 //! a directory packed with root ownership. The guest reads the archive
 //! straight off a read-only disk, so it must be a whole number of sectors.
 
-use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -15,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use crate::image::lock;
 use crate::image::recipe::RootSource;
 use crate::sandbox::cache;
-use crate::sandbox::cache::debs::{self, DebReport};
+use crate::sandbox::cache::debs::DebReport;
 use crate::sandbox::mmdebstrap::Mmdebstrap;
 use crate::util::owned_dir;
 use crate::util::process::tie;
@@ -194,36 +193,21 @@ fn debian(
         }
         cache::Begin::Build(s) => s,
     };
-    let bootstrap = Mmdebstrap::prepare(
+    let mut bootstrap = Mmdebstrap::prepare(
         &[("mmdebstrap", "mmdebstrap")],
         "for root.suite",
         &format!("a root.suite = \"{suite}\" image"),
         owned_dir::ROOTFS,
     )?;
-    // Every package the mirror gave an earlier bootstrap is offered to this
-    // one; a cache that cannot take them (read-only) only costs downloads.
     let cache_root = cache::root()?;
-    let offer = debs::Store::open(&cache_root, mirror).and_then(|s| {
-        let o = s.offer()?;
-        Ok((s, o))
-    });
-    let offer = match offer {
-        Ok(o) => Some(o),
-        Err(e) => {
-            eprintln!("warning: {e}; every package is downloaded");
-            None
-        }
-    };
+    bootstrap.offer_cached_packages(&cache_root, mirror);
     let tar = std::path::absolute(staging.path().join("root.tar"))?;
     let mut cmd = Command::new("mmdebstrap");
     cmd.arg(bootstrap.mode())
         .arg(format!("--variant={variant}"))
         .args(MMDEBSTRAP_OPTIONS)
+        .args(bootstrap.package_cache_options())
         .arg(format!("--components={}", components.join(",")));
-    if let Some((_, o)) = &offer {
-        // The hooks name their folders relative to the offer.
-        cmd.args(debs::MMDEBSTRAP_HOOKS).current_dir(o.path());
-    }
     if !packages.is_empty() {
         cmd.arg(format!("--include={}", packages.join(",")));
     }
@@ -237,52 +221,14 @@ fn debian(
         "bootstrap.log",
         &cache_root.join("rootfs").join("last-bootstrap.log"),
     )?;
-    let report = match offer {
-        Some((store, o)) => match o.ingest(&store, &installed(&tar)) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                eprintln!("warning: the downloaded packages were not kept: {e}");
-                None
-            }
-        },
-        None => None,
-    };
-    if let Some(r) = &report {
-        if !json {
-            eprintln!("{}", summary(r));
-        }
-        if !r.not_kept.is_empty() {
-            eprintln!(
-                "warning: not kept in the package cache, as their SHA-256 is not the one \
-                 the mirror's package lists give: {}",
-                r.not_kept.join(", ")
-            );
-        }
+    // An archive whose status cannot be read counts nothing as reused.
+    let installed = lock::archive_packages(&tar).unwrap_or_default();
+    let report = bootstrap.keep_downloads(&installed);
+    if let (Some(r), false) = (&report, json) {
+        eprintln!("root: {}", r.summary());
     }
     let dir = staging.commit()?;
     let mut root = finish(dir.join("root.tar"), "", &dir, held)?;
     root.debs = report;
     Ok(root)
-}
-
-/// The installed packages of a root archive, by apt's file names for
-/// them; none if it has no dpkg status that can be read.
-fn installed(tar: &Path) -> BTreeSet<String> {
-    lock::archive_packages(tar)
-        .map(|p| {
-            p.iter()
-                .map(|(name, version, arch)| debs::apt_name(name, version, arch, "deb"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// "root: 97 packages from the package cache, 1 downloaded (150 KiB)".
-fn summary(r: &DebReport) -> String {
-    format!(
-        "root: {} packages from the package cache, {} downloaded ({} KiB)",
-        r.reused,
-        r.downloaded.len(),
-        r.downloaded_bytes.div_ceil(1024)
-    )
 }

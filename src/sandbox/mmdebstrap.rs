@@ -2,15 +2,19 @@
 //! in root mode when kiln runs as root, otherwise in unshare mode once this
 //! user is found able to (util/userns.rs); with its temporary files in a work
 //! directory kiln owns, and its output in a log that is kept in the cache
-//! when it fails. What it bootstraps, and into what, is the caller's.
+//! when it fails; with the packages earlier bootstraps downloaded offered
+//! from the shared package cache, and the new ones kept there. What it
+//! bootstraps, and into what, is the caller's.
 
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::sandbox::cache::debs::{self, DebReport, Offer, Store};
 use crate::sandbox::logged_job;
 use crate::util::owned_dir::OwnedDir;
+use crate::util::packages::Packages;
 use crate::util::userns;
 use crate::util::which::which;
 
@@ -18,6 +22,7 @@ use crate::util::which::which;
 pub struct Mmdebstrap {
     root: bool,
     scratch: OwnedDir,
+    packages: Option<(Store, Offer)>,
 }
 
 impl Mmdebstrap {
@@ -42,7 +47,53 @@ impl Mmdebstrap {
             userns::check_unshare_mode(unshare_job)?;
         }
         let scratch = OwnedDir::new(scratch_prefix).context("creating a work directory")?;
-        Ok(Mmdebstrap { root, scratch })
+        Ok(Mmdebstrap {
+            root,
+            scratch,
+            packages: None,
+        })
+    }
+
+    /// Offers this bootstrap every package `mirror` gave an earlier one,
+    /// from the package cache at `cache_root`. A cache that cannot take
+    /// them (read-only) only costs downloads: a warning says so.
+    pub fn offer_cached_packages(&mut self, cache_root: &Path, mirror: &str) {
+        match Store::open(cache_root, mirror).and_then(|s| Ok((s.offer()?, s))) {
+            Ok((offer, store)) => self.packages = Some((store, offer)),
+            Err(e) => eprintln!("warning: {e}; every package is downloaded"),
+        }
+    }
+
+    /// The options that hand the offered packages in and the downloaded
+    /// ones out (none without an offer); they change nothing in the result.
+    pub fn package_cache_options(&self) -> &'static [&'static str] {
+        if self.packages.is_some() {
+            debs::MMDEBSTRAP_HOOKS
+        } else {
+            &[]
+        }
+    }
+
+    /// After a run that succeeded, which installed `installed`: keeps what it downloaded in the package
+    /// cache. What cannot be kept is a warning, never an error: the
+    /// bootstrap itself is done.
+    pub fn keep_downloads(&mut self, installed: &Packages) -> Option<DebReport> {
+        let (store, offer) = self.packages.take()?;
+        let report = match offer.ingest(&store, &debs::apt_names(installed)) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("warning: the downloaded packages were not kept: {e}");
+                return None;
+            }
+        };
+        if !report.not_kept.is_empty() {
+            eprintln!(
+                "warning: not kept in the package cache, as their SHA-256 is not the one the \
+                 mirror's package lists give: {}",
+                report.not_kept.join(", ")
+            );
+        }
+        Some(report)
     }
 
     /// mmdebstrap's `--mode`.
@@ -53,8 +104,14 @@ impl Mmdebstrap {
     /// Runs `cmd` (mmdebstrap, or a pipeline around it) as the long job
     /// `what`, its temporary files in the work directory and its output in
     /// `log_name` there; the log is copied to `keep_log` if it fails.
+    /// With packages offered, it runs in the offer's directory, which
+    /// [`Self::package_cache_options`] name their folders relative to:
+    /// paths among its arguments must be absolute.
     pub fn run(&self, mut cmd: Command, what: &str, log_name: &str, keep_log: &Path) -> Result<()> {
         cmd.env("TMPDIR", self.scratch.path());
+        if let Some((_, offer)) = &self.packages {
+            cmd.current_dir(offer.path());
+        }
         let log = self.scratch.path().join(log_name);
         logged_job::run_logged_keeping(cmd, what, &log, keep_log)
     }
@@ -101,6 +158,7 @@ mod tests {
         let m = Mmdebstrap {
             root: false,
             scratch: OwnedDir::new_in(keep.path(), "kiln-test-").expect("scratch"),
+            packages: None,
         };
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo \"tmp=$TMPDIR\"; exit 3"]);

@@ -3,13 +3,14 @@
 //! build options.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
 use crate::sandbox::cache;
 use crate::sandbox::mmdebstrap::Mmdebstrap;
 use crate::util::owned_dir;
+use crate::util::packages::Packages;
 
 pub const SUITE: &str = "bookworm";
 
@@ -202,15 +203,19 @@ pub fn build(force: bool, extra: &Extra) -> Result<(PathBuf, cache::CacheUse)> {
         cache::Begin::Done(dir) => return Ok((dir.join(IMAGE_NAME), held)),
         cache::Begin::Build(s) => s,
     };
-    let bootstrap = Mmdebstrap::prepare(
+    let mut bootstrap = Mmdebstrap::prepare(
         &[
             ("mmdebstrap", "mmdebstrap"),
             ("tar2sqfs", "squashfs-tools-ng"),
+            ("rdsquashfs", "squashfs-tools-ng"),
         ],
         "to build the tools image",
         "the tools image",
         owned_dir::TOOLS,
     )?;
+    let cache_root = cache::root()?;
+    bootstrap.offer_cached_packages(&cache_root, &mirror());
+    let image = std::path::absolute(staging.path().join(IMAGE_NAME))?;
     // mmdebstrap writes a tar (ownership kept, no root needed in unshare
     // mode) that tar2sqfs turns into the image. The pipeline is fixed text;
     // the arguments say how many of them are tar2sqfs's options.
@@ -222,6 +227,7 @@ pub fn build(force: bool, extra: &Extra) -> Result<(PathBuf, cache::CacheUse)> {
         .args(TAR2SQFS_OPTIONS)
         .arg(bootstrap.mode())
         .args(MMDEBSTRAP_OPTIONS)
+        .args(bootstrap.package_cache_options())
         .arg(format!(
             "--include={}",
             PACKAGES
@@ -234,7 +240,7 @@ pub fn build(force: bool, extra: &Extra) -> Result<(PathBuf, cache::CacheUse)> {
         .arg("--format=tar")
         .arg(SUITE)
         .arg("-")
-        .env("KILN_TOOLS_OUT", staging.path().join(IMAGE_NAME));
+        .env("KILN_TOOLS_OUT", &image);
     if let Some(mirror) = std::env::var_os("KILN_DEBIAN_MIRROR").filter(|m| !m.is_empty()) {
         cmd.arg(mirror);
     }
@@ -250,10 +256,29 @@ pub fn build(force: bool, extra: &Extra) -> Result<(PathBuf, cache::CacheUse)> {
         cmd,
         &what,
         "build.log",
-        &cache::root()?.join("tools").join("last-build.log"),
+        &cache_root.join("tools").join("last-build.log"),
     )?;
+    if let Some(r) = bootstrap.keep_downloads(&installed(&image)) {
+        eprintln!("tools: {}", r.summary());
+    }
     let dir = staging.commit_with_manifest(&[IMAGE_NAME])?;
     Ok((dir.join(IMAGE_NAME), held))
+}
+
+/// The packages installed in the tools image `image`, from its dpkg
+/// status; none if that cannot be read (nothing then counts as reused).
+fn installed(image: &Path) -> Packages {
+    let status = Command::new("rdsquashfs")
+        .args(["-c", "/var/lib/dpkg/status"])
+        .arg(image)
+        .stderr(Stdio::null())
+        .output();
+    match status {
+        Ok(o) if o.status.success() => {
+            Packages::from_dpkg_status(&String::from_utf8_lossy(&o.stdout)).unwrap_or_default()
+        }
+        _ => Packages::default(),
+    }
 }
 
 /// The Debian mirror builds use: `KILN_DEBIAN_MIRROR`, or Debian's CDN.

@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 
 use super::{lock_file, staging_prefix, CacheUse};
 use crate::util::owned_dir::OwnedDir;
+use crate::util::packages::Packages;
 
 /// The cache's folder for packages (a kind `kiln cache` lists).
 pub const KIND: &str = "debs";
@@ -61,6 +62,18 @@ pub struct DebReport {
     /// Downloaded packages not kept, because the mirror's package lists
     /// give another SHA-256 for them, or none.
     pub not_kept: Vec<String>,
+}
+
+impl DebReport {
+    /// "97 packages from the package cache, 1 downloaded (150 KiB)".
+    pub fn summary(&self) -> String {
+        format!(
+            "{} packages from the package cache, {} downloaded ({} KiB)",
+            self.reused,
+            self.downloaded.len(),
+            self.downloaded_bytes.div_ceil(1024)
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +225,7 @@ impl Offer {
     }
 
     /// After a bootstrap that succeeded, which installed `installed` (apt
-    /// file names, see [`apt_name`]): stores every package it downloaded
+    /// file names, see [`apt_names`]): stores every package it downloaded
     /// whose SHA-256 is the one the mirror's package lists give.
     pub fn ingest(
         self,
@@ -342,7 +355,7 @@ fn stanzas(r: impl BufRead) -> io::Result<Vec<(String, String)>> {
 /// The name apt gives a downloaded package in its cache: its name, version
 /// and architecture quoted as apt's `QuoteString` does (`:` in an epoch
 /// becomes `%3a`).
-pub fn apt_name(package: &str, version: &str, arch: &str, ext: &str) -> String {
+fn apt_name(package: &str, version: &str, arch: &str, ext: &str) -> String {
     fn quote(s: &str, bad: &[u8]) -> String {
         let mut q = String::new();
         for &b in s.as_bytes() {
@@ -360,6 +373,14 @@ pub fn apt_name(package: &str, version: &str, arch: &str, ext: &str) -> String {
         quote(version, b"_:"),
         quote(arch, b"_:.")
     )
+}
+
+/// apt's file names for the installed `packages` (see [`apt_name`]).
+pub fn apt_names(packages: &Packages) -> BTreeSet<String> {
+    packages
+        .iter()
+        .map(|(name, version, arch)| apt_name(name, version, arch, "deb"))
+        .collect()
 }
 
 /// A name this module will store or offer: a plain file name ending in
