@@ -619,6 +619,10 @@ fn adding_a_package_downloads_only_that_package() {
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(125), "{stderr}");
         assert!(
+            stderr.contains("the bootstrap's packages differ from the lock"),
+            "{stderr}"
+        );
+        assert!(
             !stderr.contains("boot build VM"),
             "the VM started: {stderr}"
         );
@@ -630,6 +634,19 @@ fn adding_a_package_downloads_only_that_package() {
     let roots = bootstraps(&cache);
     assert_eq!(roots.len(), 1, "{roots:?}");
     let (a_root, (a_pkgs, a_sha)) = roots.into_iter().next().expect("one");
+    // The packages went in and out of apt's cache folder: it is still
+    // root's, as mmdebstrap makes it, whoever built the image.
+    let listing = host(
+        "tar",
+        &[
+            "--numeric-owner",
+            "-tvf",
+            &a_root.join("root.tar").display().to_string(),
+            "./var/cache/apt/archives/",
+        ],
+    );
+    let folder = listing.lines().next().unwrap_or_default();
+    assert!(folder.starts_with("drwxr-xr-x 0/0 "), "{listing}");
     assert_eq!(package_names(after_a.iter().map(String::as_str)), a_pkgs);
     assert!(
         first.contains(&format!(

@@ -10,7 +10,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::image::recipe::{Checked, RootSource, Table};
+use crate::image::recipe::{Checked, PartType, RootSource, Table};
 
 /// Derives identifiers from a seed.
 pub struct Ids {
@@ -76,14 +76,23 @@ fn layout_seed(c: &Checked) -> String {
         Table::Mbr => "mbr",
     };
     let mut seed = format!("name={}\ntable={table}\ndisk={}\n", c.name, c.disk_size);
+    // Each field spelled out (not Debug output, which a renamed variant
+    // would change), strings with their lengths so none runs into the next.
+    let text = |s: Option<&str>| s.map_or("-".to_string(), |s| format!("{}:{s}", s.len()));
     for (p, size) in c.recipe.partitions.iter().zip(&c.sizes) {
+        let kind = match p.kind {
+            PartType::Esp => "esp",
+            PartType::BiosGrub => "bios_grub",
+            PartType::Linux => "linux",
+            PartType::Swap => "swap",
+            PartType::Data => "data",
+        };
         seed.push_str(&format!(
-            "partition={:?} {size} {:?} {} {:?} {:?}\n",
-            p.label,
-            p.kind,
+            "partition={} {size} {kind} {} {} {}\n",
+            text(Some(&p.label)),
             p.filesystem.map_or("-", |f| f.name()),
-            p.mount,
-            p.uuid
+            text(p.mount.as_deref()),
+            text(p.uuid.as_deref())
         ));
     }
     seed

@@ -74,9 +74,9 @@ impl Mmdebstrap {
         }
     }
 
-    /// After a run that succeeded, which installed `installed`: keeps what it downloaded in the package
-    /// cache. What cannot be kept is a warning, never an error: the
-    /// bootstrap itself is done.
+    /// After a run that succeeded, which installed `installed`: keeps what
+    /// it downloaded in the package cache. What cannot be kept is a
+    /// warning, never an error: the bootstrap itself is done.
     pub fn keep_downloads(&mut self, installed: &Packages) -> Option<DebReport> {
         let (store, offer) = self.packages.take()?;
         let report = match offer.ingest(&store, &debs::apt_names(installed)) {
@@ -108,7 +108,8 @@ impl Mmdebstrap {
     /// [`Self::package_cache_options`] name their folders relative to:
     /// paths among its arguments must be absolute.
     pub fn run(&self, mut cmd: Command, what: &str, log_name: &str, keep_log: &Path) -> Result<()> {
-        cmd.env("TMPDIR", self.scratch.path());
+        // Absolute: the command may run in the offer's directory.
+        cmd.env("TMPDIR", std::path::absolute(self.scratch.path())?);
         if let Some((_, offer)) = &self.packages {
             cmd.current_dir(offer.path());
         }

@@ -22,6 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::FlockOperation;
@@ -38,14 +39,23 @@ pub const KIND: &str = "debs";
 /// mmdebstrap options that fill `/var/cache/apt/archives` from an offer
 /// and copy it and the package lists back out; run with the offer as the
 /// working directory. They change no byte of the result (apt's cache is
-/// emptied before the archive is made), so they are not part of a
-/// bootstrap's cache key.
+/// emptied before the archive is made, and its folder is left as
+/// mmdebstrap makes it), so they are not part of a bootstrap's cache key.
+///
+/// The copies are mmdebstrap's special hooks, which its own process does
+/// as the user who ran kiln: in unshare mode the hooks' shell is root of a
+/// namespace that cannot read the user's files.
 pub const MMDEBSTRAP_HOOKS: &[&str] = &[
     // Keeps the essential packages in the cache until the hooks below copy
     // it out; the cleanup step removes them from the tree afterwards.
     "--skip=essential/unlink",
     "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/",
     "--setup-hook=sync-in in /var/cache/apt/archives/",
+    // sync-in gives the folder the owner and mode of `in`: the user who
+    // ran kiln would own the image's apt cache. Back to what mkdir made
+    // (mmdebstrap runs with umask 022).
+    "--setup-hook=chown 0:0 \"$1\"/var/cache/apt/archives && \
+     chmod 0755 \"$1\"/var/cache/apt/archives",
     "--customize-hook=sync-out /var/cache/apt/archives out",
     "--customize-hook=sync-out /var/lib/apt/lists lists",
 ];
@@ -200,6 +210,12 @@ impl Store {
             .tempfile_in(&self.dir)
             .map_err(at(&self.dir))?;
         tmp.write_all(text.as_bytes()).map_err(at(tmp.path()))?;
+        // Readable by a group that shares the cache, and on disk before it
+        // replaces the old index.
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o644))
+            .and_then(|()| tmp.as_file().sync_all())
+            .map_err(at(tmp.path()))?;
         tmp.persist(&path).map_err(|e| at(&path)(e.error))?;
         Ok(())
     }
@@ -261,10 +277,10 @@ impl Offer {
                 report.not_kept.push(name.clone());
             } else {
                 let blob = store.blob(&sha);
-                if !blob.exists() {
-                    fs::rename(&path, &blob)
-                        .or_else(|_| fs::copy(&path, &blob).map(drop))
-                        .map_err(at(&blob))?;
+                // Replaces a blob that is there but damaged, too; a rename,
+                // so that no offer ever hashes half a file.
+                if sha256_file(&blob).ok().as_ref() != Some(&sha) {
+                    fs::rename(&path, &blob).map_err(at(&blob))?;
                 }
                 added.insert(name.clone(), sha);
             }
