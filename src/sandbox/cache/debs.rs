@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::FlockOperation;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use super::{lock_file, staging_prefix, CacheUse};
 use crate::util::owned_dir::OwnedDir;
@@ -415,15 +414,13 @@ fn is_sha256(s: &str) -> bool {
 }
 
 fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut f = fs::File::open(path)?;
-    let mut h = Sha256::new();
-    io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
+    super::sha256_of(&fs::File::open(path)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     fn sha(data: &[u8]) -> String {
         hex::encode(Sha256::digest(data))
