@@ -111,7 +111,26 @@ fn on_kvm(name: &str, case: fn(&Kiln)) {
         .env(NESTED_ENV, "1")
         .env(KILN_ENV, nested::KILN)
         .env("RUST_BACKTRACE", "1");
-    let out = l1.run(&[&inner, "--exact", name, "--test-threads=1", "--nocapture"]);
+    let argv = [
+        inner.as_str(),
+        "--exact",
+        name,
+        "--test-threads=1",
+        "--nocapture",
+    ];
+    let mut out = l1.run(&argv);
+    if l1_reset_itself(&out) {
+        // Under TCG, L1 has reset once in a CI run (the 100 MiB case,
+        // after some hundreds of passing nested runs): no panic on its
+        // console, QEMU exits as on a triple fault. That is the harness's
+        // machine failing, not the case; a second failure is reported
+        // like any other.
+        eprintln!(
+            "{name}: L1 reset itself before the case ended; running it once more:\n{}",
+            text(&out.stderr)
+        );
+        out = l1.run(&argv);
+    }
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     assert!(
@@ -119,6 +138,15 @@ fn on_kvm(name: &str, case: fn(&Kiln)) {
         "{name} failed in the nested-KVM guest ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         out.status
     );
+}
+
+/// Whether L1 itself stopped under the case: the host's kiln said its VM
+/// ended without the guest's clean power-off, and the test binary in L1
+/// had not printed a result.
+fn l1_reset_itself(out: &Output) -> bool {
+    code(out) == 125
+        && text(&out.stderr).contains("the VM stopped before the guest powered off cleanly")
+        && !text(&out.stdout).contains("test result:")
 }
 
 both_backends!(
