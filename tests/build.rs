@@ -126,7 +126,7 @@ const SMALL: &str = r#"
 name = "small"
 size = "64M"
 source_date_epoch = 1700000000
-commands = ["echo built-in-chroot > /etc/built"]
+commands = ["echo built-in-chroot > /etc/built", "ln /etc/built /etc/built-link", "touch /etc/naïve \"/etc/$(printf 'x\\351y')\""]
 
 [[partition]]
 label = "ESP"
@@ -158,7 +158,15 @@ path = "/boot/efi/hello.txt"
 source = "hello.txt"
 "#;
 
+/// SMALL's commands line, which some tests replace.
+const SMALL_COMMANDS: &str =
+    r#"commands = ["echo built-in-chroot > /etc/built", "ln /etc/built /etc/built-link", "touch /etc/naïve \"/etc/$(printf 'x\\351y')\""]"#;
+
 fn small_recipe(dir: &Path, text: &str) -> PathBuf {
+    assert!(
+        SMALL.contains(SMALL_COMMANDS),
+        "SMALL_COMMANDS is not SMALL's line"
+    );
     busybox_root(dir);
     fs::write(dir.join("hello.txt"), "on the esp\n").expect("write");
     let p = dir.join("small.toml");
@@ -170,10 +178,7 @@ fn small_recipe(dir: &Path, text: &str) -> PathBuf {
 fn small_recipe_with_commands(dir: &Path, commands: &str) -> PathBuf {
     small_recipe(
         dir,
-        &SMALL.replace(
-            r#"commands = ["echo built-in-chroot > /etc/built"]"#,
-            &format!("commands = {commands}"),
-        ),
+        &SMALL.replace(SMALL_COMMANDS, &format!("commands = {commands}")),
     )
 }
 
@@ -223,6 +228,7 @@ fn small_image_in_every_format_is_inspectable_and_reproducible() {
         "command 1",
         "partition",
         "filesystems",
+        "ext4 filesystems",
     ] {
         assert!(steps.contains(&want), "no step {want} in {steps:?}");
     }
@@ -356,6 +362,22 @@ fn small_image_in_every_format_is_inspectable_and_reproducible() {
     let stat = host("debugfs", &["-R", "stat /etc/motd", &ext4]);
     assert!(stat.contains("Mode:  0640"), "{stat}");
     assert!(stat.contains("User:     0"), "{stat}");
+    // A hard link stays one inode with two names (the host's mke2fs reads
+    // the tree as a tar, where the second name is a link entry).
+    let inode = |path: &str| {
+        let stat = host("debugfs", &["-R", &format!("stat {path}"), &ext4]);
+        assert!(stat.contains("Links: 2"), "{path}: {stat}");
+        // "Inode: 14   Type: regular ..."
+        let number = stat.split_whitespace().nth(1).map(str::to_string);
+        assert!(stat.starts_with("Inode: ") && number.is_some(), "{stat}");
+        number
+    };
+    assert_eq!(inode("/etc/built"), inode("/etc/built-link"));
+    // Names are bytes: UTF-8 or not, each arrives as it was (debugfs
+    // escapes the bytes it prints).
+    let etc = host("debugfs", &["-R", "ls /etc", &ext4]);
+    assert!(etc.contains(r"na\xc3\xafve"), "{etc}");
+    assert!(etc.contains(r"x\xe9y"), "{etc}");
     // ...and the ESP, cut out of the root's tree.
     let esp = format!("{raw_s}@@1M");
     let hello = host("mtype", &["-i", &esp, "::/hello.txt"]);
@@ -611,7 +633,7 @@ fn adding_a_package_downloads_only_that_package() {
     small_debian_recipe(dir);
     let a = fs::read_to_string(dir.join("small-debian.toml"))
         .expect("recipe")
-        .replace(r#"commands = ["echo built-in-chroot > /etc/built"]"#, "");
+        .replace(SMALL_COMMANDS, "");
     fs::write(dir.join("a.toml"), &a).expect("write");
     let b = a.replace(
         "variant = \"essential\"",
@@ -794,7 +816,7 @@ fn a_debian_build_lists_its_packages_and_locked_refuses_other_versions() {
     // Without commands the bootstrap is checked before the VM starts.
     let text_no_cmds = fs::read_to_string(dir.join("small-debian.toml"))
         .expect("recipe")
-        .replace(r#"commands = ["echo built-in-chroot > /etc/built"]"#, "");
+        .replace(SMALL_COMMANDS, "");
     fs::write(dir.join("no-commands.toml"), text_no_cmds).expect("write");
     let out = kiln(
         dir,

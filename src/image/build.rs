@@ -14,10 +14,12 @@ use kiln_vmm::{DiskConfig, DiskFormat};
 
 use super::plan::{self, Step};
 use super::recipe::{Checked, Format, RootSource};
-use super::{ids, lock, output, rootfs};
+use super::{ext4, ids, lock, output, rootfs};
 use crate::sandbox::backend::BackendChoice;
 use crate::sandbox::guest::{login_shell, Guest, GuestConfig};
+use crate::sandbox::host_tools::HostTools;
 use crate::sandbox::session::ExecOutcome;
+use crate::sandbox::tools;
 use crate::sandbox::SandboxError;
 use crate::util::ctrl_c;
 use crate::util::owned_dir::{self, OwnedDir};
@@ -522,6 +524,33 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         read_only: false,
         serial: plan::SCRATCH_SERIAL.into(),
     });
+    // The ext4 trees, as tars for the host (sparse: only what is written
+    // takes space).
+    let trees = work.path().join("trees.img");
+    let host_ext4 = plan.host_ext4();
+    let trees_size = plan.trees_disk_size();
+    if trees_size > 0 {
+        std::fs::File::create(&trees)?.set_len(trees_size)?;
+        disks.push(DiskConfig {
+            path: trees.clone(),
+            format: DiskFormat::Raw,
+            read_only: false,
+            serial: plan::TREES_SERIAL.into(),
+        });
+    }
+    // The tools image's mke2fs, unpacked before the VM: a problem with it
+    // shows before the long work.
+    let host_tools = if host_ext4.is_empty() {
+        None
+    } else {
+        Some(progress.host("tools for the host", || {
+            let (image, held) = tools::locate(None, &tools::Extra::default())?;
+            let sha256 = tools::image_sha256(&image)?;
+            let t = HostTools::of_image(&image, &sha256)?;
+            drop(held);
+            Ok(t)
+        })?)
+    };
     let iso_disk = work.path().join("iso.img");
     if formats.contains(&Format::Iso) {
         std::fs::File::create(&iso_disk)?
@@ -616,6 +645,23 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         None => None,
     };
     progress.host("power off", || guest.shutdown())?;
+    if let Some(tools) = &host_tools {
+        progress.host("ext4 filesystems", || {
+            for fs in &host_ext4 {
+                if ctrl_c::requested() {
+                    bail!(SandboxError::Interrupted);
+                }
+                if let Err(e) = ext4::make(tools, fs, &raw, &trees, epoch) {
+                    // Ctrl-C reaches mke2fs too: say what happened.
+                    if ctrl_c::requested() {
+                        bail!(SandboxError::Interrupted);
+                    }
+                    return Err(e);
+                }
+            }
+            Ok(())
+        })?;
+    }
 
     if let Some(size) = iso_size {
         std::fs::OpenOptions::new()

@@ -4,6 +4,7 @@
 //! and `util`.
 
 pub mod build;
+mod ext4;
 pub mod firmware_boot;
 mod ids;
 mod lock;

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod disk;
 mod error;
 pub mod guest;
+pub mod host_tools;
 pub mod initramfs;
 pub mod kernel;
 pub mod logged_job;

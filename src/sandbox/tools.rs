@@ -14,6 +14,11 @@ use crate::util::packages::Packages;
 
 pub const SUITE: &str = "bookworm";
 
+/// The image also takes packages from this suite (named in [`PACKAGES`]
+/// as `name/suite`): e2fsprogs 1.47.2, whose `mke2fs -d` fills an ext4
+/// from a tar, which kiln runs on the host (host_tools.rs).
+const BACKPORTS: &str = "bookworm-backports";
+
 pub const PACKAGES: &[&str] = &[
     "bash",
     "btrfs-progs",
@@ -22,12 +27,14 @@ pub const PACKAGES: &[&str] = &[
     "debootstrap",
     "dosfstools",
     "dpkg",
-    "e2fsprogs",
+    "e2fsprogs/bookworm-backports",
     "fdisk",
     "gdisk",
     "grub-efi-amd64-bin",
     "grub-pc-bin",
     "grub2-common",
+    // mke2fs loads it to read a tar.
+    "libarchive13",
     "mount",
     "mtools",
     "parted",
@@ -168,6 +175,17 @@ fn locate_cached(root: &Path, extra: &Extra) -> Result<(PathBuf, cache::CacheUse
     Ok((image, held))
 }
 
+/// The SHA-256 of the image `image` that [`locate`] returned.
+pub fn image_sha256(image: &Path) -> Result<String> {
+    let dir = image.parent().unwrap_or(Path::new("."));
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    cache::sha256_of_entry_file(dir, &name)
+        .with_context(|| format!("reading the tools image {}", image.display()))
+}
+
 /// `--package P` for each added package, as the build command takes them.
 fn package_args(extra: &Extra) -> String {
     extra.0.iter().map(|p| format!(" --package {p}")).collect()
@@ -240,10 +258,9 @@ pub fn build(force: bool, extra: &Extra) -> Result<(PathBuf, cache::CacheUse)> {
         .arg("--format=tar")
         .arg(SUITE)
         .arg("-")
+        .arg(mirror())
+        .arg(format!("deb {} {BACKPORTS} main", mirror()))
         .env("KILN_TOOLS_OUT", &image);
-    if let Some(mirror) = std::env::var_os("KILN_DEBIAN_MIRROR").filter(|m| !m.is_empty()) {
-        cmd.arg(mirror);
-    }
     let what = if extra.is_empty() {
         format!("building tools image ({SUITE})")
     } else {

@@ -6,9 +6,10 @@
 //!
 //! Everything that varies between two builds of one recipe (UUIDs, seeds,
 //! times) is fixed here from the recipe, so the steps are deterministic;
-//! filesystems are populated offline (`mke2fs -d`, mtools, `mkfs.btrfs
-//! --rootdir`) from a tree on a scratch disk, in a fixed order, never by a
-//! kernel mount whose allocation depends on timing.
+//! filesystems are populated offline (mtools, `mkfs.btrfs --rootdir`, and
+//! on the host `mke2fs -d` from a tar the VM writes: [`HostExt4`]) from a
+//! tree on a scratch disk, in a fixed order, never by a kernel mount whose
+//! allocation depends on timing.
 
 mod partitions;
 pub mod render;
@@ -26,6 +27,7 @@ pub const TARGET_SERIAL: &str = "kiln-target";
 pub const ROOTFS_SERIAL: &str = "kiln-rootfs";
 pub const SCRATCH_SERIAL: &str = "kiln-scratch";
 pub const ISO_SERIAL: &str = "kiln-iso";
+pub const TREES_SERIAL: &str = "kiln-trees";
 /// The tree being made into the image, in the build VM (`R` in common.sh).
 pub const TREE: &str = "/build/root";
 
@@ -36,6 +38,7 @@ pub fn disk_purpose(serial: &str) -> &'static str {
         ROOTFS_SERIAL => "the root archive (read-only)",
         SCRATCH_SERIAL => "scratch, mounted at /build: the tree and its copies",
         ISO_SERIAL => "where the live iso is written",
+        TREES_SERIAL => "the ext4 partitions' trees, as tars for the host's mke2fs",
         _ => "",
     }
 }
@@ -71,11 +74,12 @@ pub enum Script {
     Bootloader,
     Carve,
     MakeFs,
+    ArchiveTree,
     GrubBios,
 }
 
 impl Script {
-    pub const ALL: [Script; 15] = [
+    pub const ALL: [Script; 16] = [
         Script::Common,
         Script::Unpack,
         Script::Configure,
@@ -90,6 +94,7 @@ impl Script {
         Script::Bootloader,
         Script::Carve,
         Script::MakeFs,
+        Script::ArchiveTree,
         Script::GrubBios,
     ];
 
@@ -109,6 +114,7 @@ impl Script {
             Script::Bootloader => "bootloader.sh",
             Script::Carve => "carve.sh",
             Script::MakeFs => "make-fs.sh",
+            Script::ArchiveTree => "archive-tree.sh",
             Script::GrubBios => "grub-bios.sh",
         }
     }
@@ -129,6 +135,7 @@ impl Script {
             Script::Bootloader => include_str!("scripts/bootloader.sh"),
             Script::Carve => include_str!("scripts/carve.sh"),
             Script::MakeFs => include_str!("scripts/make-fs.sh"),
+            Script::ArchiveTree => include_str!("scripts/archive-tree.sh"),
             Script::GrubBios => include_str!("scripts/grub-bios.sh"),
         }
     }
@@ -227,6 +234,28 @@ pub fn file_slot(i: usize) -> String {
     format!("{FILES_DIR}/{i}")
 }
 
+/// An ext4 filesystem the host makes in the image after the build VM,
+/// with the tools image's mke2fs, from the tar of its tree the VM wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostExt4 {
+    pub part: PartPlan,
+    /// Where its tree's tar is on the trees disk; none for an empty
+    /// filesystem (a partition with no mount point).
+    pub archive: Option<TreeArchive>,
+}
+
+/// A region of the trees disk, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreeArchive {
+    pub offset: u64,
+    pub room: u64,
+}
+
+/// Room for a tree's tar beyond its partition's size, for tar's headers: a
+/// tree that fits its partition fits here. One that does not fails, in
+/// archive-tree.sh (the room is full) or in mke2fs (the filesystem is).
+const ARCHIVE_SLACK: u64 = 256 * MIB;
+
 pub struct Inputs<'a> {
     pub recipe: &'a Checked,
     pub epoch: u64,
@@ -248,10 +277,46 @@ impl Inputs<'_> {
             ("KILN_ROOTFS_SERIAL", ROOTFS_SERIAL.to_string()),
             ("KILN_SCRATCH_SERIAL", SCRATCH_SERIAL.to_string()),
             ("KILN_ISO_SERIAL", ISO_SERIAL.to_string()),
+            ("KILN_TREES_SERIAL", TREES_SERIAL.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+    }
+
+    /// The ext4 filesystems the host makes, in partition order, each tree's
+    /// tar at its own place on the trees disk.
+    pub fn host_ext4(&self) -> Vec<HostExt4> {
+        if !self.formats.iter().any(|f| *f != Format::Iso) {
+            return vec![];
+        }
+        let mut offset = 0;
+        self.parts
+            .iter()
+            .filter(|p| p.fs == Some(Filesystem::Ext4))
+            .map(|p| {
+                let archive = p.mount.is_some().then(|| {
+                    let room = (p.size + ARCHIVE_SLACK).div_ceil(MIB) * MIB;
+                    let a = TreeArchive { offset, room };
+                    offset += room;
+                    a
+                });
+                HostExt4 {
+                    part: p.clone(),
+                    archive,
+                }
+            })
+            .collect()
+    }
+
+    /// The size of the trees disk: none is needed at 0.
+    pub fn trees_disk_size(&self) -> u64 {
+        self.host_ext4()
+            .iter()
+            .filter_map(|e| e.archive)
+            .map(|a| a.offset + a.room)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The steps that make the tree: unpack, configure, the recipe's
@@ -516,7 +581,27 @@ impl Inputs<'_> {
                     .arg(p.number.to_string()),
             );
         }
+        let host_ext4 = self.host_ext4();
         for p in self.parts {
+            if let Some(e) = host_ext4.iter().find(|e| e.part.number == p.number) {
+                // Made on the host after the VM: here only its tree goes out.
+                if let (Some(a), Some(m)) = (e.archive, p.mount.as_deref()) {
+                    let tree = if m == "/" {
+                        "/".to_string()
+                    } else {
+                        format!("/build/parts/{}", p.number)
+                    };
+                    step = step.run(
+                        Run::new(Script::ArchiveTree)
+                            .env("KILN_PART", p.number.to_string())
+                            .env("KILN_LABEL", p.label.as_str())
+                            .env("KILN_TREE", tree)
+                            .env("KILN_TREE_OFFSET", a.offset.to_string())
+                            .env("KILN_TREE_ROOM", a.room.to_string()),
+                    );
+                }
+                continue;
+            }
             let tree = match p.mount.as_deref() {
                 Some("/") => "/".to_string(),
                 Some(_) => format!("/build/parts/{}", p.number),
@@ -539,7 +624,6 @@ impl Inputs<'_> {
                     .env("KILN_FS", fs)
                     .env("KILN_LABEL", p.label.as_str())
                     .env("KILN_UUID", p.fs_uuid.as_str())
-                    .env("KILN_HASH_SEED", p.hash_seed.as_str())
                     .env("KILN_TREE", tree)
                     .env("KILN_FAT32", if p.size >= 64 * MIB { "1" } else { "0" }),
             );
@@ -789,7 +873,75 @@ owner = "ada:ada"
         assert_eq!(fs.files[0].name, "vfat-id-1");
         assert_eq!(fs.files[0].contents.len(), 4);
         assert_eq!(env(&fs.runs[2], "KILN_FS"), Some("none"));
-        assert_eq!(env(&fs.runs[3], "KILN_TREE"), Some("/"));
+        // The ext4 root is only archived here: the host makes it.
+        let root = &fs.runs[3];
+        assert_eq!(root.script, Script::ArchiveTree);
+        assert_eq!(env(root, "KILN_TREE"), Some("/"));
+        assert_eq!(env(root, "KILN_TREE_OFFSET"), Some("0"));
+        assert_eq!(fs.runs.len(), 4);
+    }
+
+    #[test]
+    fn each_ext4_tree_gets_its_own_room_on_the_trees_disk() {
+        let c = Checked::parse(
+            Path::new("/nonexistent/t.toml"),
+            r#"name = "t"
+size = "2G"
+table = "gpt"
+[[partition]]
+label = "root"
+size = "1G"
+type = "linux"
+filesystem = "ext4"
+mount = "/"
+[[partition]]
+label = "spare"
+size = "64M"
+type = "linux"
+filesystem = "ext4"
+[[partition]]
+label = "home"
+size = "rest"
+type = "linux"
+filesystem = "ext4"
+mount = "/home"
+[root]
+suite = "bookworm"
+"#
+            .to_string(),
+        )
+        .expect("recipe");
+        let ids = Ids::for_recipe(&c);
+        let parts = plan_partitions(&c, &ids);
+        let inputs = |formats| Inputs {
+            recipe: &c,
+            epoch: 1,
+            parts: &parts,
+            root_tar_flag: "",
+            formats,
+            iso_id: "",
+        };
+        let disk = inputs(&[Format::Qcow2]);
+        let e = disk.host_ext4();
+        assert_eq!(e.len(), 3);
+        let root_room = (1 << 30) + ARCHIVE_SLACK;
+        assert_eq!(
+            e[0].archive,
+            Some(TreeArchive {
+                offset: 0,
+                room: root_room
+            })
+        );
+        // No mount point, no tree: an empty filesystem.
+        assert_eq!(e[1].archive, None);
+        let home = e[2].archive.expect("home's tree");
+        assert_eq!(home.offset, root_room);
+        assert_eq!(home.room % MIB, 0);
+        assert!(home.room >= e[2].part.size + ARCHIVE_SLACK);
+        assert_eq!(disk.trees_disk_size(), home.offset + home.room);
+        // An iso alone makes no disk.
+        assert!(inputs(&[Format::Iso]).host_ext4().is_empty());
+        assert_eq!(inputs(&[Format::Iso]).trees_disk_size(), 0);
     }
 
     /// Every script in scripts/ is one kiln puts in the VM, and the other

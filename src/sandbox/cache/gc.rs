@@ -18,7 +18,14 @@ use crate::util::owned_dir::{self, OwnedDir};
 /// The directories of the cache that hold entries, one per kind: kernel
 /// and tools images, root bootstraps and one mirror's packages are
 /// directories; initramfs archives are files (`<hash>.cpio`).
-pub const KINDS: [&str; 5] = ["kernel", "tools", "initramfs", "rootfs", super::debs::KIND];
+pub const KINDS: [&str; 6] = [
+    "kernel",
+    "tools",
+    "initramfs",
+    "rootfs",
+    super::debs::KIND,
+    super::HOST_TOOLS_KIND,
+];
 
 /// One entry of the cache.
 #[derive(Debug, Clone, Serialize)]

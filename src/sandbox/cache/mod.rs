@@ -35,6 +35,10 @@ mod usage;
 pub use gc::{gc, list, Entry, Policy, Report};
 pub use usage::CacheUse;
 
+/// The kind of entry the tools image's programs are unpacked into, for the
+/// host to run (sandbox/host_tools.rs).
+pub const HOST_TOOLS_KIND: &str = "host-tools";
+
 pub fn root() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("KILN_CACHE_DIR").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(dir));
@@ -322,6 +326,20 @@ pub fn verify(dir: &Path, names: &[&str], fix: &str) -> Result<(), IntegrityErro
         record(dir, &manifest);
     }
     Ok(())
+}
+
+/// The SHA-256 of the entry `dir`'s file `name`: as its [`MANIFEST`]
+/// records it (call [`verify`] first), else computed now.
+pub fn sha256_of_entry_file(dir: &Path, name: &str) -> std::io::Result<String> {
+    let recorded = fs::read(dir.join(MANIFEST))
+        .ok()
+        .and_then(|data| serde_json::from_slice::<Manifest>(&data).ok())
+        .and_then(|mut m| m.files.remove(name))
+        .map(|r| r.sha256);
+    match recorded {
+        Some(sha256) => Ok(sha256),
+        None => sha256_of(&fs::File::open(dir.join(name))?),
+    }
 }
 
 /// Whether the entry `dir` has every one of `names` (its files kiln uses).

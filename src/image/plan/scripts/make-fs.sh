@@ -1,9 +1,10 @@
 # shellcheck shell=bash
-# Step "filesystems": makes partition KILN_PART's filesystem KILN_FS (ext4,
-# vfat, btrfs, xfs or swap) with label KILN_LABEL and UUID KILN_UUID, and
-# fills it from KILN_TREE ("/" for the tree, a directory carve.sh made, or
-# empty for none). ext4 takes KILN_HASH_SEED; vfat takes KILN_FAT32 (1 or
-# 0) and its volume id as 4 bytes in $P/vfat-id-KILN_PART.
+# Step "filesystems": makes partition KILN_PART's filesystem KILN_FS (vfat,
+# btrfs, xfs or swap; ext4 is made on the host, from archive-tree.sh's tar)
+# with label KILN_LABEL and UUID KILN_UUID, and fills it from KILN_TREE
+# ("/" for the tree, a directory carve.sh made, or empty for none). vfat
+# takes KILN_FAT32 (1 or 0) and its volume id as 4 bytes in
+# $P/vfat-id-KILN_PART.
 # shellcheck source=common.sh
 . "$(dirname "$0")/common.sh"
 
@@ -26,12 +27,6 @@ echo "partition $n: $KILN_LABEL"
 case "$KILN_FS" in
     swap)
         mkswap --label "$KILN_LABEL" --uuid "$KILN_UUID" "$dev"
-        ;;
-    ext4)
-        populate=()
-        [ -z "$tree" ] || populate=(-d "$tree")
-        mkfs.ext4 -q -F -L "$KILN_LABEL" -U "$KILN_UUID" \
-            -E "hash_seed=$KILN_HASH_SEED,root_owner=0:0" "${populate[@]}" "$dev"
         ;;
     vfat)
         fat=()

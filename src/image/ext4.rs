@@ -1,0 +1,145 @@
+//! The image's ext4 filesystems, made on the host after the build VM:
+//! the tools image's mke2fs writes each one in place into the raw disk,
+//! filled from the tar of its tree that the VM left on the trees disk
+//! (plan/scripts/archive-tree.sh). Under emulation this was the slowest
+//! step in the VM; natively it takes seconds. The result depends only on
+//! the tar and the options below, not on the host: the mke2fs is the tools
+//! image's, run with its own libraries and configuration
+//! (sandbox/host_tools.rs).
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::image::plan::HostExt4;
+use crate::sandbox::host_tools::HostTools;
+use crate::util::process::tie;
+
+/// Makes `fs` in the raw disk `raw`, from its tree's tar on `trees`.
+pub fn make(tools: &HostTools, fs: &HostExt4, raw: &Path, trees: &Path, epoch: u64) -> Result<()> {
+    let p = &fs.part;
+    let mut cmd = tools.mke2fs();
+    cmd.args(args(fs))
+        .arg(raw)
+        .arg(format!("{}k", p.size / 1024))
+        // mke2fs takes its times from these (superblock, files newer than
+        // the epoch), as in the VM.
+        .env("SOURCE_DATE_EPOCH", epoch.to_string())
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string());
+    match fs.archive {
+        Some(a) => {
+            // mke2fs reads `-d -` from its stdin: the trees disk from where
+            // this tar starts. It stops at the tar's end marker.
+            let mut file = File::open(trees)
+                .with_context(|| format!("opening the trees disk {}", trees.display()))?;
+            file.seek(SeekFrom::Start(a.offset))?;
+            cmd.stdin(Stdio::from(file));
+        }
+        None => {
+            cmd.stdin(Stdio::null());
+        }
+    }
+    run(&mut cmd, fs, tools.root())
+}
+
+/// mke2fs's options for `fs`, before the device and the size. Everything
+/// that would otherwise come from the host is fixed: no discard, and the
+/// disk file taken as zeroed (it is new and sparse), so inode tables are
+/// marked zeroed whatever the host kernel supports.
+fn args(fs: &HostExt4) -> Vec<String> {
+    let p = &fs.part;
+    let mut a = vec![
+        "-q".to_string(),
+        "-F".to_string(),
+        "-t".to_string(),
+        "ext4".to_string(),
+        "-L".to_string(),
+        p.label.clone(),
+        "-U".to_string(),
+        p.fs_uuid.clone(),
+        // As bookworm's own mke2fs.conf has it: the backport's defaults add
+        // two features that bookworm's grub and e2fsprogs before 1.47
+        // (Ubuntu 22.04's, for one) cannot handle.
+        "-O".to_string(),
+        "^metadata_csum_seed,^orphan_file".to_string(),
+        "-E".to_string(),
+        format!(
+            "offset={},hash_seed={},root_owner=0:0,nodiscard,assume_storage_prezeroed=1",
+            p.start, p.hash_seed
+        ),
+    ];
+    if fs.archive.is_some() {
+        a.extend(["-d".to_string(), "-".to_string()]);
+    }
+    a
+}
+
+/// Runs the tools image's mke2fs (unpacked in `tools`) for `fs`.
+fn run(cmd: &mut Command, fs: &HostExt4, tools: &Path) -> Result<()> {
+    let p = &fs.part;
+    let out = tie(cmd).output().with_context(|| {
+        format!(
+            "starting the tools image's mke2fs (in {}) for partition {}",
+            tools.display(),
+            p.number
+        )
+    })?;
+    if !out.status.success() {
+        bail!(
+            "making partition {} ({})'s ext4 filesystem failed ({}): {}\n\
+             (mke2fs is the tools image's, unpacked in {}; if that copy is \
+             damaged, remove it and the next build unpacks it again)",
+            p.number,
+            p.label,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            tools.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::plan::{PartPlan, TreeArchive};
+    use crate::image::recipe::PartType;
+
+    fn ext4(archive: Option<TreeArchive>) -> HostExt4 {
+        HostExt4 {
+            part: PartPlan {
+                number: 3,
+                label: "root".into(),
+                kind: PartType::Linux,
+                fs: Some(crate::image::recipe::Filesystem::Ext4),
+                mount: archive.map(|_| "/".into()),
+                start: 2 << 20,
+                size: 64 << 20,
+                fs_uuid: "0b6e2c1d-8a5f-4c3e-9d7a-1f2e3d4c5b6a".into(),
+                part_guid: String::new(),
+                hash_seed: "6c1b0a2f-3e4d-4f5a-8b9c-0d1e2f3a4b5c".into(),
+            },
+            archive,
+        }
+    }
+
+    #[test]
+    fn the_filesystem_goes_at_its_partition_with_fixed_options() {
+        let a = args(&ext4(Some(TreeArchive {
+            offset: 0,
+            room: 1 << 30,
+        })));
+        let e = a.iter().position(|x| x == "-E").expect("-E");
+        assert_eq!(
+            a[e + 1],
+            "offset=2097152,hash_seed=6c1b0a2f-3e4d-4f5a-8b9c-0d1e2f3a4b5c,root_owner=0:0,\
+             nodiscard,assume_storage_prezeroed=1"
+        );
+        assert_eq!(a[a.len() - 2..], ["-d", "-"]);
+        // An empty filesystem reads no tree.
+        assert!(!args(&ext4(None)).iter().any(|x| x == "-d"));
+    }
+}
