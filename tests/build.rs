@@ -159,8 +159,7 @@ source = "hello.txt"
 "#;
 
 /// SMALL's commands line, which some tests replace.
-const SMALL_COMMANDS: &str =
-    r#"commands = ["echo built-in-chroot > /etc/built", "ln /etc/built /etc/built-link", "touch /etc/naïve \"/etc/$(printf 'x\\351y')\""]"#;
+const SMALL_COMMANDS: &str = r#"commands = ["echo built-in-chroot > /etc/built", "ln /etc/built /etc/built-link", "touch /etc/naïve \"/etc/$(printf 'x\\351y')\""]"#;
 
 fn small_recipe(dir: &Path, text: &str) -> PathBuf {
     assert!(

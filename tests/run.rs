@@ -508,6 +508,18 @@ fn verify_disk_on_host(raw: &Path) {
         &["-R", "cat /hello.txt", &format!("{raw}?offset={p1}")],
     );
     assert_eq!(text(&cat.stdout), "written in the guest\n");
+    // The guest's mkfs.ext4 (the tools image's backported e2fsprogs) makes
+    // bookworm's features: none that older grub and e2fsck cannot read.
+    let header = host(
+        "debugfs",
+        &["-R", "features", &format!("{raw}?offset={p1}")],
+    );
+    let features = text(&header.stdout);
+    assert!(features.contains("metadata_csum"), "{features}");
+    assert!(
+        !features.contains("orphan_file") && !features.contains("metadata_csum_seed"),
+        "{features}"
+    );
     let efi = host("mtype", &["-i", &format!("{raw}@@{p2}"), "::EFI.TXT"]);
     assert_eq!(text(&efi.stdout).replace('\r', ""), "efi side\n");
 }
