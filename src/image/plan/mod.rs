@@ -583,14 +583,14 @@ impl Inputs<'_> {
         }
         let host_ext4 = self.host_ext4();
         for p in self.parts {
+            let tree = match p.mount.as_deref() {
+                Some("/") => "/".to_string(),
+                Some(_) => format!("/build/parts/{}", p.number),
+                None => String::new(),
+            };
             if let Some(e) = host_ext4.iter().find(|e| e.part.number == p.number) {
                 // Made on the host after the VM: here only its tree goes out.
-                if let (Some(a), Some(m)) = (e.archive, p.mount.as_deref()) {
-                    let tree = if m == "/" {
-                        "/".to_string()
-                    } else {
-                        format!("/build/parts/{}", p.number)
-                    };
+                if let Some(a) = e.archive {
                     step = step.run(
                         Run::new(Script::ArchiveTree)
                             .env("KILN_PART", p.number.to_string())
@@ -602,11 +602,6 @@ impl Inputs<'_> {
                 }
                 continue;
             }
-            let tree = match p.mount.as_deref() {
-                Some("/") => "/".to_string(),
-                Some(_) => format!("/build/parts/{}", p.number),
-                None => String::new(),
-            };
             let fs = match (p.kind, p.fs) {
                 (PartType::Swap, _) => "swap",
                 (_, Some(f)) => f.name(),
@@ -939,6 +934,27 @@ suite = "bookworm"
         assert_eq!(home.room % MIB, 0);
         assert!(home.room >= e[2].part.size + ARCHIVE_SLACK);
         assert_eq!(disk.trees_disk_size(), home.offset + home.room);
+        // In the VM: /home cut out, then each tree archived to its room;
+        // nothing for the empty one.
+        let fs = disk.filesystems().expect("filesystems");
+        let runs: Vec<(Script, Option<&str>, Option<&str>)> = fs
+            .runs
+            .iter()
+            .map(|r| (r.script, env(r, "KILN_TREE"), env(r, "KILN_TREE_OFFSET")))
+            .collect();
+        let home_offset = home.offset.to_string();
+        assert_eq!(
+            runs,
+            [
+                (Script::Carve, None, None),
+                (Script::ArchiveTree, Some("/"), Some("0")),
+                (
+                    Script::ArchiveTree,
+                    Some("/build/parts/3"),
+                    Some(home_offset.as_str())
+                ),
+            ]
+        );
         // An iso alone makes no disk.
         assert!(inputs(&[Format::Iso]).host_ext4().is_empty());
         assert_eq!(inputs(&[Format::Iso]).trees_disk_size(), 0);
