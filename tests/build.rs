@@ -965,6 +965,27 @@ fn a_sigkilled_build_is_cleaned_up_by_the_next_kiln() {
     );
 }
 
+/// A tree larger than its ext4 partition: the host's mke2fs runs out of
+/// room, and kiln says which partition and what to change.
+#[test]
+fn a_tree_too_big_for_its_partition_is_named_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    small_recipe_with_commands(dir, r#"["head -c 64000000 /dev/urandom > /big"]"#);
+    fs::create_dir_all(dir.join("out")).expect("mkdir");
+    fs::write(dir.join("out/keep.txt"), "mine").expect("write");
+    let out = kiln(dir, &["build", "small.toml", "-o", "out"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("partition 2 (root) is too small for its tree")
+            && err.contains("ran out of space")
+            && err.contains("larger size in the recipe"),
+        "{err}"
+    );
+    assert_eq!(files_in(&dir.join("out")), ["keep.txt"]);
+}
+
 #[test]
 fn a_failing_command_names_its_step_and_leaves_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -87,19 +87,42 @@ fn run(cmd: &mut Command, fs: &HostExt4, tools: &Path) -> Result<()> {
             p.number
         )
     })?;
-    if !out.status.success() {
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    if let Some(short) = shortage(&said) {
         bail!(
-            "making partition {} ({})'s ext4 filesystem failed ({}): {}\n\
-             (mke2fs is the tools image's, unpacked in {}; if that copy is \
-             damaged, remove it and the next build unpacks it again)",
+            "partition {} ({}) is too small for its tree: its {} MiB ran out of {short}. \
+             Give it a larger size in the recipe.\nmke2fs said: {}",
             p.number,
             p.label,
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            tools.display()
+            p.size >> 20,
+            said.trim()
         );
     }
-    Ok(())
+    bail!(
+        "making partition {} ({})'s ext4 filesystem failed ({}): {}\n\
+         (mke2fs is the tools image's, unpacked in {}; if that copy is \
+         damaged, remove it and the next build unpacks it again)",
+        p.number,
+        p.label,
+        out.status,
+        said.trim(),
+        tools.display()
+    );
+}
+
+/// What a filesystem ran out of while mke2fs filled it, from what mke2fs
+/// said ("Could not allocate block in ext2 filesystem while writing file").
+fn shortage(said: &str) -> Option<&'static str> {
+    if said.contains("Could not allocate block") {
+        Some("space")
+    } else if said.contains("Could not allocate inode") {
+        Some("inodes (too many files)")
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -124,6 +147,16 @@ mod tests {
             },
             archive,
         }
+    }
+
+    #[test]
+    fn a_full_filesystem_is_told_apart_from_other_failures() {
+        let block = "handle_entry: Could not allocate block in ext2 filesystem while \
+                     writing file \"f\"\nmke2fs: Operation not permitted while populating";
+        assert_eq!(shortage(block), Some("space"));
+        let inode = "handle_entry: Could not allocate inode in ext2 filesystem";
+        assert_eq!(shortage(inode), Some("inodes (too many files)"));
+        assert_eq!(shortage("error while loading shared libraries"), None);
     }
 
     #[test]
