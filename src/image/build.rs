@@ -539,17 +539,17 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         });
     }
     // The tools image's mke2fs, unpacked before the VM: a problem with it
-    // shows before the long work.
-    let host_tools = if host_ext4.is_empty() {
-        None
+    // shows before the long work. The image stays held for the whole
+    // build, as the VM's own use holds it: no gc removes it meanwhile.
+    let (host_tools, _tools_held) = if host_ext4.is_empty() {
+        (None, None)
     } else {
-        Some(progress.host("tools for the host", || {
+        let (t, held) = progress.host("tools for the host", || {
             let (image, held) = tools::locate(None, &tools::Extra::default())?;
             let sha256 = tools::image_sha256(&image)?;
-            let t = HostTools::of_image(&image, &sha256)?;
-            drop(held);
-            Ok(t)
-        })?)
+            Ok((HostTools::of_image(&image, &sha256)?, held))
+        })?;
+        (Some(t), Some(held))
     };
     let iso_disk = work.path().join("iso.img");
     if formats.contains(&Format::Iso) {
@@ -659,7 +659,9 @@ pub fn build(opts: BuildOptions) -> Result<()> {
                     return Err(e);
                 }
             }
-            Ok(())
+            // Read: the disk space it took goes back before the outputs
+            // are written.
+            std::fs::remove_file(&trees).with_context(|| format!("removing {}", trees.display()))
         })?;
     }
 

@@ -14,6 +14,8 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 
 use crate::sandbox::cache::{self, CacheUse};
+use crate::sandbox::SandboxError;
+use crate::util::ctrl_c;
 use crate::util::owned_dir::{self, OwnedDir};
 use crate::util::process::{tie, Guarded};
 use crate::util::which::which;
@@ -54,10 +56,25 @@ impl HostTools {
                  sudo apt-get install squashfs-tools-ng"
             );
         }
-        let dest = cache::root()?
-            .join(cache::HOST_TOOLS_KIND)
-            .join(&sha256[..16.min(sha256.len())]);
+        let key = sha256
+            .get(..16)
+            .filter(|k| k.bytes().all(|b| b.is_ascii_hexdigit()));
+        let Some(key) = key else {
+            bail!(
+                "'{sha256}' is not the SHA-256 of the tools image {}",
+                image.display()
+            );
+        };
+        let dest = cache::root()?.join(cache::HOST_TOOLS_KIND).join(key);
         let held = CacheUse::begin(&dest);
+        // Complete entries are used as they are, without the build lock: a
+        // read-only cache could not take it.
+        if dest.join(DONE).is_file() {
+            return Ok(HostTools {
+                root: dest,
+                _held: Held::Cache(held),
+            });
+        }
         let staging = cache::Staging::begin(&dest, false, |d| d.join(DONE).is_file());
         match staging {
             Ok(cache::Begin::Done(root)) => Ok(HostTools {
@@ -144,6 +161,19 @@ fn unpack(image: &Path, dir: &Path) -> Result<()> {
         .output()
         .context("starting tar to unpack the tools image's programs")?;
     let listed = list.wait().context("waiting for sqfs2tar")?;
+    if ctrl_c::requested() {
+        bail!(SandboxError::Interrupted);
+    }
+    // tar first: when it fails (a full disk), sqfs2tar dies on the closed
+    // pipe, and its failure says nothing of why.
+    if !extracted.status.success() {
+        bail!(
+            "unpacking the tools image's programs into {} failed ({}): {}",
+            dir.display(),
+            extracted.status,
+            String::from_utf8_lossy(&extracted.stderr).trim()
+        );
+    }
     let mut said = String::new();
     said_file.seek(SeekFrom::Start(0))?;
     let _ = said_file.read_to_string(&mut said);
@@ -153,14 +183,6 @@ fn unpack(image: &Path, dir: &Path) -> Result<()> {
              damaged, 'kiln tools build --force' makes it again",
             image.display(),
             said.trim()
-        );
-    }
-    if !extracted.status.success() {
-        bail!(
-            "unpacking the tools image's programs into {} failed ({}): {}",
-            dir.display(),
-            extracted.status,
-            String::from_utf8_lossy(&extracted.stderr).trim()
         );
     }
     std::fs::write(dir.join(DONE), b"")

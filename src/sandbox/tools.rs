@@ -58,8 +58,9 @@ const MMDEBSTRAP_OPTIONS: &[&str] = &[
     "--dpkgopt=path-exclude=/usr/share/info/*",
     // The backported mke2fs would give new ext4 filesystems two features
     // that bookworm's grub and e2fsprogs before 1.47 (Ubuntu 22.04's) cannot
-    // handle; bookworm's own mke2fs.conf leaves them out too.
-    "--customize-hook=sed -i -e 's/,metadata_csum_seed//' -e 's/,orphan_file//' \"$1/etc/mke2fs.conf\"",
+    // handle; bookworm's own mke2fs.conf leaves them out too. The grep
+    // fails the build if a later mke2fs.conf words them otherwise.
+    "--customize-hook=sed -i -e 's/,metadata_csum_seed//' -e 's/,orphan_file//' \"$1/etc/mke2fs.conf\" && ! grep -q -e metadata_csum_seed -e orphan_file \"$1/etc/mke2fs.conf\"",
 ];
 
 /// How the tar from mmdebstrap becomes the squashfs. zstd with 128 KiB

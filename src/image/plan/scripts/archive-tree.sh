@@ -17,7 +17,9 @@ echo "partition $KILN_PART: $KILN_LABEL (its tree, for the host's mke2fs)"
 # them from UTF-8 and stop at the first name that is not.
 # Records of 1 MiB through dd, written past the guest's page cache (tar
 # writing to a loop device took 2.7 times as long under TCG); dd stops at
-# the room, and a tar longer than that then fails on the closed pipe.
+# the room, and a tar longer than that then fails on the closed pipe: its
+# next 1 MiB record cannot all sit in the pipe's buffer, so the write
+# fails rather than completing unread.
 if ! tar -C "$src" --sort=name --format=pax --numeric-owner -b 2048 \
     --xattrs --xattrs-include='*' \
     --pax-option="hdrcharset:=BINARY,atime:=$SOURCE_DATE_EPOCH,ctime:=$SOURCE_DATE_EPOCH" \
