@@ -223,7 +223,8 @@ fn small_image_in_every_format_is_inspectable_and_reproducible() {
         .collect();
     for want in [
         "root filesystem",
-        "unpack root",
+        "root tree",
+        "mount root",
         "command 1",
         "partition",
         "filesystems",
@@ -962,6 +963,54 @@ fn a_sigkilled_build_is_cleaned_up_by_the_next_kiln() {
     assert_eq!(
         mounts_and_loop_devices_mentioning(&needle),
         Vec::<String>::new()
+    );
+}
+
+/// A root given as a compressed tarball (zstd, its length not a whole
+/// number of sectors) becomes the build's tree on the host: the tools
+/// image's mke2fs reads it through libarchive, with its owners and modes.
+#[test]
+fn a_compressed_root_tarball_becomes_the_tree() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    small_recipe(
+        dir,
+        &SMALL.replace("directory = \"rootdir\"", "tarball = \"root.tar.zst\""),
+    );
+    fs::write(dir.join("rootdir/etc/secret"), "for root only\n").expect("write");
+    let tar = dir.join("root.tar.zst");
+    host(
+        "tar",
+        &[
+            "--zstd",
+            "--owner=0",
+            "--group=0",
+            "--mode=go-rwx",
+            "-C",
+            dir.join("rootdir").to_str().expect("path"),
+            "-cf",
+            tar.to_str().expect("path"),
+            ".",
+        ],
+    );
+    let len = fs::metadata(&tar).expect("stat").len();
+    assert_ne!(len % 512, 0, "the test wants a length off the sector size");
+    let out = kiln(
+        dir,
+        &["build", "small.toml", "-o", "out", "--format", "raw"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ext4 = format!(
+        "{}?offset={ROOT_OFFSET}",
+        dir.join("out/small.raw").to_str().expect("path")
+    );
+    let cat = |path: &str| host("debugfs", &["-R", &format!("cat {path}"), &ext4]);
+    assert_eq!(cat("/etc/secret"), "for root only\n");
+    assert_eq!(cat("/etc/built"), "built-in-chroot\n");
+    let stat = host("debugfs", &["-R", "stat /etc/secret", &ext4]);
+    assert!(
+        stat.contains("Mode:  0600") && stat.contains("User:     0   Group:     0"),
+        "{stat}"
     );
 }
 

@@ -292,7 +292,7 @@ impl StepRunner<'_> {
     /// the shell is only a warning.
     fn debug_shell(&mut self, step: &str, code: u8, tail: &str, env: Vec<(String, String)>) {
         // The agent refuses a working directory that does not exist (a
-        // step before the unpack failed, or the unpack itself).
+        // step before the tree was mounted failed, or the mount itself).
         let has_tree = guest_test(self.guest, "-d", plan::TREE);
         eprintln!("{}", debug_banner(step, code, tail, has_tree, &self.disks));
         let shell = self.guest.exec_on_terminal(ExecRequest {
@@ -487,13 +487,22 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         recipe: &c,
         epoch,
         parts: &parts,
-        root_tar_flag: root.tar_flag,
         formats: &formats,
         iso_id: &iso_id,
     };
 
-    // The disks: the image being built, the root archive, scratch space
-    // for the tree, and where the iso lands.
+    // The tools image's mke2fs, unpacked before the VM: it makes the tree,
+    // and the image's ext4 filesystems after the VM. The image stays held
+    // for the whole build, as the VM's own use holds it: no gc removes it
+    // meanwhile.
+    let (host_tools, _tools_held) = progress.host("tools for the host", || {
+        let (image, held) = tools::locate(None, &tools::Extra::default())?;
+        let sha256 = tools::image_sha256(&image)?;
+        Ok((HostTools::of_image(&image, &sha256)?, held))
+    })?;
+
+    // The disks: the image being built, the tree, scratch space for its
+    // copies, the ext4 trees going out, and where the iso lands.
     let raw = work.path().join("disk.raw");
     let mut disks = Vec::new();
     if needs_disk {
@@ -505,19 +514,34 @@ pub fn build(opts: BuildOptions) -> Result<()> {
             serial: plan::TARGET_SERIAL.into(),
         });
     }
+    let gib = 1u64 << 30;
+    // The tree with room for what commands add, and beside it on scratch
+    // its frozen squashfs copies and an iso: generous, as the files are
+    // sparse; a compressed archive unpacks to several times its size.
+    let factor = if root.tar_flag.is_empty() { 4 } else { 16 };
+    let room = ((root.size.saturating_mul(factor) + 4 * gib).max(c.disk_size * 2 + gib))
+        .div_ceil(gib)
+        * gib;
+    let tree = work.path().join("tree.img");
+    std::fs::File::create(&tree)?.set_len(room)?;
+    progress.host("root tree", || {
+        ext4::make_tree(&host_tools, &root.path, &tree, room).map_err(|e| {
+            // Ctrl-C reaches mke2fs too: say what happened.
+            if ctrl_c::requested() {
+                SandboxError::Interrupted.into()
+            } else {
+                e
+            }
+        })
+    })?;
     disks.push(DiskConfig {
-        path: root.path.clone(),
+        path: tree,
         format: DiskFormat::Raw,
-        read_only: true,
-        serial: plan::ROOTFS_SERIAL.into(),
+        read_only: false,
+        serial: plan::TREE_SERIAL.into(),
     });
     let scratch = work.path().join("scratch.img");
-    let gib = 1u64 << 30;
-    // The tree, its frozen squashfs copy and an iso: generous, as the file
-    // is sparse; a compressed archive unpacks to several times its size.
-    let factor = if root.tar_flag.is_empty() { 4 } else { 16 };
-    let scratch_size = (root.size.saturating_mul(factor) + 4 * gib).max(c.disk_size * 2 + gib);
-    std::fs::File::create(&scratch)?.set_len(scratch_size.div_ceil(gib) * gib)?;
+    std::fs::File::create(&scratch)?.set_len(room)?;
     disks.push(DiskConfig {
         path: scratch,
         format: DiskFormat::Raw,
@@ -538,19 +562,6 @@ pub fn build(opts: BuildOptions) -> Result<()> {
             serial: plan::TREES_SERIAL.into(),
         });
     }
-    // The tools image's mke2fs, unpacked before the VM: a problem with it
-    // shows before the long work. The image stays held for the whole
-    // build, as the VM's own use holds it: no gc removes it meanwhile.
-    let (host_tools, _tools_held) = if host_ext4.is_empty() {
-        (None, None)
-    } else {
-        let (t, held) = progress.host("tools for the host", || {
-            let (image, held) = tools::locate(None, &tools::Extra::default())?;
-            let sha256 = tools::image_sha256(&image)?;
-            Ok((HostTools::of_image(&image, &sha256)?, held))
-        })?;
-        (Some(t), Some(held))
-    };
     let iso_disk = work.path().join("iso.img");
     if formats.contains(&Format::Iso) {
         std::fs::File::create(&iso_disk)?
@@ -645,13 +656,13 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         None => None,
     };
     progress.host("power off", || guest.shutdown())?;
-    if let Some(tools) = &host_tools {
+    if !host_ext4.is_empty() {
         progress.host("ext4 filesystems", || {
             for fs in &host_ext4 {
                 if ctrl_c::requested() {
                     bail!(SandboxError::Interrupted);
                 }
-                if let Err(e) = ext4::make(tools, fs, &raw, &trees, epoch) {
+                if let Err(e) = ext4::make(&host_tools, fs, &raw, &trees, epoch) {
                     // Ctrl-C reaches mke2fs too: say what happened.
                     if ctrl_c::requested() {
                         bail!(SandboxError::Interrupted);
@@ -790,7 +801,7 @@ mod tests {
             b.contains("/dev/disk/by-id/virtio-kiln-scratch  scratch\n"),
             "{b}"
         );
-        let b = debug_banner("unpack root", 2, "", false, &disks);
+        let b = debug_banner("mount root", 2, "", false, &disks);
         assert!(b.contains("with no output"), "{b}");
         assert!(b.contains("none yet"), "{b}");
     }

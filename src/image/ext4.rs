@@ -1,4 +1,5 @@
-//! The image's ext4 filesystems, made on the host after the build VM:
+//! The ext4 filesystems kiln makes on the host: the build VM's tree, from
+//! the root archive, before the VM; and the image's, after it:
 //! the tools image's mke2fs writes each one in place into the raw disk,
 //! filled from the tar of its tree that the VM left on the trees disk
 //! (plan/scripts/archive-tree.sh). Under emulation this was the slowest
@@ -44,6 +45,51 @@ pub fn make(tools: &HostTools, fs: &HostExt4, raw: &Path, trees: &Path, epoch: u
     }
     run(&mut cmd, fs, tools.root())
 }
+
+/// The build VM's tree: `tree` made an ext4 filesystem of `size` bytes
+/// holding the root archive `root_tar` (plain or compressed: libarchive
+/// reads either), which the VM mounts read-write. A scratch filesystem
+/// for the build only: no journal, and ids fixed so that directories list
+/// their entries in the same order every build.
+pub fn make_tree(tools: &HostTools, root_tar: &Path, tree: &Path, size: u64) -> Result<()> {
+    let mut cmd = tools.mke2fs();
+    cmd.args([
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-O",
+        "^has_journal",
+        "-U",
+        TREE_UUID,
+        "-E",
+        &format!("hash_seed={TREE_HASH_SEED},root_owner=0:0,nodiscard,assume_storage_prezeroed=1"),
+        "-d",
+    ])
+    .arg(root_tar)
+    .arg(tree)
+    .arg(format!("{}k", size / 1024))
+    .stdin(Stdio::null());
+    let out = tie(&mut cmd).output().with_context(|| {
+        format!(
+            "starting the tools image's mke2fs (in {})",
+            tools.root().display()
+        )
+    })?;
+    if !out.status.success() {
+        bail!(
+            "making the build's tree from the root archive {} failed ({}): {}",
+            root_tar.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The tree filesystem's UUID and directory hash seed.
+const TREE_UUID: &str = "5c4a7c4e-0000-4000-8000-000000000003";
+const TREE_HASH_SEED: &str = "5c4a7c4e-0000-4000-8000-000000000004";
 
 /// mke2fs's options for `fs`, before the device and the size. Everything
 /// that would otherwise come from the host is fixed: no discard, and the

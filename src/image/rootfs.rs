@@ -19,10 +19,12 @@ use crate::sandbox::mmdebstrap::Mmdebstrap;
 use crate::util::owned_dir;
 use crate::util::process::tie;
 
-/// A root archive ready to attach as a disk.
+/// A root archive, which the host makes the build's tree from
+/// (image/ext4.rs, `make_tree`).
 pub struct RootTar {
     pub path: PathBuf,
-    /// tar's flag for the archive's compression ("" for none).
+    /// tar's flag for the archive's compression ("" for none): a compressed
+    /// archive unpacks to several times its size.
     pub tar_flag: &'static str,
     pub size: u64,
     /// What a bootstrap run now took from the package cache and downloaded
@@ -49,44 +51,23 @@ pub fn prepare(
         } => debian(
             suite, variant, packages, mirror, components, epoch, fresh, json,
         ),
-        RootSource::Tarball(p) => tarball(p, work),
+        RootSource::Tarball(p) => tarball(p),
         RootSource::Directory(d) => directory(d, epoch, work),
     }
 }
 
-fn finish(
-    path: PathBuf,
-    tar_flag: &'static str,
-    work: &Path,
-    held: cache::CacheUse,
-) -> Result<RootTar> {
+fn finish(path: PathBuf, tar_flag: &'static str, held: cache::CacheUse) -> Result<RootTar> {
     let size = std::fs::metadata(&path)?.len();
-    if size % 512 == 0 {
-        return Ok(RootTar {
-            path,
-            tar_flag,
-            size,
-            debs: None,
-            _use: held,
-        });
-    }
-    // A disk is read in whole sectors: pad a copy with zeros, which tar
-    // and the decompressors ignore after the end of the archive.
-    let padded = work.join("root-padded.tar");
-    std::fs::copy(&path, &padded).with_context(|| format!("copying {}", path.display()))?;
-    let f = std::fs::OpenOptions::new().write(true).open(&padded)?;
-    let len = size.div_ceil(512) * 512;
-    f.set_len(len)?;
     Ok(RootTar {
-        path: padded,
+        path,
         tar_flag,
-        size: len,
+        size,
         debs: None,
         _use: held,
     })
 }
 
-fn tarball(p: &Path, work: &Path) -> Result<RootTar> {
+fn tarball(p: &Path) -> Result<RootTar> {
     let mut magic = [0u8; 6];
     let n = File::open(p)
         .and_then(|mut f| f.read(&mut magic))
@@ -98,27 +79,7 @@ fn tarball(p: &Path, work: &Path) -> Result<RootTar> {
         [b'B', b'Z', b'h', ..] => "--bzip2",
         _ => "",
     };
-    let len = std::fs::metadata(p)?.len();
-    if flag.is_empty() || len % 512 == 0 {
-        return finish(p.to_path_buf(), flag, work, cache::CacheUse::none());
-    }
-    // Padding a compressed stream to whole sectors is not safe for every
-    // decompressor (zstd rejects trailing zeros): decompress it here.
-    let tool = &flag[2..];
-    let out = work.join("root.tar");
-    let status = tie(&mut Command::new(tool))
-        .arg("-dc")
-        .arg(p)
-        .stdout(File::create(&out)?)
-        .status()
-        .with_context(|| format!("running {tool} (sudo apt-get install {tool})"))?;
-    if !status.success() {
-        bail!(
-            "decompressing root.tarball {} with {tool} failed ({status})",
-            p.display()
-        );
-    }
-    finish(out, "", work, cache::CacheUse::none())
+    finish(p.to_path_buf(), flag, cache::CacheUse::none())
 }
 
 fn directory(d: &Path, epoch: u64, work: &Path) -> Result<RootTar> {
@@ -146,7 +107,7 @@ fn directory(d: &Path, epoch: u64, work: &Path) -> Result<RootTar> {
             d.display()
         );
     }
-    finish(out, "", work, cache::CacheUse::none())
+    finish(out, "", cache::CacheUse::none())
 }
 
 /// mmdebstrap options that shape the tree (part of the cache key).
@@ -189,7 +150,7 @@ fn debian(
             if !json {
                 eprintln!("root: {suite} bootstrap from the cache ({})", dir.display());
             }
-            return finish(dir.join("root.tar"), "", &dir, held);
+            return finish(dir.join("root.tar"), "", held);
         }
         cache::Begin::Build(s) => s,
     };
@@ -228,7 +189,7 @@ fn debian(
         eprintln!("root: {}", r.summary());
     }
     let dir = staging.commit()?;
-    let mut root = finish(dir.join("root.tar"), "", &dir, held)?;
+    let mut root = finish(dir.join("root.tar"), "", held)?;
     root.debs = report;
     Ok(root)
 }

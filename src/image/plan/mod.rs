@@ -24,7 +24,7 @@ pub use partitions::{plan_partitions, PartPlan};
 
 /// virtio-blk serials of the build VM's disks.
 pub const TARGET_SERIAL: &str = "kiln-target";
-pub const ROOTFS_SERIAL: &str = "kiln-rootfs";
+pub const TREE_SERIAL: &str = "kiln-tree";
 pub const SCRATCH_SERIAL: &str = "kiln-scratch";
 pub const ISO_SERIAL: &str = "kiln-iso";
 pub const TREES_SERIAL: &str = "kiln-trees";
@@ -35,8 +35,10 @@ pub const TREE: &str = "/build/root";
 pub fn disk_purpose(serial: &str) -> &'static str {
     match serial {
         TARGET_SERIAL => "the image being built",
-        ROOTFS_SERIAL => "the root archive (read-only)",
-        SCRATCH_SERIAL => "scratch, mounted at /build: the tree and its copies",
+        TREE_SERIAL => {
+            "the tree (ext4 the host made from the root archive), mounted at /build/root"
+        }
+        SCRATCH_SERIAL => "scratch, mounted at /build: the tree's copies",
         ISO_SERIAL => "where the live iso is written",
         TREES_SERIAL => "the ext4 partitions' trees, as tars for the host's mke2fs",
         _ => "",
@@ -61,7 +63,7 @@ const GRUB_MENU_MODULES: &str = "normal configfile linux echo test gzio serial t
 pub enum Script {
     /// Sourced by all the others.
     Common,
-    Unpack,
+    MountRoot,
     Configure,
     Chroot,
     AuthorizedKeys,
@@ -81,7 +83,7 @@ pub enum Script {
 impl Script {
     pub const ALL: [Script; 16] = [
         Script::Common,
-        Script::Unpack,
+        Script::MountRoot,
         Script::Configure,
         Script::Chroot,
         Script::AuthorizedKeys,
@@ -101,7 +103,7 @@ impl Script {
     pub fn file_name(self) -> &'static str {
         match self {
             Script::Common => "common.sh",
-            Script::Unpack => "unpack.sh",
+            Script::MountRoot => "mount-root.sh",
             Script::Configure => "configure.sh",
             Script::Chroot => "chroot.sh",
             Script::AuthorizedKeys => "authorized-keys.sh",
@@ -122,7 +124,7 @@ impl Script {
     pub fn text(self) -> &'static str {
         match self {
             Script::Common => include_str!("scripts/common.sh"),
-            Script::Unpack => include_str!("scripts/unpack.sh"),
+            Script::MountRoot => include_str!("scripts/mount-root.sh"),
             Script::Configure => include_str!("scripts/configure.sh"),
             Script::Chroot => include_str!("scripts/chroot.sh"),
             Script::AuthorizedKeys => include_str!("scripts/authorized-keys.sh"),
@@ -263,8 +265,6 @@ pub struct Inputs<'a> {
     pub recipe: &'a Checked,
     pub epoch: u64,
     pub parts: &'a [PartPlan],
-    /// tar's flag for the root archive's compression ("" for none).
-    pub root_tar_flag: &'a str,
     pub formats: &'a [Format],
     /// Names the iso (its GPT disk GUID and the file grub looks for).
     pub iso_id: &'a str,
@@ -277,7 +277,7 @@ impl Inputs<'_> {
             ("KILN_EPOCH", self.epoch.to_string()),
             ("KILN_PLAN", PLAN_DIR.to_string()),
             ("KILN_TARGET_SERIAL", TARGET_SERIAL.to_string()),
-            ("KILN_ROOTFS_SERIAL", ROOTFS_SERIAL.to_string()),
+            ("KILN_TREE_SERIAL", TREE_SERIAL.to_string()),
             ("KILN_SCRATCH_SERIAL", SCRATCH_SERIAL.to_string()),
             ("KILN_ISO_SERIAL", ISO_SERIAL.to_string()),
             ("KILN_TREES_SERIAL", TREES_SERIAL.to_string()),
@@ -322,14 +322,13 @@ impl Inputs<'_> {
             .unwrap_or(0)
     }
 
-    /// The steps that make the tree: unpack, configure, the recipe's
+    /// The steps that make the tree: mount it, configure, the recipe's
     /// commands, normalize. The last prints [`KERNEL_MARK`] and the kernel
     /// the tree boots, which [`Inputs::output_steps`] needs.
     pub fn tree_steps(&self) -> Vec<Step> {
         let c = self.recipe;
         let mut steps = vec![
-            Step::new("unpack root")
-                .run(Run::new(Script::Unpack).env("KILN_ROOT_TAR_FLAG", self.root_tar_flag)),
+            Step::new("mount root").run(Run::new(Script::MountRoot)),
             self.configure(),
         ];
         for (i, cmd) in c.recipe.commands.iter().enumerate() {
@@ -682,7 +681,6 @@ type = "both"
             recipe: c,
             epoch: 1_700_000_000,
             parts: &parts,
-            root_tar_flag: "--zstd",
             formats,
             iso_id: "11111111-2222-4333-8444-555555555555",
         };
@@ -708,7 +706,7 @@ type = "both"
         assert_eq!(
             names,
             [
-                "unpack root",
+                "mount root",
                 "configure",
                 "command 1",
                 "normalize",
@@ -915,7 +913,6 @@ suite = "bookworm"
             recipe: &c,
             epoch: 1,
             parts: &parts,
-            root_tar_flag: "",
             formats,
             iso_id: "",
         };
