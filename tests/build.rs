@@ -966,9 +966,10 @@ fn a_sigkilled_build_is_cleaned_up_by_the_next_kiln() {
     );
 }
 
-/// A root given as a compressed tarball (zstd, its length not a whole
-/// number of sectors) becomes the build's tree on the host: the tools
-/// image's mke2fs reads it through libarchive, with its owners and modes.
+/// A root given as a compressed tarball (zstd, pax with a UTF-8 name as
+/// mmdebstrap writes them, its length not a whole number of sectors)
+/// becomes the build's tree on the host: the tools image's mke2fs reads it
+/// through libarchive, with its names, owners and modes.
 #[test]
 fn a_compressed_root_tarball_becomes_the_tree() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -978,21 +979,25 @@ fn a_compressed_root_tarball_becomes_the_tree() {
         &SMALL.replace("directory = \"rootdir\"", "tarball = \"root.tar.zst\""),
     );
     fs::write(dir.join("rootdir/etc/secret"), "for root only\n").expect("write");
+    fs::write(dir.join("rootdir/etc/Főtanúsítvány"), "utf-8\n").expect("write");
     let tar = dir.join("root.tar.zst");
-    host(
-        "tar",
-        &[
+    let packed = Command::new("tar")
+        .env("LC_ALL", "C.UTF-8")
+        .args([
             "--zstd",
+            "--format=pax",
             "--owner=0",
             "--group=0",
             "--mode=go-rwx",
             "-C",
-            dir.join("rootdir").to_str().expect("path"),
-            "-cf",
-            tar.to_str().expect("path"),
-            ".",
-        ],
-    );
+        ])
+        .arg(dir.join("rootdir"))
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(packed.success());
     let len = fs::metadata(&tar).expect("stat").len();
     assert_ne!(len % 512, 0, "the test wants a length off the sector size");
     let out = kiln(
@@ -1006,6 +1011,7 @@ fn a_compressed_root_tarball_becomes_the_tree() {
     );
     let cat = |path: &str| host("debugfs", &["-R", &format!("cat {path}"), &ext4]);
     assert_eq!(cat("/etc/secret"), "for root only\n");
+    assert_eq!(cat("/etc/Főtanúsítvány"), "utf-8\n");
     assert_eq!(cat("/etc/built"), "built-in-chroot\n");
     let stat = host("debugfs", &["-R", "stat /etc/secret", &ext4]);
     assert!(

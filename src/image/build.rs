@@ -565,7 +565,9 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     let iso_disk = work.path().join("iso.img");
     if formats.contains(&Format::Iso) {
         std::fs::File::create(&iso_disk)?
-            .set_len((root.size.saturating_mul(2) + gib).div_ceil(gib) * gib)?;
+            // As large as the tree may grow (the archive may be compressed):
+            // sparse, and cut to the iso's size after.
+            .set_len(room)?;
         disks.push(DiskConfig {
             path: iso_disk.clone(),
             format: DiskFormat::Raw,

@@ -78,7 +78,10 @@ pub fn make_tree(tools: &HostTools, root_tar: &Path, tree: &Path, size: u64) -> 
     })?;
     if !out.status.success() {
         bail!(
-            "making the build's tree from the root archive {} failed ({}): {}",
+            "making the build's tree from the root archive {} failed ({}): {}\n\
+             The archive is read by libarchive (mke2fs -d): it must be a tar, plain or \
+             compressed (gzip, xz, zstd, bzip2), that holds each directory before what \
+             is in it, as 'tar -C DIR -cf FILE .' writes one.",
             root_tar.display(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()

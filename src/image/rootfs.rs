@@ -1,8 +1,8 @@
 //! The root filesystem as one tar archive on the host, unprivileged: a
 //! Debian bootstrap by mmdebstrap (whose tar keeps ownership without root,
 //! cached by the hash of everything that shapes it), the user's tarball, or
-//! a directory packed with root ownership. The guest reads the archive
-//! straight off a read-only disk, so it must be a whole number of sectors.
+//! a directory packed with root ownership. The host makes the build's tree
+//! from it (image/ext4.rs, `make_tree`).
 
 use std::fs::File;
 use std::io::Read;

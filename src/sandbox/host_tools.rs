@@ -20,17 +20,20 @@ use crate::util::owned_dir::{self, OwnedDir};
 use crate::util::process::{tie, Guarded};
 use crate::util::which::which;
 
-/// What is unpacked: the loader and libraries, and each program with the
-/// files it reads.
+/// What is unpacked: the loader and libraries, the C.UTF-8 locale, and
+/// each program with the files it reads.
 const MEMBERS: &[&str] = &[
     "usr/lib/x86_64-linux-gnu",
+    "usr/lib/locale/C.utf8",
     "usr/sbin/mke2fs",
     "etc/mke2fs.conf",
 ];
 const LIBS: &str = "usr/lib/x86_64-linux-gnu";
+const LOCALES: &str = "usr/lib/locale";
 const LOADER: &str = "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2";
-/// Written last: its presence says the unpacking finished.
-const DONE: &str = "unpacked";
+/// Written last: its presence says the unpacking finished. Its name
+/// changes with [`MEMBERS`], so an entry unpacked with fewer is redone.
+const DONE: &str = "unpacked-2";
 
 /// The unpacked programs, held (cache use, or the temporary copy) while
 /// this lives.
@@ -120,7 +123,9 @@ impl HostTools {
 
     /// `program` (a path in the image) run by the image's loader, with the
     /// image's libraries only: the host's cache of library paths is not
-    /// read, and no library path of the host's is searched first.
+    /// read, and no library path of the host's is searched first. The
+    /// locale is the image's C.UTF-8: libarchive refuses a pax archive's
+    /// UTF-8 names (mmdebstrap's, GNU tar's) in the C locale.
     fn program(&self, program: &str) -> Command {
         let mut cmd = Command::new(self.root.join(LOADER));
         cmd.arg("--inhibit-cache")
@@ -128,7 +133,8 @@ impl HostTools {
             .arg(self.root.join(LIBS))
             .arg(self.root.join(program))
             .env_clear()
-            .env("LC_ALL", "C")
+            .env("LC_ALL", "C.UTF-8")
+            .env("LOCPATH", self.root.join(LOCALES))
             .env("TZ", "UTC");
         cmd
     }

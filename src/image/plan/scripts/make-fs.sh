@@ -15,8 +15,8 @@ if [ -n "$KILN_TREE" ]; then
     src=$KILN_TREE
     [ "$src" != / ] || src=$R
     # The tree is read back through a squashfs: its files report ctime and
-    # atime equal to mtime, which the populating tools copy; on the scratch
-    # filesystem they would be whenever the build touched them.
+    # atime equal to mtime, which the populating tools copy; on the tree's
+    # own filesystem they would be whenever the build touched them.
     mksquashfs "$src" "/build/frozen-$n.sqfs" -noappend -no-progress -quiet \
         -noI -noD -noF -noX >/dev/null
     mkdir -p "/build/frozen-$n"

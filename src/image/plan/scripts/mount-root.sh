@@ -14,5 +14,8 @@ mkfs.ext4 -q -F -O ^has_journal -U 5c4a7c4e-0000-4000-8000-000000000001 \
 mkdir -p /build && mount -o noatime "$S" /build
 mkdir -p "$R" && mount -o noatime "$(disk "$KILN_TREE_SERIAL")" "$R"
 # mke2fs made it; it is not part of the tree (ext4 images get their own).
+# The root keeps the time the archive gave it.
+stamp=$(stat -c %Y "$R")
 rmdir "$R/lost+found" 2>/dev/null || true
+touch --date="@$stamp" "$R"
 echo "root: $(df -h --output=used "$R" | tail -n 1 | tr -d ' ') used"
