@@ -25,6 +25,10 @@ pub struct Tmux {
     pub session: &'static str,
     /// Where the session's exit status file goes.
     dir: PathBuf,
+    /// The server's pid, waited for on drop: `kill-server` returns before
+    /// the server has gone, and a test checking right after that nothing
+    /// mentions its directory would find the server's argv.
+    server: Option<u32>,
 }
 
 /// The environment variable naming the file the session's program's exit
@@ -46,12 +50,13 @@ impl Tmux {
         let config = dir.join("tmux.conf");
         fs::write(&config, "set -g status off\nset -g remain-on-exit on\n")
             .expect("write tmux.conf");
-        let tmux = Tmux {
+        let mut tmux = Tmux {
             // Unique per test process and session, so tests may run in
             // parallel.
             socket: format!("kiln-test-{}-{session}", std::process::id()),
             session,
             dir: dir.to_path_buf(),
+            server: None,
         };
         let config = config.to_string_lossy().into_owned();
         let cwd = cwd.to_string_lossy().into_owned();
@@ -83,6 +88,8 @@ impl Tmux {
         ];
         args.extend(argv);
         tmux.cmd(&args);
+        let pid = tmux.cmd(&["display-message", "-p", "#{pid}"]);
+        tmux.server = String::from_utf8_lossy(&pid.stdout).trim().parse().ok();
         tmux
     }
 
@@ -158,5 +165,13 @@ impl Drop for Tmux {
             .args(["-L", &self.socket, "kill-server"])
             .stderr(Stdio::null())
             .status();
+        if let Some(pid) = self.server {
+            let proc = PathBuf::from(format!("/proc/{pid}"));
+            poll_until(
+                Instant::now() + Duration::from_secs(10),
+                Duration::from_millis(20),
+                || (!proc.exists()).then_some(()),
+            );
+        }
     }
 }
