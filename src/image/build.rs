@@ -197,6 +197,16 @@ impl Progress {
     }
 }
 
+/// `e`, or that the user interrupted the build if Ctrl-C was pressed: it
+/// reaches the host tools' processes too, whose own failure it then is.
+fn interrupted_or(e: anyhow::Error) -> anyhow::Error {
+    if ctrl_c::requested() {
+        SandboxError::Interrupted.into()
+    } else {
+        e
+    }
+}
+
 /// The value of the last line among `marks` that starts with `mark`.
 fn mark<'a>(marks: &'a [String], mark: &str) -> Option<&'a str> {
     marks
@@ -525,14 +535,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     let tree = work.path().join("tree.img");
     std::fs::File::create(&tree)?.set_len(room)?;
     progress.host("root tree", || {
-        ext4::make_tree(&host_tools, &root.path, &tree, room).map_err(|e| {
-            // Ctrl-C reaches mke2fs too: say what happened.
-            if ctrl_c::requested() {
-                SandboxError::Interrupted.into()
-            } else {
-                e
-            }
-        })
+        ext4::make_tree(&host_tools, &root.path, &tree, room).map_err(interrupted_or)
     })?;
     disks.push(DiskConfig {
         path: tree,
@@ -664,13 +667,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
                 if ctrl_c::requested() {
                     bail!(SandboxError::Interrupted);
                 }
-                if let Err(e) = ext4::make(&host_tools, fs, &raw, &trees, epoch) {
-                    // Ctrl-C reaches mke2fs too: say what happened.
-                    if ctrl_c::requested() {
-                        bail!(SandboxError::Interrupted);
-                    }
-                    return Err(e);
-                }
+                ext4::make(&host_tools, fs, &raw, &trees, epoch).map_err(interrupted_or)?;
             }
             // Read: the disk space it took goes back before the outputs
             // are written.
