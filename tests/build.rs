@@ -1323,6 +1323,16 @@ fn debian_minimal_boots_under_uefi_and_bios_and_rebuilds_identically() {
         !ssh.contains("ssh_host_ed25519_key"),
         "host keys are baked in: {ssh}"
     );
+    // The bootstrap made the initramfs once, at its end, and the real
+    // update-initramfs is back: no stand-in, no diversion of kiln's.
+    let boot = host("debugfs", &["-R", "ls /boot", &root]);
+    assert!(boot.contains("initrd.img-"), "no initramfs: {boot}");
+    let diversions = host("debugfs", &["-R", "cat /var/lib/dpkg/diversions", &root]);
+    assert!(!diversions.contains("kiln"), "{diversions}");
+    let sbin = host("debugfs", &["-R", "ls /usr/sbin", &root]);
+    assert!(!sbin.contains("kiln-deferred"), "{sbin}");
+    let tool = host("debugfs", &["-R", "cat /usr/sbin/update-initramfs", &root]);
+    assert!(tool.contains("mkinitramfs"), "not the real one: {tool}");
 
     for fw in ["uefi", "bios"] {
         let out = kiln(

@@ -121,6 +121,31 @@ const MMDEBSTRAP_OPTIONS: &[&str] = &[
     "--dpkgopt=path-include=/usr/share/locale/locale.alias",
 ];
 
+/// mmdebstrap hooks (part of the cache key): the initramfs made once,
+/// after every package is in, not once per package that asks.
+const HOOKS: &[(&str, &str, &str)] = &[
+    (
+        "--essential-hook",
+        "defer-initramfs.sh",
+        include_str!("bootstrap-hooks/defer-initramfs.sh"),
+    ),
+    (
+        "--customize-hook",
+        "build-initramfs.sh",
+        include_str!("bootstrap-hooks/build-initramfs.sh"),
+    ),
+];
+
+/// The hooks for `variant`: none for `extract`, which runs no hooks, and
+/// `custom`, which installs its packages before the essential hook, so
+/// that the deferral would only add a run.
+fn hooks(variant: &str) -> &'static [(&'static str, &'static str, &'static str)] {
+    match variant {
+        "extract" | "custom" => &[],
+        _ => HOOKS,
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn debian(
     suite: &str,
@@ -140,6 +165,11 @@ fn debian(
         components.join(",").as_bytes(),
         epoch.to_string().as_bytes(),
         MMDEBSTRAP_OPTIONS.join(" ").as_bytes(),
+        hooks(variant)
+            .iter()
+            .map(|(option, name, text)| format!("{option}={name}\n{text}"))
+            .collect::<String>()
+            .as_bytes(),
     ]);
     let dest = cache::root()?.join("rootfs").join(&key[..16]);
     // Held from before it is looked at or built until the archive is done
@@ -169,6 +199,11 @@ fn debian(
         .args(MMDEBSTRAP_OPTIONS)
         .args(bootstrap.package_cache_options())
         .arg(format!("--components={}", components.join(",")));
+    for (option, name, text) in hooks(variant) {
+        let mut arg = std::ffi::OsString::from(format!("{option}="));
+        arg.push(bootstrap.write_hook(name, text)?);
+        cmd.arg(arg);
+    }
     if !packages.is_empty() {
         cmd.arg(format!("--include={}", packages.join(",")));
     }

@@ -6,7 +6,8 @@
 //! from the shared package cache, and the new ones kept there. What it
 //! bootstraps, and into what, is the caller's.
 
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -94,6 +95,17 @@ impl Mmdebstrap {
             );
         }
         Some(report)
+    }
+
+    /// Writes the hook script `text` as the executable `name` in the work
+    /// directory, and returns its absolute path, for a `--*-hook=` option
+    /// (mmdebstrap runs a hook that is a file, not a command line, as it is).
+    pub fn write_hook(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let path = std::path::absolute(self.scratch.path().join(name))?;
+        std::fs::write(&path, text)
+            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)))
+            .with_context(|| format!("writing the bootstrap hook {}", path.display()))?;
+        Ok(path)
     }
 
     /// mmdebstrap's `--mode`.
