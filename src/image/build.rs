@@ -473,7 +473,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     }
 
     let root = progress.host("root filesystem", || {
-        rootfs::prepare(&c.root, epoch, work.path(), opts.fresh, opts.json)
+        rootfs::prepare(&c.root, epoch, work.path(), opts.fresh, opts.json).map_err(interrupted_or)
     })?;
     // Without commands the bootstrap's packages are the image's: check
     // them now, before the long work in the VM. Commands may install,
@@ -702,7 +702,9 @@ pub fn build(opts: BuildOptions) -> Result<()> {
             bail!(SandboxError::Interrupted);
         }
         let iso = iso_size.map(|_| iso_disk.as_path());
-        let o = progress.host(&format!("write {}", f.ext()), || conv.make(*f, &raw, iso))?;
+        let o = progress.host(&format!("write {}", f.ext()), || {
+            conv.make(*f, &raw, iso).map_err(interrupted_or)
+        })?;
         outputs.push(o);
     }
     // All complete: now they take their final names.

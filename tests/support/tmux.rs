@@ -166,11 +166,16 @@ impl Drop for Tmux {
             .stderr(Stdio::null())
             .status();
         if let Some(pid) = self.server {
-            let proc = PathBuf::from(format!("/proc/{pid}"));
+            // Gone, or a zombie no one has reaped yet (its argv is empty).
+            let cmdline = PathBuf::from(format!("/proc/{pid}/cmdline"));
             poll_until(
                 Instant::now() + Duration::from_secs(10),
                 Duration::from_millis(20),
-                || (!proc.exists()).then_some(()),
+                || {
+                    fs::read(&cmdline)
+                        .map_or(true, |c| c.is_empty())
+                        .then_some(())
+                },
             );
         }
     }
