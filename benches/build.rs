@@ -15,44 +15,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn fail(msg: &str) -> ! {
-    eprintln!("build bench: {msg}");
-    std::process::exit(1);
-}
-
-fn kiln_build(recipe: &Path, out: &Path, extra: &[&str]) -> (Duration, serde_json::Value) {
-    let _ = std::fs::remove_dir_all(out);
-    let started = Instant::now();
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("build")
-        .arg(recipe)
-        .arg("-o")
-        .arg(out)
-        .arg("--json")
-        .args(extra)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| fail(&format!("kiln: {e}")));
-    let took = started.elapsed();
-    if !o.status.success() {
-        fail("kiln build failed");
-    }
-    let v = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| fail(&format!("json: {e}")));
-    (took, v)
-}
+#[path = "support/kiln_build.rs"]
+mod kiln_build;
+use kiln_build::{fail, kiln_build, median};
 
 fn step_seconds(v: &serde_json::Value, pred: impl Fn(&str) -> bool) -> f64 {
     v["steps"]

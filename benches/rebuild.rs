@@ -17,23 +17,10 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Instant;
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn fail(msg: &str) -> ! {
-    eprintln!("rebuild bench: {msg}");
-    std::process::exit(1);
-}
+#[path = "support/kiln_build.rs"]
+mod kiln_build;
+use kiln_build::{fail, kiln_build, median};
 
 /// The minimal recipe, changed by `edit`, written as `name` in `dir`.
 fn variant(
@@ -61,27 +48,10 @@ fn add_command(t: &mut toml::Table, command: &str) {
     array(t, "commands").push(command.into());
 }
 
-/// Builds `recipe` into `out` (emptied first); its seconds and `--json`.
+/// Builds `recipe` into `out`: its seconds and `--json`.
 fn build(recipe: &Path, out: &Path, extra: &[&str]) -> (f64, serde_json::Value) {
-    let _ = std::fs::remove_dir_all(out);
-    let started = Instant::now();
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("build")
-        .arg(recipe)
-        .arg("-o")
-        .arg(out)
-        .arg("--json")
-        .args(extra)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| fail(&format!("kiln: {e}")));
-    let took = started.elapsed().as_secs_f64();
-    if !o.status.success() {
-        fail(&format!("kiln build {} failed", recipe.display()));
-    }
-    let v = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| fail(&format!("json: {e}")));
-    (took, v)
+    let (took, v) = kiln_build(recipe, out, extra);
+    (took.as_secs_f64(), v)
 }
 
 /// The bytes `path` takes on disk (the images are sparse).
