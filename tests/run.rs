@@ -2240,6 +2240,34 @@ fn shell_is_an_interactive_terminal() {
     if !tmux::available() {
         return;
     }
+    // Under TCG on a loaded machine, about one session in a hundred stops
+    // answering right after the Ctrl-C: no prompt, no echo, for good. Each
+    // time the guest's console showed its clock source switching from
+    // tsc-early to tsc mid-session; a local bash in tmux, typed at the
+    // same way, never did it in hundreds of runs. The cause is not found,
+    // so a session that times out waiting for the screen is typed once
+    // more, said on stderr past the harness's capture; any other failure,
+    // or a second time-out, fails the test.
+    let first = std::panic::catch_unwind(shell_session);
+    let Err(payload) = first else {
+        return;
+    };
+    let message = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .unwrap_or("");
+    if !message.contains(tmux::SCREEN_TIMEOUT) {
+        std::panic::resume_unwind(payload);
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "shell_is_an_interactive_terminal: the session stopped answering; typing it \
+         once more (the only retry). It said:\n{message}"
+    );
+    shell_session();
+}
+
+fn shell_session() {
     let k = Kiln::new(Backend::Qemu);
     let tmpdir = format!("TMPDIR={}", k.runtime().display());
     let kiln = kiln_exe().to_string_lossy().into_owned();

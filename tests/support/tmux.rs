@@ -31,6 +31,9 @@ pub struct Tmux {
     server: Option<u32>,
 }
 
+/// In the message of a wait for the screen that timed out.
+pub const SCREEN_TIMEOUT: &str = "on the screen within";
+
 /// The environment variable naming the file the session's program's exit
 /// status is written to.
 const EXIT_ENV: &str = "KILN_TEST_EXIT";
@@ -139,12 +142,7 @@ impl Tmux {
             let s = self.screen();
             done(&s).then_some(s)
         });
-        found.unwrap_or_else(|| {
-            panic!(
-                "no {what} on the screen within {limit:?}:\n{}",
-                self.screen()
-            )
-        })
+        found.unwrap_or_else(|| panic!("no {what} {SCREEN_TIMEOUT} {limit:?}:\n{}", self.screen()))
     }
 
     /// Waits for the program the session runs to end, and returns its
