@@ -2123,14 +2123,17 @@ const MIRROR_HOST: &str = "deb.debian.org";
 /// `--net`: names resolve, TCP reaches the mirror (asked for its bookworm
 /// Release file over plain HTTP with bash's /dev/tcp: the tools image has
 /// no HTTP client), and the interface has an IPv6 address beyond its
-/// link-local one (from router advertisements). `$1` is the mirror.
+/// link-local one (from router advertisements). `$1` is the mirror. The
+/// address is waited for up to 30 s: a router solicitation that goes
+/// unanswered is sent again after 4 s, then 8 s, then 16 s, and under
+/// nested KVM a 10 s wait has once been too short.
 const NET_CHECK: &str = r#"set -e
 getent hosts "$1"
 exec 3<>"/dev/tcp/$1/80"
 printf 'HEAD /debian/dists/bookworm/Release HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$1" >&3
 head -n 1 <&3
 global() { grep 'eth0$' /proc/net/if_inet6 | grep -v '^[0-9a-f]* [0-9a-f]* [0-9a-f]* 20 '; }
-for _ in $(seq 100); do global >/dev/null && break; sleep 0.1; done
+for _ in $(seq 300); do global >/dev/null && break; sleep 0.1; done
 global | sed 's/^/ipv6 /'
 cat /etc/resolv.conf"#;
 
