@@ -1064,6 +1064,117 @@ fn a_failing_command_names_its_step_and_leaves_nothing() {
     assert!(!dir.join("new/out").exists(), "kiln left new/out behind");
 }
 
+/// The steps' layers as `kiln build --json` reports them: (step, reused).
+fn layers_of(out: &Output) -> Vec<(String, bool)> {
+    assert!(out.status.success(), "build failed: {}", text(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    summary["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["step"].as_str().expect("step").to_string(),
+                l["reused"].as_bool().expect("reused"),
+            )
+        })
+        .collect()
+}
+
+/// A rebuild after the last command changed reuses every layer before it
+/// and runs the rest; its image is byte for byte the one a --fresh build
+/// (every step run) makes. A failed step keeps the layers before it.
+#[test]
+fn a_rebuild_reuses_the_layers_before_a_change_and_matches_a_fresh_build() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    // Unique to this run: no earlier run's layers exist for it.
+    let token = dir
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let commands = |last: &str| {
+        format!(r#"["echo {token} > /etc/first", "echo {last} > /etc/last; rm /etc/passwd"]"#)
+    };
+    small_recipe_with_commands(dir, &commands("one"));
+    let set_commands = |commands: &str| {
+        let text = SMALL.replace(SMALL_COMMANDS, &format!("commands = {commands}"));
+        fs::write(dir.join("small.toml"), text).expect("write recipe");
+    };
+    let build = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "build",
+            "small.toml",
+            "-o",
+            out,
+            "--json",
+            "--format",
+            "raw",
+        ];
+        args.extend_from_slice(extra);
+        kiln(dir, &args)
+    };
+    let step = |name: &str, reused: bool| (name.to_string(), reused);
+    let first = build("a", &[]);
+    assert_eq!(
+        layers_of(&first),
+        [
+            step("configure", false),
+            step("command 1", false),
+            step("command 2", false),
+            step("normalize", false)
+        ]
+    );
+    // The same recipe again: nothing runs in the tree.
+    let again = build("b", &[]);
+    assert!(layers_of(&again).iter().all(|(_, reused)| *reused));
+    let raw = |out: &str| dir.join(out).join("small.raw");
+    assert_eq!(sha256_of(&raw("a")), sha256_of(&raw("b")));
+
+    set_commands(&commands("two"));
+    let changed = build("c", &[]);
+    assert_eq!(
+        layers_of(&changed),
+        [
+            step("configure", true),
+            step("command 1", true),
+            step("command 2", false),
+            step("normalize", false)
+        ]
+    );
+    let ext4 = format!("{}?offset={ROOT_OFFSET}", raw("c").display());
+    let cat = |path: &str| host("debugfs", &["-R", &format!("cat {path}"), &ext4]);
+    assert_eq!(cat("/etc/last"), "two\n");
+    assert_eq!(cat("/etc/first"), format!("{token}\n"));
+    // A whiteout in a layer removes the base's file from the image.
+    let ls = host("debugfs", &["-R", "ls /etc", &ext4]);
+    assert!(!ls.contains("passwd"), "{ls}");
+    assert!(ls.contains("group"), "{ls}");
+
+    let fresh = build("d", &["--fresh"]);
+    assert!(layers_of(&fresh).iter().all(|(_, reused)| !*reused));
+    assert_eq!(sha256_of(&raw("c")), sha256_of(&raw("d")));
+    assert_ne!(sha256_of(&raw("a")), sha256_of(&raw("c")));
+
+    // A failing last command: the layers before it stay, so the fixed
+    // recipe runs only from there.
+    set_commands(&format!(
+        r#"["echo {token} > /etc/first", "echo three > /etc/last; false"]"#
+    ));
+    assert_eq!(build("e", &[]).status.code(), Some(125));
+    set_commands(&commands("three"));
+    assert_eq!(
+        layers_of(&build("e", &[])),
+        [
+            step("configure", true),
+            step("command 1", true),
+            step("command 2", false),
+            step("normalize", false)
+        ]
+    );
+}
+
 /// `--debug-shell` as a person uses it, on a terminal: the failed step is
 /// named, the shell is in the tree as the step left it with the disks
 /// attached and the step's environment, and Ctrl-D ends the build as the

@@ -12,7 +12,8 @@ use indicatif::ProgressBar;
 use kiln_agent::ExecRequest;
 use kiln_vmm::{DiskConfig, DiskFormat};
 
-use super::plan::{self, Step};
+use super::layers::{base, keys, store};
+use super::plan::{self, LayerSpan, Step};
 use super::recipe::{Checked, Format, RootSource};
 use super::{ext4, ids, lock, output, rootfs};
 use crate::sandbox::backend::BackendChoice;
@@ -89,6 +90,9 @@ impl Drop for RemoveIfEmpty {
 struct StepTime {
     step: String,
     seconds: f64,
+    /// A tree step whose layer came from the cache: it did not run.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    reused: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -193,6 +197,19 @@ impl Progress {
         self.times.push(StepTime {
             step: name.to_string(),
             seconds: (took.as_secs_f64() * 10.0).round() / 10.0,
+            reused: false,
+        });
+    }
+
+    /// A tree step whose layer the cache had.
+    fn reused(&mut self, name: &str) {
+        if !self.json {
+            eprintln!("  {name:<20} {:>9}", "reused");
+        }
+        self.times.push(StepTime {
+            step: name.to_string(),
+            seconds: 0.0,
+            reused: true,
         });
     }
 }
@@ -402,6 +419,22 @@ fn debug_banner(
     b
 }
 
+/// The contents of the recipe's `[[file]]` entries, in order.
+fn recipe_file_contents(c: &Checked) -> Result<Vec<Vec<u8>>> {
+    c.recipe
+        .files
+        .iter()
+        .map(|f| match (&f.source, &f.content) {
+            (Some(src), _) => std::fs::read(src)
+                .with_context(|| format!("reading {} for {}", src.display(), f.path)),
+            (None, Some(text)) => Ok(text.as_bytes().to_vec()),
+            (None, None) => Ok(Vec::new()),
+        })
+        .collect()
+}
+
+const MIB: u64 = 1 << 20;
+
 pub fn build(opts: BuildOptions) -> Result<()> {
     let c = Checked::load(&opts.recipe)?;
     let formats: Vec<Format> = {
@@ -505,11 +538,41 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     // and the image's ext4 filesystems after the VM. The image stays held
     // for the whole build, as the VM's own use holds it: no gc removes it
     // meanwhile.
-    let (host_tools, _tools_held) = progress.host("tools for the host", || {
+    let (host_tools, tools_sha256, _tools_held) = progress.host("tools for the host", || {
         let (image, held) = tools::locate(None, &tools::Extra::default())?;
         let sha256 = tools::image_sha256(&image)?;
-        Ok((HostTools::of_image(&image, &sha256)?, held))
+        Ok((HostTools::of_image(&image, &sha256)?, sha256, held))
     })?;
+
+    // The tree's layers: each step's key, and the longest run of them from
+    // the first that the cache has (none with --fresh).
+    let tree_steps = plan.tree_steps();
+    let env = plan.env();
+    let recipe_files = recipe_file_contents(&c)?;
+    let keys = keys::keys(
+        &keys::Base {
+            root: &root.identity,
+            tools: &tools_sha256,
+            env: &env,
+            files: &recipe_files,
+            scripts: &[plan::Script::Common.text(), plan::Script::MountRoot.text()],
+        },
+        &tree_steps,
+    );
+    let layer_store = store::Store::open()?;
+    let mut cached: Vec<store::Layer> = Vec::new();
+    if !opts.fresh {
+        for k in &keys {
+            match layer_store.get(k) {
+                Some(l) => cached.push(l),
+                None => break,
+            }
+        }
+    }
+    let reused = cached.len();
+    // Every layer's archive, oldest first: the cache's, then the build's
+    // own copies of those it makes.
+    let mut layers: Vec<PathBuf> = cached.iter().map(|l| l.archive.clone()).collect();
 
     // The disks: the image being built, the tree, scratch space for its
     // copies, the ext4 trees going out, and where the iso lands.
@@ -532,16 +595,42 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     let room = ((root.size.saturating_mul(factor) + 4 * gib).max(c.disk_size * 2 + gib))
         .div_ceil(gib)
         * gib;
-    let tree = work.path().join("tree.img");
-    std::fs::File::create(&tree)?.set_len(room)?;
-    progress.host("root tree", || {
-        ext4::make_tree(&host_tools, &root.path, &tree, room).map_err(interrupted_or)
-    })?;
+    let started = Instant::now();
+    let base = base::base_tree(
+        &host_tools,
+        &tools_sha256,
+        &root.path,
+        &root.identity,
+        root.size,
+        !root.tar_flag.is_empty(),
+    )
+    .map_err(interrupted_or)
+    .context("step 'root tree' failed")?;
+    if base.made {
+        progress.done("root tree", started.elapsed());
+    } else {
+        progress.reused("root tree");
+    }
     disks.push(DiskConfig {
-        path: tree,
+        path: base.image.clone(),
+        format: DiskFormat::Raw,
+        read_only: true,
+        serial: plan::TREE_SERIAL.into(),
+    });
+    // The layers' archives: those reused first, then room for new ones.
+    let layers_disk = work.path().join("layers.img");
+    let reused_size: u64 = layers
+        .iter()
+        .map(|l| std::fs::metadata(l).map(|m| m.len().div_ceil(MIB) * MIB))
+        .sum::<std::io::Result<u64>>()?;
+    std::fs::File::create(&layers_disk)?.set_len(reused_size + room)?;
+    let archives: Vec<&Path> = layers.iter().map(PathBuf::as_path).collect();
+    let (reused_spans, layers_next) = store::lay_out(&archives, &layers_disk)?;
+    disks.push(DiskConfig {
+        path: layers_disk.clone(),
         format: DiskFormat::Raw,
         read_only: false,
-        serial: plan::TREE_SERIAL.into(),
+        serial: plan::LAYERS_SERIAL.into(),
     });
     let scratch = work.path().join("scratch.img");
     std::fs::File::create(&scratch)?.set_len(room)?;
@@ -629,15 +718,36 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     }
     let mut runner = StepRunner {
         guest: &mut guest,
-        env: plan.env(),
+        env,
         host_dir: files_dir,
         opts: &opts,
         out_dir: &out_dir,
         disks: disk_purposes,
     };
     let mut marks = Vec::new();
-    for step in plan.tree_steps() {
-        marks.extend(runner.run(&step, &mut progress)?);
+    runner.run(&plan.mount_root(&reused_spans, layers_next), &mut progress)?;
+    for (i, (step, key)) in tree_steps.iter().zip(&keys).enumerate() {
+        if i < reused {
+            progress.reused(&step.name);
+            marks.extend(cached[i].marks.iter().cloned());
+            continue;
+        }
+        let said = runner.run(step, &mut progress)?;
+        let Some(span) = mark(&said, plan::LAYER_MARK).and_then(LayerSpan::parse) else {
+            bail!("step '{}' did not say where its layer is", step.name);
+        };
+        let told: Vec<String> = said
+            .into_iter()
+            .filter(|m| !m.starts_with(plan::LAYER_MARK))
+            .collect();
+        let own = work.path().join(format!("layer-{i}.tar"));
+        store::copy_span(&layers_disk, span, &own)?;
+        // Kept at once: a later step that fails does not lose it.
+        layer_store
+            .put(key, &own, &told, opts.fresh)
+            .with_context(|| format!("keeping step '{}''s layer in the cache", step.name))?;
+        marks.extend(told);
+        layers.push(own);
     }
     let kernel = mark(&marks, plan::KERNEL_MARK);
     // The tree is final: what it has installed is the image's manifest.
@@ -656,6 +766,17 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     for step in plan.output_steps(kernel)? {
         marks.extend(runner.run(&step, &mut progress)?);
     }
+    let root_layer = match mark(&marks, plan::ROOT_LAYER_MARK) {
+        Some(v) => {
+            let Some(span) = LayerSpan::parse(v) else {
+                bail!("the filesystems step said '{v}' for the root's layer");
+            };
+            let path = work.path().join("root-layer.tar");
+            store::copy_span(&layers_disk, span, &path)?;
+            Some(path)
+        }
+        None => None,
+    };
     let iso_size = match mark(&marks, plan::ISO_SIZE_MARK) {
         Some(size) => Some(size.parse::<u64>().context("the iso step's size")?),
         None => None,
@@ -663,15 +784,30 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     progress.host("power off", || guest.shutdown())?;
     if !host_ext4.is_empty() {
         progress.host("ext4 filesystems", || {
+            // The root: the root archive, every layer, and the output
+            // steps' layer over them.
+            let base = root.plain(work.path())?;
+            let mut stack: Vec<&Path> = vec![&base];
+            stack.extend(layers.iter().map(PathBuf::as_path));
+            stack.extend(root_layer.as_deref());
             for fs in &host_ext4 {
                 if ctrl_c::requested() {
                     bail!(SandboxError::Interrupted);
                 }
-                ext4::make(&host_tools, fs, &raw, &trees, epoch).map_err(interrupted_or)?;
+                if fs.source == plan::Ext4Source::Layers && root_layer.is_none() {
+                    bail!("the filesystems step did not say where the root's layer is");
+                }
+                ext4::make(&host_tools, fs, &raw, &trees, &stack, epoch).map_err(interrupted_or)?;
             }
-            // Read: the disk space it took goes back before the outputs
+            // Read: the disk space they took goes back before the outputs
             // are written.
-            std::fs::remove_file(&trees).with_context(|| format!("removing {}", trees.display()))
+            for disk in [&trees, &layers_disk] {
+                if disk.exists() {
+                    std::fs::remove_file(disk)
+                        .with_context(|| format!("removing {}", disk.display()))?;
+                }
+            }
+            Ok(())
         })?;
     }
 
@@ -752,8 +888,15 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         (None, _) => false,
     };
     if opts.json {
+        let layer_report: Vec<_> = tree_steps
+            .iter()
+            .zip(&keys)
+            .enumerate()
+            .map(|(i, (s, k))| serde_json::json!({"step": s.name, "key": k, "reused": i < reused}))
+            .collect();
         let v = serde_json::json!({
             "recipe": c.file,
+            "layers": layer_report,
             "name": c.name,
             "source_date_epoch": epoch,
             "root_archive": root.path,

@@ -2,7 +2,9 @@
 //! the root archive, before the VM; and the image's, after it:
 //! the tools image's mke2fs writes each one in place into the raw disk,
 //! filled from the tar of its tree that the VM left on the trees disk
-//! (plan/scripts/archive-tree.sh). Under emulation this was the slowest
+//! (plan/scripts/archive-tree.sh), or, for the root, from the root
+//! archive and the tree's layers merged on the host (layers/merge.rs).
+//! Under emulation this was the slowest
 //! step in the VM; natively it takes seconds. The result depends only on
 //! the tar and the options below, not on the host: the mke2fs is the tools
 //! image's, run with its own libraries and configuration
@@ -15,12 +17,21 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::image::plan::HostExt4;
+use crate::image::layers::merge;
+use crate::image::plan::{Ext4Source, HostExt4};
 use crate::sandbox::host_tools::HostTools;
 use crate::util::process::tie;
 
-/// Makes `fs` in the raw disk `raw`, from its tree's tar on `trees`.
-pub fn make(tools: &HostTools, fs: &HostExt4, raw: &Path, trees: &Path, epoch: u64) -> Result<()> {
+/// Makes `fs` in the raw disk `raw`: from its tree's tar on `trees`, or
+/// from `layers` (the root archive, then each layer's) merged.
+pub fn make(
+    tools: &HostTools,
+    fs: &HostExt4,
+    raw: &Path,
+    trees: &Path,
+    layers: &[&Path],
+    epoch: u64,
+) -> Result<()> {
     let p = &fs.part;
     let mut cmd = tools.mke2fs();
     cmd.args(args(fs))
@@ -30,8 +41,8 @@ pub fn make(tools: &HostTools, fs: &HostExt4, raw: &Path, trees: &Path, epoch: u
         // the epoch), as in the VM.
         .env("SOURCE_DATE_EPOCH", epoch.to_string())
         .env("E2FSPROGS_FAKE_TIME", epoch.to_string());
-    match fs.archive {
-        Some(a) => {
+    match fs.source {
+        Ext4Source::Tree(a) => {
             // mke2fs reads `-d -` from its stdin: the trees disk from where
             // this tar starts. It stops at the tar's end marker.
             let mut file = File::open(trees)
@@ -39,18 +50,67 @@ pub fn make(tools: &HostTools, fs: &HostExt4, raw: &Path, trees: &Path, epoch: u
             file.seek(SeekFrom::Start(a.offset))?;
             cmd.stdin(Stdio::from(file));
         }
-        None => {
+        Ext4Source::Empty => {
             cmd.stdin(Stdio::null());
         }
+        Ext4Source::Layers => return from_layers(&mut cmd, fs, tools.root(), layers),
     }
-    run(&mut cmd, fs, tools.root())
+    let out = tie(&mut cmd)
+        .output()
+        .with_context(|| started(fs, tools.root()))?;
+    check(&out, fs, tools.root())
 }
 
-/// The build VM's tree: `tree` made an ext4 filesystem of `size` bytes
-/// holding the root archive `root_tar` (plain or compressed: libarchive
-/// reads either), which the VM mounts read-write. A scratch filesystem
-/// for the build only: no journal, and ids fixed so that directories list
-/// their entries in the same order every build.
+/// Runs mke2fs with the merged layers on its stdin, written as it reads.
+fn from_layers(cmd: &mut Command, fs: &HostExt4, tools: &Path, layers: &[&Path]) -> Result<()> {
+    let mut child = tie(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| started(fs, tools))?;
+    let stdin = child.stdin.take().context("mke2fs's stdin")?;
+    let out = std::thread::scope(|s| {
+        let writer = s.spawn(move || {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, stdin);
+            let summary = merge::merge(layers, &mut w)?;
+            // Flushed, then closed: mke2fs sees the end of the tar.
+            w.into_inner()
+                .map_err(|e| anyhow::Error::from(e.into_error()).context("writing to mke2fs"))?;
+            anyhow::Ok(summary)
+        });
+        let out = child.wait_with_output();
+        let merged = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the layer merge panicked"));
+        (out, merged)
+    });
+    let (out, merged) = out;
+    let out = out.with_context(|| started(fs, tools))?;
+    // mke2fs's own failure first: a merge cut short by it is only a symptom.
+    check(&out, fs, tools)?;
+    merged?.with_context(|| {
+        format!(
+            "merging the tree's layers for partition {} ({})",
+            fs.part.number, fs.part.label
+        )
+    })?;
+    Ok(())
+}
+
+fn started(fs: &HostExt4, tools: &Path) -> String {
+    format!(
+        "starting the tools image's mke2fs (in {}) for partition {}",
+        tools.display(),
+        fs.part.number
+    )
+}
+
+/// The build VM's base tree: `tree` made an ext4 filesystem of `size`
+/// bytes holding the root archive `root_tar` (plain or compressed:
+/// libarchive reads either), which the VM mounts read-only under the
+/// layers (layers/base.rs). For the build only: no journal, and ids fixed
+/// so that directories list their entries in the same order every build.
 pub fn make_tree(tools: &HostTools, root_tar: &Path, tree: &Path, size: u64) -> Result<()> {
     let mut cmd = tools.mke2fs();
     cmd.args([
@@ -120,27 +180,20 @@ fn args(fs: &HostExt4) -> Vec<String> {
             p.start, p.hash_seed
         ),
     ];
-    if fs.archive.is_some() {
+    if fs.source != Ext4Source::Empty {
         a.extend(["-d".to_string(), "-".to_string()]);
     }
     a
 }
 
-/// Runs the tools image's mke2fs (unpacked in `tools`) for `fs`.
-fn run(cmd: &mut Command, fs: &HostExt4, tools: &Path) -> Result<()> {
+/// What the tools image's mke2fs (unpacked in `tools`) did for `fs`.
+fn check(out: &std::process::Output, fs: &HostExt4, tools: &Path) -> Result<()> {
     let p = &fs.part;
-    let out = tie(cmd).output().with_context(|| {
-        format!(
-            "starting the tools image's mke2fs (in {}) for partition {}",
-            tools.display(),
-            p.number
-        )
-    })?;
     if out.status.success() {
         return Ok(());
     }
     let said = String::from_utf8_lossy(&out.stderr);
-    if let Some(short) = shortage(&said).filter(|_| fs.archive.is_some()) {
+    if let Some(short) = shortage(&said).filter(|_| fs.source != Ext4Source::Empty) {
         bail!(
             "partition {} ({}) is too small for its tree: its {} MiB ran out of {short}. \
              Give it a larger size in the recipe.\nmke2fs said: {}",
@@ -178,23 +231,30 @@ fn shortage(said: &str) -> Option<&'static str> {
 mod tests {
     use super::*;
     use crate::image::plan::{PartPlan, TreeArchive};
-    use crate::image::recipe::PartType;
 
     fn ext4(archive: Option<TreeArchive>) -> HostExt4 {
+        ext4_of(match archive {
+            Some(a) => Ext4Source::Tree(a),
+            None => Ext4Source::Empty,
+        })
+    }
+    use crate::image::recipe::PartType;
+
+    fn ext4_of(source: Ext4Source) -> HostExt4 {
         HostExt4 {
             part: PartPlan {
                 number: 3,
                 label: "root".into(),
                 kind: PartType::Linux,
                 fs: Some(crate::image::recipe::Filesystem::Ext4),
-                mount: archive.map(|_| "/".into()),
+                mount: (source != Ext4Source::Empty).then(|| "/".into()),
                 start: 2 << 20,
                 size: 64 << 20,
                 fs_uuid: "0b6e2c1d-8a5f-4c3e-9d7a-1f2e3d4c5b6a".into(),
                 part_guid: String::new(),
                 hash_seed: "6c1b0a2f-3e4d-4f5a-8b9c-0d1e2f3a4b5c".into(),
             },
-            archive,
+            source,
         }
     }
 

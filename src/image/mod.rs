@@ -7,6 +7,7 @@ pub mod build;
 mod ext4;
 pub mod firmware_boot;
 mod ids;
+mod layers;
 mod lock;
 mod output;
 mod plan;

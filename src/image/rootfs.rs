@@ -30,8 +30,43 @@ pub struct RootTar {
     /// What a bootstrap run now took from the package cache and downloaded
     /// (none for a bootstrap from the cache, or another kind of root).
     pub debs: Option<DebReport>,
+    /// Names the archive's contents, for the tree layers' keys.
+    pub identity: String,
     /// Holds a cached bootstrap in use while the archive is.
     _use: cache::CacheUse,
+}
+
+impl RootTar {
+    /// The archive as a plain tar, for the layer merge: itself, or
+    /// decompressed into `work` by the host's own decompressor.
+    pub fn plain(&self, work: &Path) -> Result<PathBuf> {
+        let program = match self.tar_flag {
+            "" => return Ok(self.path.clone()),
+            "--gzip" => "gzip",
+            "--xz" => "xz",
+            "--zstd" => "zstd",
+            "--bzip2" => "bzip2",
+            other => bail!("no decompressor is known for a root archive read with tar {other}"),
+        };
+        let out = work.join("root-plain.tar");
+        let file = File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+        let status = tie(Command::new(program).arg("-dc").arg(&self.path))
+            .stdout(file)
+            .status()
+            .with_context(|| {
+                format!(
+                    "running {program} to decompress the root archive {} (install {program})",
+                    self.path.display()
+                )
+            })?;
+        if !status.success() {
+            bail!(
+                "{program} could not decompress the root archive {} ({status})",
+                self.path.display()
+            );
+        }
+        Ok(out)
+    }
 }
 
 pub fn prepare(
@@ -56,15 +91,46 @@ pub fn prepare(
     }
 }
 
-fn finish(path: PathBuf, tar_flag: &'static str, held: cache::CacheUse) -> Result<RootTar> {
+/// `identity` names the contents; None: the archive's SHA-256 does.
+fn finish(
+    path: PathBuf,
+    tar_flag: &'static str,
+    identity: Option<String>,
+    held: cache::CacheUse,
+) -> Result<RootTar> {
     let size = std::fs::metadata(&path)?.len();
+    let identity = match identity {
+        Some(i) => i,
+        None => {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let sum = cache::sha256_of_entry_file(dir, &name)
+                .with_context(|| format!("reading {}", path.display()))?;
+            format!("sha256:{sum}")
+        }
+    };
     Ok(RootTar {
         path,
         tar_flag,
         size,
         debs: None,
+        identity,
         _use: held,
     })
+}
+
+/// A bootstrap in the cache is named by its key, and by when it was made:
+/// `--fresh` makes it again under the same key, maybe from a mirror that
+/// moved, and its layers must not be reused on the new one.
+fn bootstrap_identity(key: &str, tar: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(tar).with_context(|| format!("reading {}", tar.display()))?;
+    Ok(format!(
+        "rootfs:{key}:{}:{}.{}",
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    ))
 }
 
 fn tarball(p: &Path) -> Result<RootTar> {
@@ -79,7 +145,7 @@ fn tarball(p: &Path) -> Result<RootTar> {
         [b'B', b'Z', b'h', ..] => "--bzip2",
         _ => "",
     };
-    finish(p.to_path_buf(), flag, cache::CacheUse::none())
+    finish(p.to_path_buf(), flag, None, cache::CacheUse::none())
 }
 
 fn directory(d: &Path, epoch: u64, work: &Path) -> Result<RootTar> {
@@ -107,7 +173,7 @@ fn directory(d: &Path, epoch: u64, work: &Path) -> Result<RootTar> {
             d.display()
         );
     }
-    finish(out, "", cache::CacheUse::none())
+    finish(out, "", None, cache::CacheUse::none())
 }
 
 /// mmdebstrap options that shape the tree (part of the cache key).
@@ -180,7 +246,9 @@ fn debian(
             if !json {
                 eprintln!("root: {suite} bootstrap from the cache ({})", dir.display());
             }
-            return finish(dir.join("root.tar"), "", held);
+            let tar = dir.join("root.tar");
+            let identity = bootstrap_identity(&key, &tar)?;
+            return finish(tar, "", Some(identity), held);
         }
         cache::Begin::Build(s) => s,
     };
@@ -224,7 +292,9 @@ fn debian(
         eprintln!("root: {}", r.summary());
     }
     let dir = staging.commit()?;
-    let mut root = finish(dir.join("root.tar"), "", held)?;
+    let tar = dir.join("root.tar");
+    let identity = bootstrap_identity(&key, &tar)?;
+    let mut root = finish(tar, "", Some(identity), held)?;
     root.debs = report;
     Ok(root)
 }

@@ -28,6 +28,7 @@ pub const TREE_SERIAL: &str = "kiln-tree";
 pub const SCRATCH_SERIAL: &str = "kiln-scratch";
 pub const ISO_SERIAL: &str = "kiln-iso";
 pub const TREES_SERIAL: &str = "kiln-trees";
+pub const LAYERS_SERIAL: &str = "kiln-layers";
 /// The tree being made into the image, in the build VM (`R` in common.sh).
 pub const TREE: &str = "/build/root";
 
@@ -36,8 +37,11 @@ pub fn disk_purpose(serial: &str) -> &'static str {
     match serial {
         TARGET_SERIAL => "the image being built",
         TREE_SERIAL => {
-            "the tree (ext4 the host made from the root archive), mounted at /build/root"
+            "the base tree (ext4 the host made from the root archive), read-only at /build/base, \
+             under the layers in /build/layers and the upper directory /build/upper, \
+             stacked at /build/root"
         }
+        LAYERS_SERIAL => "the layers' archives, reused ones and new ones, for the host",
         SCRATCH_SERIAL => "scratch, mounted at /build: the tree's copies",
         ISO_SERIAL => "where the live iso is written",
         TREES_SERIAL => "the ext4 partitions' trees, as tars for the host's mke2fs",
@@ -54,6 +58,11 @@ const PLAN_DIR: &str = "/run/kiln-plan";
 pub const ISO_SIZE_MARK: &str = "KILN_ISO_SIZE=";
 /// The line the normalize step prints with the kernel the tree boots.
 pub const KERNEL_MARK: &str = "KILN_KERNEL=";
+/// The line a layer step prints with its layer's place on the layers disk:
+/// "OFFSET SIZE", in bytes.
+pub const LAYER_MARK: &str = "KILN_LAYER=";
+/// The same for the layer the output steps make over the finished tree.
+pub const ROOT_LAYER_MARK: &str = "KILN_ROOT_LAYER=";
 
 /// Modules every grub image kiln makes needs for its menu and a kernel.
 const GRUB_MENU_MODULES: &str = "normal configfile linux echo test gzio serial terminal";
@@ -78,10 +87,12 @@ pub enum Script {
     MakeFs,
     ArchiveTree,
     GrubBios,
+    SealLayer,
+    RootLayer,
 }
 
 impl Script {
-    pub const ALL: [Script; 16] = [
+    pub const ALL: [Script; 18] = [
         Script::Common,
         Script::MountRoot,
         Script::Configure,
@@ -98,6 +109,8 @@ impl Script {
         Script::MakeFs,
         Script::ArchiveTree,
         Script::GrubBios,
+        Script::SealLayer,
+        Script::RootLayer,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -118,6 +131,8 @@ impl Script {
             Script::MakeFs => "make-fs.sh",
             Script::ArchiveTree => "archive-tree.sh",
             Script::GrubBios => "grub-bios.sh",
+            Script::SealLayer => "seal-layer.sh",
+            Script::RootLayer => "root-layer.sh",
         }
     }
 
@@ -139,6 +154,8 @@ impl Script {
             Script::MakeFs => include_str!("scripts/make-fs.sh"),
             Script::ArchiveTree => include_str!("scripts/archive-tree.sh"),
             Script::GrubBios => include_str!("scripts/grub-bios.sh"),
+            Script::SealLayer => include_str!("scripts/seal-layer.sh"),
+            Script::RootLayer => include_str!("scripts/root-layer.sh"),
         }
     }
 
@@ -229,6 +246,51 @@ impl Step {
         self.runs.push(r);
         self
     }
+
+    /// Everything the step is, for its layer's key: its name, its files,
+    /// and each run's script text, arguments and environment.
+    pub fn fingerprint(&self) -> Vec<u8> {
+        let mut f = Vec::new();
+        let mut put = |b: &[u8]| {
+            f.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            f.extend_from_slice(b);
+        };
+        put(self.name.as_bytes());
+        for file in &self.files {
+            put(file.name.as_bytes());
+            put(&file.contents);
+        }
+        for run in &self.runs {
+            put(run.script.file_name().as_bytes());
+            put(run.script.text().as_bytes());
+            for a in &run.args {
+                put(a.as_bytes());
+            }
+            for (k, v) in &run.env {
+                put(k.as_bytes());
+                put(v.as_bytes());
+            }
+        }
+        f
+    }
+}
+
+/// Where a layer's archive is on the layers disk, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerSpan {
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl LayerSpan {
+    /// Parses a layer mark's value: "OFFSET SIZE".
+    pub fn parse(v: &str) -> Option<LayerSpan> {
+        let (o, s) = v.trim().split_once(' ')?;
+        Some(LayerSpan {
+            offset: o.parse().ok()?,
+            size: s.parse().ok()?,
+        })
+    }
 }
 
 /// The file name a `[[file]]` entry's content has in the guest.
@@ -241,9 +303,19 @@ pub fn file_slot(i: usize) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostExt4 {
     pub part: PartPlan,
-    /// Where its tree's tar is on the trees disk; none for an empty
-    /// filesystem (a partition with no mount point).
-    pub archive: Option<TreeArchive>,
+    pub source: Ext4Source,
+}
+
+/// What fills an ext4 filesystem the host makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ext4Source {
+    /// Nothing: a partition with no mount point.
+    Empty,
+    /// Its tree's tar at this place on the trees disk (a partition
+    /// mounted below /, cut out of the tree).
+    Tree(TreeArchive),
+    /// The tree's base and layers, merged on the host (the root).
+    Layers,
 }
 
 /// A region of the trees disk, in bytes.
@@ -281,6 +353,9 @@ impl Inputs<'_> {
             ("KILN_SCRATCH_SERIAL", SCRATCH_SERIAL.to_string()),
             ("KILN_ISO_SERIAL", ISO_SERIAL.to_string()),
             ("KILN_TREES_SERIAL", TREES_SERIAL.to_string()),
+            ("KILN_LAYERS_SERIAL", LAYERS_SERIAL.to_string()),
+            ("KILN_LAYER_MARK", LAYER_MARK.to_string()),
+            ("KILN_ROOT_LAYER_MARK", ROOT_LAYER_MARK.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -298,15 +373,19 @@ impl Inputs<'_> {
             .iter()
             .filter(|p| p.fs == Some(Filesystem::Ext4))
             .map(|p| {
-                let archive = p.mount.is_some().then(|| {
-                    let room = (2 * p.size + ARCHIVE_SLACK).div_ceil(MIB) * MIB;
-                    let a = TreeArchive { offset, room };
-                    offset += room;
-                    a
-                });
+                let source = match p.mount.as_deref() {
+                    None => Ext4Source::Empty,
+                    Some("/") => Ext4Source::Layers,
+                    Some(_) => {
+                        let room = (2 * p.size + ARCHIVE_SLACK).div_ceil(MIB) * MIB;
+                        let a = TreeArchive { offset, room };
+                        offset += room;
+                        Ext4Source::Tree(a)
+                    }
+                };
                 HostExt4 {
                     part: p.clone(),
-                    archive,
+                    source,
                 }
             })
             .collect()
@@ -316,21 +395,36 @@ impl Inputs<'_> {
     pub fn trees_disk_size(&self) -> u64 {
         self.host_ext4()
             .iter()
-            .filter_map(|e| e.archive)
-            .map(|a| a.offset + a.room)
+            .filter_map(|e| match e.source {
+                Ext4Source::Tree(a) => Some(a.offset + a.room),
+                _ => None,
+            })
             .max()
             .unwrap_or(0)
     }
 
-    /// The steps that make the tree: mount it, configure, the recipe's
-    /// commands, normalize. The last prints [`KERNEL_MARK`] and the kernel
-    /// the tree boots, which [`Inputs::output_steps`] needs.
+    /// The step that mounts the tree: its base, with the layers kiln
+    /// reused (`reused`, oldest first, on the layers disk) over it; the
+    /// layers disk is free from byte `next`.
+    pub fn mount_root(&self, reused: &[LayerSpan], next: u64) -> Step {
+        let layers: Vec<String> = reused
+            .iter()
+            .map(|l| format!("{}:{}", l.offset, l.size))
+            .collect();
+        Step::new("mount root").run(
+            Run::new(Script::MountRoot)
+                .env("KILN_LAYERS", layers.join(" "))
+                .env("KILN_LAYERS_NEXT", next.to_string()),
+        )
+    }
+
+    /// The steps that make the tree, each a layer of it: configure, the
+    /// recipe's commands, normalize. Each ends by archiving what it
+    /// changed ([`LAYER_MARK`]). The last prints [`KERNEL_MARK`] and the
+    /// kernel the tree boots, which [`Inputs::output_steps`] needs.
     pub fn tree_steps(&self) -> Vec<Step> {
         let c = self.recipe;
-        let mut steps = vec![
-            Step::new("mount root").run(Run::new(Script::MountRoot)),
-            self.configure(),
-        ];
+        let mut steps = vec![self.configure()];
         for (i, cmd) in c.recipe.commands.iter().enumerate() {
             let network = if cmd.uses_network(c.recipe.network) {
                 "1"
@@ -350,6 +444,9 @@ impl Inputs<'_> {
                 .run(Run::new(Script::Normalize).env("KILN_KERNEL_MARK", KERNEL_MARK)),
         );
         steps
+            .into_iter()
+            .map(|s| s.run(Run::new(Script::SealLayer)))
+            .collect()
     }
 
     fn configure(&self) -> Step {
@@ -592,15 +689,25 @@ impl Inputs<'_> {
             };
             if let Some(e) = host_ext4.iter().find(|e| e.part.number == p.number) {
                 // Made on the host after the VM: here only its tree goes out.
-                if let Some(a) = e.archive {
-                    step = step.run(
-                        Run::new(Script::ArchiveTree)
-                            .env("KILN_PART", p.number.to_string())
-                            .env("KILN_LABEL", p.label.as_str())
-                            .env("KILN_TREE", tree)
-                            .env("KILN_TREE_OFFSET", a.offset.to_string())
-                            .env("KILN_TREE_ROOM", a.room.to_string()),
-                    );
+                match e.source {
+                    Ext4Source::Empty => {}
+                    Ext4Source::Tree(a) => {
+                        step = step.run(
+                            Run::new(Script::ArchiveTree)
+                                .env("KILN_PART", p.number.to_string())
+                                .env("KILN_LABEL", p.label.as_str())
+                                .env("KILN_TREE", tree)
+                                .env("KILN_TREE_OFFSET", a.offset.to_string())
+                                .env("KILN_TREE_ROOM", a.room.to_string()),
+                        );
+                    }
+                    Ext4Source::Layers => {
+                        step = step.run(
+                            Run::new(Script::RootLayer)
+                                .env("KILN_PART", p.number.to_string())
+                                .env("KILN_LABEL", p.label.as_str()),
+                        );
+                    }
                 }
                 continue;
             }
@@ -684,7 +791,8 @@ type = "both"
             formats,
             iso_id: "11111111-2222-4333-8444-555555555555",
         };
-        let mut steps = inputs.tree_steps();
+        let mut steps = vec![inputs.mount_root(&[], 0)];
+        steps.extend(inputs.tree_steps());
         steps.extend(inputs.output_steps(kernel).expect("output steps"));
         steps
     }
@@ -869,11 +977,11 @@ owner = "ada:ada"
         assert_eq!(fs.files[0].name, "vfat-id-1");
         assert_eq!(fs.files[0].contents.len(), 4);
         assert_eq!(env(&fs.runs[2], "KILN_FS"), Some("none"));
-        // The ext4 root is only archived here: the host makes it.
+        // Of the ext4 root only the output steps' layer goes out here: the
+        // host makes it from all the layers.
         let root = &fs.runs[3];
-        assert_eq!(root.script, Script::ArchiveTree);
-        assert_eq!(env(root, "KILN_TREE"), Some("/"));
-        assert_eq!(env(root, "KILN_TREE_OFFSET"), Some("0"));
+        assert_eq!(root.script, Script::RootLayer);
+        assert_eq!(env(root, "KILN_PART"), Some("3"));
         assert_eq!(fs.runs.len(), 4);
     }
 
@@ -919,23 +1027,19 @@ suite = "bookworm"
         let disk = inputs(&[Format::Qcow2]);
         let e = disk.host_ext4();
         assert_eq!(e.len(), 3);
-        let root_room = (2 << 30) + ARCHIVE_SLACK;
-        assert_eq!(
-            e[0].archive,
-            Some(TreeArchive {
-                offset: 0,
-                room: root_room
-            })
-        );
+        // The root is merged from the layers on the host.
+        assert_eq!(e[0].source, Ext4Source::Layers);
         // No mount point, no tree: an empty filesystem.
-        assert_eq!(e[1].archive, None);
-        let home = e[2].archive.expect("home's tree");
-        assert_eq!(home.offset, root_room);
+        assert_eq!(e[1].source, Ext4Source::Empty);
+        let Ext4Source::Tree(home) = e[2].source else {
+            panic!("home's tree: {:?}", e[2].source);
+        };
+        assert_eq!(home.offset, 0);
         assert_eq!(home.room % MIB, 0);
         assert!(home.room >= 2 * e[2].part.size + ARCHIVE_SLACK);
         assert_eq!(disk.trees_disk_size(), home.offset + home.room);
-        // In the VM: /home cut out, then each tree archived to its room;
-        // nothing for the empty one.
+        // In the VM: /home cut out, the root's last layer archived, home's
+        // tree archived to its room; nothing for the empty one.
         let fs = disk.filesystems().expect("filesystems");
         let runs: Vec<(Script, Option<&str>, Option<&str>)> = fs
             .runs
@@ -947,7 +1051,7 @@ suite = "bookworm"
             runs,
             [
                 (Script::Carve, None, None),
-                (Script::ArchiveTree, Some("/"), Some("0")),
+                (Script::RootLayer, None, None),
                 (
                     Script::ArchiveTree,
                     Some("/build/parts/3"),
@@ -958,6 +1062,48 @@ suite = "bookworm"
         // An iso alone makes no disk.
         assert!(inputs(&[Format::Iso]).host_ext4().is_empty());
         assert_eq!(inputs(&[Format::Iso]).trees_disk_size(), 0);
+    }
+
+    /// Each tree step archives its layer; a changed last command changes
+    /// its own key and no earlier one.
+    #[test]
+    fn tree_steps_are_layers_keyed_by_what_came_before() {
+        use crate::image::layers::keys;
+        let key_of = |commands: &str| {
+            let c = recipe_with_commands("", commands);
+            let ids = Ids::for_recipe(&c);
+            let parts = plan_partitions(&c, &ids);
+            let inputs = Inputs {
+                recipe: &c,
+                epoch: 1,
+                parts: &parts,
+                formats: &[Format::Raw],
+                iso_id: "",
+            };
+            let steps = inputs.tree_steps();
+            for s in &steps {
+                assert_eq!(s.runs.last().map(|r| r.script), Some(Script::SealLayer));
+            }
+            let env = inputs.env();
+            let base = keys::Base {
+                root: "root",
+                tools: "tools",
+                env: &env,
+                files: &[],
+                scripts: &[],
+            };
+            keys::keys(&base, &steps)
+        };
+        let a = key_of(r#"["echo a", "echo b"]"#);
+        let b = key_of(r#"["echo a", "echo c"]"#);
+        assert_eq!(a.len(), 4, "configure, 2 commands, normalize");
+        assert_eq!(a[..2], b[..2]);
+        assert_ne!(a[2], b[2]);
+        assert_ne!(a[3], b[3]);
+        assert_eq!(a, key_of(r#"["echo a", "echo b"]"#));
+        let first = key_of(r#"["echo z", "echo b"]"#);
+        assert_eq!(a[0], first[0]);
+        assert_ne!(a[1], first[1]);
     }
 
     /// Every script in scripts/ is one kiln puts in the VM, and the other

@@ -18,13 +18,15 @@ use crate::util::owned_dir::{self, OwnedDir};
 /// The directories of the cache that hold entries, one per kind: kernel
 /// and tools images, root bootstraps and one mirror's packages are
 /// directories; initramfs archives are files (`<hash>.cpio`).
-pub const KINDS: [&str; 6] = [
+pub const KINDS: [&str; 8] = [
     "kernel",
     "tools",
     "initramfs",
     "rootfs",
     super::debs::KIND,
     super::HOST_TOOLS_KIND,
+    super::LAYERS_KIND,
+    super::TREES_KIND,
 ];
 
 /// One entry of the cache.

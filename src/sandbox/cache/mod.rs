@@ -38,6 +38,10 @@ pub use usage::CacheUse;
 /// The kind of entry the tools image's programs are unpacked into, for the
 /// host to run (sandbox/host_tools.rs).
 pub const HOST_TOOLS_KIND: &str = "host-tools";
+/// The kind of entry a build's tree layers are (image/layers/store.rs).
+pub const LAYERS_KIND: &str = "layers";
+/// The kind of entry a build's base tree is (image/layers/base.rs).
+pub const TREES_KIND: &str = "trees";
 
 pub fn root() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("KILN_CACHE_DIR").filter(|v| !v.is_empty()) {

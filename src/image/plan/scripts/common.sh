@@ -110,3 +110,85 @@ copy_grub_modules() {
 # Sets the grub_modules array from KILN_GRUB_MODULES (space-separated).
 # shellcheck disable=SC2034 # used by the steps
 read -ra grub_modules <<< "${KILN_GRUB_MODULES:-}"
+
+# The tree's layers (src/image/layers): the base tree the host made
+# (/build/base, read-only), under one directory per step in $L (1, 2, …:
+# each a step's overlayfs upper directory as it was archived), under the
+# upper directory the running step writes (/build/upper). overlayfs
+# stacks them at $R. The layers disk (KILN_LAYERS_SERIAL) holds each
+# layer's archive: those kiln reused, from its cache, then those made here.
+# shellcheck disable=SC2034
+L=/build/layers
+
+# Mounts the tree at $R: every layer in $L, newest on top, over the base,
+# under a new, empty upper directory. Only the upper is ever written; no
+# redirects, index or metacopy, so an upper directory holds whole files
+# and whiteouts that any tar can carry (src/image/layers/merge.rs).
+stack_up() {
+    local lowers=/build/base top=/build/base i n
+    n=$(cat "$L/count")
+    for ((i = 1; i <= n; i++)); do
+        lowers="$L/$i:$lowers"
+        top="$L/$i"
+    done
+    rm -rf /build/upper /build/work
+    mkdir /build/upper /build/work
+    # The tree's root takes its owner, mode and time from the upper
+    # directory: those the layers below gave it.
+    chown --reference="$top" /build/upper
+    chmod --reference="$top" /build/upper
+    touch --reference="$top" /build/upper
+    mount -t overlay overlay -o "noatime,lowerdir=$lowers,upperdir=/build/upper,workdir=/build/work,redirect_dir=off,index=off,metacopy=off,xino=off" "$R"
+}
+
+# Archives the upper directory to the layers disk at the next free place,
+# sets layer_off and layer_size, and prints them after the mark $1, for
+# kiln. Times later than SOURCE_DATE_EPOCH become it first, in the upper
+# directory itself (so no file is copied up for it), as the normalize
+# step does for the whole tree: a layer is the same whether kiln made it
+# now or earlier.
+layer_out() {
+    local mark=$1 stats
+    find /build/upper -depth -newermt "@$SOURCE_DATE_EPOCH" \
+        -exec touch --no-dereference --date="@$SOURCE_DATE_EPOCH" {} +
+    layer_off=$(cat "$L/next")
+    stats=$(mktemp)
+    # In name order, with overlayfs' xattrs (trusted.overlay.opaque) and
+    # whiteouts (0/0 character devices) as they are; 1 MiB records for
+    # dd's direct writes, as in archive-tree.sh.
+    if ! tar -C /build/upper --sort=name --format=pax --numeric-owner -b 2048 \
+        --xattrs --xattrs-include='*' \
+        --pax-option="hdrcharset:=BINARY,atime:=$SOURCE_DATE_EPOCH,ctime:=$SOURCE_DATE_EPOCH" \
+        -cf - . |
+        dd of="$(disk "$KILN_LAYERS_SERIAL")" bs=1M iflag=fullblock \
+            seek="$layer_off" oflag=seek_bytes,direct 2> "$stats"; then
+        cat "$stats" >&2
+        echo "the step's changes to the tree could not be written out to the layers disk" >&2
+        exit 1
+    fi
+    layer_size=$(sed -n 's/^\([0-9]*\) bytes .*/\1/p' "$stats")
+    rm -f "$stats"
+    [ -n "$layer_size" ] || { echo "dd did not say how much it wrote" >&2; exit 1; }
+    echo $((layer_off + layer_size)) > "$L/next"
+    echo "$mark$layer_off $layer_size"
+}
+
+# Unpacks the layer archived at byte $1, $2 bytes long, on the layers
+# disk as the next layer in $L. A layer kiln just made is unpacked too,
+# rather than its upper directory kept: later steps then see the same
+# directories, listed in the same order, as when the layer comes from
+# the cache.
+layer_in() {
+    local n
+    n=$(($(cat "$L/count") + 1))
+    mkdir "$L/$n"
+    # Read to the end of its span (the zeros after tar's end marker too),
+    # so dd is not cut off by a closed pipe; tar knows hdrcharset only as
+    # a writer.
+    dd if="$(disk "$KILN_LAYERS_SERIAL")" bs=1M iflag=skip_bytes,count_bytes \
+        skip="$1" count="$2" status=none |
+        tar -C "$L/$n" -x --ignore-zeros --warning=no-unknown-keyword \
+            --xattrs --xattrs-include='*' --numeric-owner \
+            --same-permissions --same-owner -f -
+    echo "$n" > "$L/count"
+}
