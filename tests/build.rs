@@ -726,6 +726,80 @@ fn adding_a_package_downloads_only_that_package() {
     );
 }
 
+/// kiln's cache directory, as kiln reports it.
+fn kiln_cache_root(dir: &Path) -> PathBuf {
+    let out = kiln(dir, &["cache", "ls", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    PathBuf::from(v["root"].as_str().expect("root"))
+}
+
+/// Packages a command installs with apt in the build VM come from the
+/// shared package cache, and what it downloads goes there: a later build
+/// that installs one more package downloads only what that adds. The
+/// downloaded files are in no image.
+#[test]
+fn commands_take_packages_from_the_cache_and_keep_what_they_download() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    small_debian_recipe(dir);
+    let base = fs::read_to_string(dir.join("small-debian.toml"))
+        .expect("recipe")
+        .replace("variant = \"essential\"", "variant = \"apt\"");
+    let install = |packages: &str| {
+        base.replace(
+            SMALL_COMMANDS,
+            &format!(
+                r#"commands = [{{ run = "apt-get update -q && apt-get install -y -q --no-install-recommends {packages}", network = true }}]"#
+            ),
+        )
+    };
+    fs::write(dir.join("a.toml"), install("bc")).expect("write");
+    fs::write(dir.join("b.toml"), install("bc pv")).expect("write");
+    let cache = kiln_cache_root(dir);
+    let build = |recipe: &str, out: &str| {
+        let o = kiln(
+            dir,
+            &["build", recipe, "-o", out, "--json", "--format", "raw"],
+        );
+        assert!(o.status.success(), "build failed: {}", text(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        let downloaded: BTreeSet<String> = v["command_debs"]["downloaded"]
+            .as_array()
+            .expect("command_debs")
+            .iter()
+            .filter_map(|n| n.as_str())
+            .map(str::to_string)
+            .collect();
+        let manifest = fs::read_to_string(dir.join(out).join("small.packages")).expect("manifest");
+        (downloaded, package_names(manifest.lines()))
+    };
+    let has = |names: &BTreeSet<String>, package: &str| {
+        names.iter().any(|n| n.starts_with(&format!("{package}_")))
+    };
+
+    let before = cached_debs(&cache);
+    let (a_downloaded, a_packages) = build("a.toml", "a");
+    assert!(a_packages.contains("bc"), "{a_packages:?}");
+    if !has(&before, "bc") {
+        assert!(has(&a_downloaded, "bc"), "{a_downloaded:?}");
+    }
+    assert!(has(&cached_debs(&cache), "bc"), "bc was not kept");
+
+    let (b_downloaded, b_packages) = build("b.toml", "b");
+    assert!(b_packages.contains("pv"), "{b_packages:?}");
+    // Only what b adds to a, if anything: never bc again.
+    let added: BTreeSet<String> = b_packages.difference(&a_packages).cloned().collect();
+    assert!(
+        package_names(b_downloaded.iter().map(String::as_str)).is_subset(&added),
+        "b downloaded {b_downloaded:?}, beyond what it adds: {added:?}"
+    );
+    assert!(has(&cached_debs(&cache), "pv"), "pv was not kept");
+    let ext4 = format!("{}?offset={ROOT_OFFSET}", dir.join("b/small.raw").display());
+    let archives = host("debugfs", &["-R", "ls /var/cache/apt/archives", &ext4]);
+    assert!(!archives.contains(".deb"), "{archives}");
+}
+
 /// `lock` with the version of `package` replaced by another.
 fn edit_lock(lock: &str, package: &str) -> String {
     lock.lines()

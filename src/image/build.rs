@@ -12,6 +12,7 @@ use indicatif::ProgressBar;
 use kiln_agent::ExecRequest;
 use kiln_vmm::{DiskConfig, DiskFormat};
 
+use super::apt_cache::{self, AptCache};
 use super::layers::{base, keys, store};
 use super::plan::{self, LayerSpan, Step};
 use super::recipe::{Checked, Format, RootSource};
@@ -599,10 +600,14 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     let base = base::base_tree(
         &host_tools,
         &tools_sha256,
-        &root.path,
-        &root.identity,
-        root.size,
-        !root.tar_flag.is_empty(),
+        &base::Root {
+            tar: &root.path,
+            size: root.size,
+            compressed: !root.tar_flag.is_empty(),
+            identity: &root.identity,
+            origin: &root.origin,
+            epoch,
+        },
     )
     .map_err(interrupted_or)
     .context("step 'root tree' failed")?;
@@ -617,15 +622,29 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         read_only: true,
         serial: plan::TREE_SERIAL.into(),
     });
-    // The layers' archives: those reused first, then room for new ones.
+    // The package cache for commands that download (apt in the tree).
+    let apt_cache = match &c.root {
+        RootSource::Debian { mirror, .. } if c.needs_network() && reused < tree_steps.len() => {
+            let base = lock::archive_packages(&root.path).unwrap_or_default();
+            Some(AptCache::open(mirror, &base, work.path())?)
+        }
+        _ => None,
+    };
+    // The layers disk: the layers reused, the packages offered to the
+    // commands, then room for what the steps write.
     let layers_disk = work.path().join("layers.img");
-    let reused_size: u64 = layers
+    let mut archives: Vec<&Path> = layers.iter().map(PathBuf::as_path).collect();
+    archives.extend(apt_cache.as_ref().map(|a| a.archive.as_path()));
+    let given_size: u64 = archives
         .iter()
         .map(|l| std::fs::metadata(l).map(|m| m.len().div_ceil(MIB) * MIB))
         .sum::<std::io::Result<u64>>()?;
-    std::fs::File::create(&layers_disk)?.set_len(reused_size + room)?;
-    let archives: Vec<&Path> = layers.iter().map(PathBuf::as_path).collect();
-    let (reused_spans, layers_next) = store::lay_out(&archives, &layers_disk)?;
+    std::fs::File::create(&layers_disk)?.set_len(given_size + room)?;
+    let (mut reused_spans, layers_next) = store::lay_out(&archives, &layers_disk)?;
+    let debs_span = match apt_cache {
+        Some(_) => reused_spans.pop(),
+        None => None,
+    };
     disks.push(DiskConfig {
         path: layers_disk.clone(),
         format: DiskFormat::Raw,
@@ -716,6 +735,12 @@ pub fn build(opts: BuildOptions) -> Result<()> {
             .put_file(&host, &s.guest_path())
             .with_context(|| format!("copying the step script {} into the VM", s.file_name()))?;
     }
+    let mut env = env;
+    env.push(("KILN_DEBS_MARK".into(), apt_cache::DEBS_MARK.into()));
+    if let Some(span) = debs_span {
+        // Not in the layers' keys: a layer is the same with or without it.
+        env.push(("KILN_DEBS".into(), format!("{}:{}", span.offset, span.size)));
+    }
     let mut runner = StepRunner {
         guest: &mut guest,
         env,
@@ -736,9 +761,19 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         let Some(span) = mark(&said, plan::LAYER_MARK).and_then(LayerSpan::parse) else {
             bail!("step '{}' did not say where its layer is", step.name);
         };
+        // What a command downloaded: taken in now, as its place on the
+        // layers disk is the build's, not the layer's.
+        if let (Some(a), Some(v)) = (&apt_cache, mark(&said, apt_cache::DEBS_MARK)) {
+            let Some(span) = LayerSpan::parse(v) else {
+                bail!("step '{}' said '{v}' for its downloads", step.name);
+            };
+            let own = work.path().join(format!("debs-{i}.tar"));
+            store::copy_span(&layers_disk, span, &own)?;
+            a.take(&own)?;
+        }
         let told: Vec<String> = said
             .into_iter()
-            .filter(|m| !m.starts_with(plan::LAYER_MARK))
+            .filter(|m| !m.starts_with(plan::LAYER_MARK) && !m.starts_with(apt_cache::DEBS_MARK))
             .collect();
         let own = work.path().join(format!("layer-{i}.tar"));
         store::copy_span(&layers_disk, span, &own)?;
@@ -782,6 +817,16 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         None => None,
     };
     progress.host("power off", || guest.shutdown())?;
+    let command_debs = match apt_cache {
+        Some(a) => {
+            let report = a.keep(installed.as_ref())?;
+            if !opts.json {
+                eprintln!("commands: {}", report.summary());
+            }
+            Some(report)
+        }
+        None => None,
+    };
     if !host_ext4.is_empty() {
         progress.host("ext4 filesystems", || {
             // The root: the root archive, every layer, and the output
@@ -833,16 +878,31 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     // raw last: it is the built disk itself, moved, once the others are made.
     let mut order = formats.clone();
     order.sort_by_key(|f| *f == Format::Raw);
-    for f in &order {
-        if ctrl_c::requested() {
-            bail!(SandboxError::Interrupted);
+    std::thread::scope(|s| -> Result<()> {
+        // The raw output's SHA-256, taken meanwhile on the other core
+        // (the disk no longer changes; qemu-img reads it too).
+        let mut raw_sha256 = (formats.contains(&Format::Raw) && conv.keeps_raw_as_is())
+            .then(|| s.spawn(|| output::sha256_file(&raw)));
+        for f in &order {
+            if ctrl_c::requested() {
+                bail!(SandboxError::Interrupted);
+            }
+            let iso = iso_size.map(|_| iso_disk.as_path());
+            let hashing = raw_sha256.take_if(|_| *f == Format::Raw);
+            let o = progress.host(&format!("write {}", f.ext()), || {
+                let known = match hashing {
+                    Some(h) => Some(
+                        h.join()
+                            .map_err(|_| anyhow::anyhow!("hashing the raw image panicked"))??,
+                    ),
+                    None => None,
+                };
+                conv.make(*f, &raw, iso, known).map_err(interrupted_or)
+            })?;
+            outputs.push(o);
         }
-        let iso = iso_size.map(|_| iso_disk.as_path());
-        let o = progress.host(&format!("write {}", f.ext()), || {
-            conv.make(*f, &raw, iso).map_err(interrupted_or)
-        })?;
-        outputs.push(o);
-    }
+        Ok(())
+    })?;
     // All complete: now they take their final names.
     let sums = outputs
         .iter()
@@ -901,6 +961,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
             "source_date_epoch": epoch,
             "root_archive": root.path,
             "debs": root.debs,
+            "command_debs": command_debs,
             "outputs": summary,
             "packages": manifest.is_some().then_some(&manifest_final),
             "lock": lock_written.then_some(&lock_file),

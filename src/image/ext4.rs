@@ -70,6 +70,9 @@ fn from_layers(cmd: &mut Command, fs: &HostExt4, tools: &Path, layers: &[&Path])
         .spawn()
         .with_context(|| started(fs, tools))?;
     let stdin = child.stdin.take().context("mke2fs's stdin")?;
+    // A pipe of 1 MiB (the most an unprivileged process may ask), not
+    // 64 KiB: mke2fs reads, and the merge writes, far fewer times.
+    let _ = rustix::pipe::fcntl_setpipe_size(&stdin, 1 << 20);
     let out = std::thread::scope(|s| {
         let writer = s.spawn(move || {
             let mut w = std::io::BufWriter::with_capacity(1 << 20, stdin);
@@ -111,8 +114,18 @@ fn started(fs: &HostExt4, tools: &Path) -> String {
 /// libarchive reads either), which the VM mounts read-only under the
 /// layers (layers/base.rs). For the build only: no journal, and ids fixed
 /// so that directories list their entries in the same order every build.
-pub fn make_tree(tools: &HostTools, root_tar: &Path, tree: &Path, size: u64) -> Result<()> {
+/// Times later than `epoch` are clamped to it, as mke2fs does with
+/// SOURCE_DATE_EPOCH set.
+pub fn make_tree(
+    tools: &HostTools,
+    root_tar: &Path,
+    tree: &Path,
+    size: u64,
+    epoch: u64,
+) -> Result<()> {
     let mut cmd = tools.mke2fs();
+    cmd.env("SOURCE_DATE_EPOCH", epoch.to_string())
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string());
     cmd.args([
         "-q",
         "-F",

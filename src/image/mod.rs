@@ -3,6 +3,7 @@
 //! `kiln boot` (a built image booted through firmware). Uses `sandbox`
 //! and `util`.
 
+mod apt_cache;
 pub mod build;
 mod ext4;
 pub mod firmware_boot;

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::image::recipe::{Compression, Format};
 use crate::sandbox::disk::is_qcow2;
 use crate::util::process::run_tool;
+use crate::util::sparse::read_with_holes;
 use crate::util::which::which;
 
 /// One finished output, still under its temporary name.
@@ -36,16 +37,9 @@ pub fn qemu_img() -> Result<PathBuf> {
 }
 
 pub fn sha256_file(p: &Path) -> Result<String> {
-    let mut f = File::open(p).with_context(|| format!("reading {}", p.display()))?;
+    let f = File::open(p).with_context(|| format!("reading {}", p.display()))?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
+    read_with_holes(&f, |b| h.update(b)).with_context(|| format!("reading {}", p.display()))?;
     Ok(hex::encode(h.finalize()))
 }
 
@@ -66,8 +60,22 @@ impl Converter<'_> {
         self.temp_dir.join(format!("{}.{ext}", self.name))
     }
 
+    /// Whether the raw output is the built disk as it is (not compressed),
+    /// so that its SHA-256 is the disk's.
+    pub fn keeps_raw_as_is(&self) -> bool {
+        compressor(Format::Raw, self.compress).is_none()
+    }
+
     /// Makes `format` from the raw disk (or, for iso, takes the iso).
-    pub fn make(&self, format: Format, raw: &Path, iso: Option<&Path>) -> Result<Output> {
+    /// `sha256`: the output's, when the caller knows it (a raw output kept
+    /// as it is, hashed meanwhile).
+    pub fn make(
+        &self,
+        format: Format,
+        raw: &Path,
+        iso: Option<&Path>,
+        sha256: Option<String>,
+    ) -> Result<Output> {
         let ext = format.ext();
         let tmp = self.temp(ext);
         match format {
@@ -89,7 +97,10 @@ impl Converter<'_> {
         }
         let (temp, final_name) = self.compress(tmp, format)?;
         let size = std::fs::metadata(&temp)?.len();
-        let sha256 = sha256_file(&temp)?;
+        let sha256 = match sha256 {
+            Some(h) => h,
+            None => sha256_file(&temp)?,
+        };
         Ok(Output {
             format,
             final_path: self.out_dir.join(final_name),

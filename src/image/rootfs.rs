@@ -32,6 +32,11 @@ pub struct RootTar {
     pub debs: Option<DebReport>,
     /// Names the archive's contents, for the tree layers' keys.
     pub identity: String,
+    /// Names where the root comes from (the recipe's tarball or directory,
+    /// or the bootstrap's cache entry), whatever it holds now: the base
+    /// tree made from it is kept under this, and replaced when `identity`
+    /// changes.
+    pub origin: String,
     /// Holds a cached bootstrap in use while the archive is.
     _use: cache::CacheUse,
 }
@@ -76,7 +81,7 @@ pub fn prepare(
     fresh: bool,
     json: bool,
 ) -> Result<RootTar> {
-    match src {
+    let mut root = match src {
         RootSource::Debian {
             suite,
             variant,
@@ -85,10 +90,16 @@ pub fn prepare(
             components,
         } => debian(
             suite, variant, packages, mirror, components, epoch, fresh, json,
-        ),
-        RootSource::Tarball(p) => tarball(p),
-        RootSource::Directory(d) => directory(d, epoch, work),
-    }
+        )?,
+        RootSource::Tarball(p) => tarball(p)?,
+        RootSource::Directory(d) => directory(d, epoch, work)?,
+    };
+    root.origin = match src {
+        RootSource::Debian { .. } => format!("bootstrap:{}", root.path.display()),
+        RootSource::Tarball(p) => format!("tarball:{}", std::path::absolute(p)?.display()),
+        RootSource::Directory(d) => format!("directory:{}", std::path::absolute(d)?.display()),
+    };
+    Ok(root)
 }
 
 /// `identity` names the contents; None: the archive's SHA-256 does.
@@ -115,6 +126,7 @@ fn finish(
         size,
         debs: None,
         identity,
+        origin: String::new(),
         _use: held,
     })
 }

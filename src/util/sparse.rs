@@ -1,9 +1,56 @@
 //! Writing a new file so that its runs of zeroes become holes, as `cp
 //! --sparse=always` does: a disk image copied out of a guest arrives as a
-//! byte stream, and would otherwise take its whole size on the host.
+//! byte stream, and would otherwise take its whole size on the host. And
+//! reading one without reading its holes.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+
+/// Gives `f` every byte of `file` in order, in pieces of at most 1 MiB;
+/// its holes as zeroes from memory, never read: the kernel would fill a
+/// page of its cache with zeroes for each, and a 2 GiB disk image with
+/// 600 MiB of data took three times as long to hash that way.
+pub fn read_with_holes(file: &File, mut f: impl FnMut(&[u8])) -> io::Result<()> {
+    const CHUNK: usize = 1 << 20;
+    let len = file.metadata()?.len();
+    let zeros = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; CHUNK];
+    let mut pos = 0;
+    let pieces = |mut n: u64, f: &mut dyn FnMut(usize)| {
+        while n > 0 {
+            let k = n.min(CHUNK as u64) as usize;
+            f(k);
+            n -= k as u64;
+        }
+    };
+    while pos < len {
+        // Where data starts again: the end when there is none (ENXIO); a
+        // filesystem that cannot tell holes has data everywhere.
+        let data = match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(d) => d.min(len),
+            Err(rustix::io::Errno::NXIO) => len,
+            Err(_) => pos,
+        };
+        pieces(data - pos, &mut |k| f(&zeros[..k]));
+        if data >= len {
+            break;
+        }
+        let hole = match rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(data)) {
+            Ok(h) => h.min(len),
+            Err(_) => len,
+        };
+        let mut at = data;
+        while at < hole {
+            let k = (hole - at).min(CHUNK as u64) as usize;
+            file.read_exact_at(&mut buf[..k], at)?;
+            f(&buf[..k]);
+            at += k as u64;
+        }
+        pos = hole;
+    }
+    Ok(())
+}
 
 /// The granularity of holes: a filesystem block on the filesystems kiln
 /// writes to. A zero run that does not cover a whole aligned block is
@@ -49,6 +96,30 @@ mod tests {
     use super::*;
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_file_with_holes_reads_as_its_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let file = File::create(&path).expect("create");
+        let mut w = SparseWriter::new(&file);
+        let mut expected = [vec![7u8; 5000], vec![0; 3 << 20], b"tail".to_vec()].concat();
+        w.write_all(&expected).expect("write");
+        // Trailing zeroes: a hole at the end.
+        w.write_all(&vec![0; 70_000]).expect("write");
+        expected.extend(vec![0; 70_000]);
+        w.finish().expect("finish");
+        let mut got = Vec::new();
+        read_with_holes(&File::open(&path).expect("open"), |b| {
+            assert!(b.len() <= 1 << 20);
+            got.extend_from_slice(b)
+        })
+        .expect("read");
+        assert!(got == expected, "the bytes differ");
+        let empty = dir.path().join("empty");
+        File::create(&empty).expect("create");
+        read_with_holes(&File::open(&empty).expect("open"), |_| panic!("no bytes")).expect("read");
+    }
 
     #[test]
     fn zero_blocks_become_holes_and_the_bytes_are_kept() {

@@ -1,8 +1,12 @@
 //! The base of the build's tree: the root archive made an ext4 filesystem
 //! on the host (`ext4::make_tree`), which the build VM mounts read-only
 //! under the layers. It depends only on the archive and the tools image's
-//! mke2fs, so it is cached under their hash (`<cache>/trees/<key>/`) and
-//! shared, read-only, by every build on that root.
+//! mke2fs, so it is cached (`<cache>/trees/<key>/`) and shared, read-only,
+//! by every build on that root. An entry's name is two hashes: of where
+//! the root comes from, and of what it holds. A root that changes (a
+//! bootstrap made again, an edited directory) gets a new base, and its
+//! older ones, as large as the root, leave the cache once no kiln uses
+//! them.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -15,7 +19,7 @@ use crate::sandbox::host_tools::HostTools;
 
 const IMAGE: &str = "tree.img";
 /// Bumped when the base's options change (`ext4::make_tree`).
-const FORMAT: &[u8] = b"kiln-base-tree-1";
+const FORMAT: &[u8] = b"kiln-base-tree-2";
 
 /// A base tree in the cache, held while this lives.
 pub struct BaseTree {
@@ -25,23 +29,37 @@ pub struct BaseTree {
     _use: CacheUse,
 }
 
-/// The base tree of `root_tar` (plain or compressed, `size` bytes;
-/// `identity` names its contents) for `tools` (`tools_sha256`).
-pub fn base_tree(
-    tools: &HostTools,
-    tools_sha256: &str,
-    root_tar: &Path,
-    identity: &str,
-    size: u64,
-    compressed: bool,
-) -> Result<BaseTree> {
-    let key = cache::hash(&[FORMAT, identity.as_bytes(), tools_sha256.as_bytes()]);
-    let dest = cache::root()?.join(cache::TREES_KIND).join(&key[..32]);
+/// The root archive a base tree is made from.
+pub struct Root<'a> {
+    pub tar: &'a Path,
+    /// Its size in bytes, and whether it is compressed.
+    pub size: u64,
+    pub compressed: bool,
+    /// Names its contents.
+    pub identity: &'a str,
+    /// Names where it comes from.
+    pub origin: &'a str,
+    /// Times later than this are clamped to it: the build's epoch.
+    pub epoch: u64,
+}
+
+/// The base tree of `root` for `tools` (`tools_sha256`).
+pub fn base_tree(tools: &HostTools, tools_sha256: &str, root: &Root) -> Result<BaseTree> {
+    let origin = cache::hash(&[
+        FORMAT,
+        root.origin.as_bytes(),
+        tools_sha256.as_bytes(),
+        &root.epoch.to_le_bytes(),
+    ]);
+    let contents = cache::hash(&[root.identity.as_bytes()]);
+    let prefix = format!("{}-", &origin[..16]);
+    let dir = cache::root()?.join(cache::TREES_KIND);
+    let dest = dir.join(format!("{prefix}{}", &contents[..16]));
     let held = CacheUse::begin(&dest);
     let staging = match Staging::begin(&dest, false, |d| cache::complete(d, &[IMAGE]))? {
-        Begin::Done(dir) => {
+        Begin::Done(entry) => {
             return Ok(BaseTree {
-                image: dir.join(IMAGE),
+                image: entry.join(IMAGE),
                 made: false,
                 _use: held,
             })
@@ -49,13 +67,23 @@ pub fn base_tree(
         Begin::Build(s) => s,
     };
     let image = staging.path().join(IMAGE);
-    let room = room(size, compressed);
+    let room = room(root.size, root.compressed);
     File::create(&image)?.set_len(room)?;
-    ext4::make_tree(tools, root_tar, &image, room)?;
+    ext4::make_tree(tools, root.tar, &image, room, root.epoch)?;
     File::open(&image)?.sync_all()?;
-    let dir = staging.commit()?;
+    let entry = staging.commit()?;
+    // The bases of what this root held before: superseded.
+    for old in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let path = old.path();
+        let name = old.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && path != entry && path.is_dir() {
+            // In use, it stays until a gc or a later build finds it unused.
+            let _ = cache::remove_if_unused(cache::TREES_KIND, &path);
+        }
+    }
     Ok(BaseTree {
-        image: dir.join(IMAGE),
+        image: entry.join(IMAGE),
         made: true,
         _use: held,
     })

@@ -208,6 +208,24 @@ pub fn gc(root: &Path, policy: &Policy, now: SystemTime) -> Result<Report, GcErr
     Ok(report)
 }
 
+/// Removes the entry at `path` (of `kind`) unless a kiln uses or builds
+/// it: for a kiln that has made the entry that supersedes it. Whether it
+/// was removed.
+pub fn remove_if_unused(kind: &'static str, path: &Path) -> Result<bool, GcError> {
+    let Some(key) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(false);
+    };
+    let e = Entry {
+        kind,
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        size: 0,
+        last_used: unix_seconds(last_used(path)),
+        in_use: false,
+    };
+    Ok(matches!(remove(&e, false)?, Removal::Removed))
+}
+
 /// What became of an entry gc chose.
 enum Removal {
     /// Removed (with `dry_run`: could be).
@@ -463,6 +481,18 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, [".oldest.use", "oldest"]);
+    }
+
+    #[test]
+    fn a_superseded_entry_goes_once_no_kiln_uses_it() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let old = entry(root.path(), "trees", "a-1", 1000, 0);
+        let held = CacheUse::begin(&old);
+        assert!(!remove_if_unused("trees", &old).expect("remove"));
+        assert!(old.exists());
+        drop(held);
+        assert!(remove_if_unused("trees", &old).expect("remove"));
+        assert!(!old.exists());
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub mod debs;
 mod gc;
 mod usage;
 
-pub use gc::{gc, list, Entry, Policy, Report};
+pub use gc::{gc, list, remove_if_unused, Entry, Policy, Report};
 pub use usage::CacheUse;
 
 /// The kind of entry the tools image's programs are unpacked into, for the

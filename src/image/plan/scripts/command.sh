@@ -6,5 +6,11 @@
 
 chroot_up
 echo "+ $KILN_COMMAND"
-[ "${KILN_NETWORK:-0}" != 1 ] || resolv_up
-in_tree /bin/sh -c "$KILN_COMMAND"
+if [ "${KILN_NETWORK:-0}" = 1 ]; then
+    resolv_up
+    debs_up
+fi
+status=0
+in_tree /bin/sh -c "$KILN_COMMAND" || status=$?
+[ "$status" != 0 ] || debs_out
+exit "$status"

@@ -52,6 +52,48 @@ chroot_down() {
     umount -l "$R/dev" "$R/sys" "$R/proc" 2>/dev/null || true
     [ -z "$KILN_POLICY" ] || rm -f "$R/usr/sbin/policy-rc.d"
     [ -z "${KILN_RESOLV:-}" ] || resolv_down
+    [ -z "${KILN_DEBS_UP:-}" ] || debs_down
+}
+
+# Gives apt in the tree kiln's package cache as its own: the packages
+# kiln offers (KILN_DEBS: "OFFSET:SIZE" of their archive on the layers
+# disk, src/image/apt_cache.rs), unpacked once into /build/debs, bound
+# over the tree's /var/cache/apt/archives. What apt downloads lands there
+# too, and in no layer. Only with the network, and only in a tree that
+# has apt's cache directory.
+debs_up() {
+    [ -n "${KILN_DEBS:-}" ] && [ -d "$R/var/cache/apt/archives" ] || return 0
+    if [ ! -d /build/debs ]; then
+        mkdir /build/debs
+        dd if="$(disk "$KILN_LAYERS_SERIAL")" bs=1M iflag=skip_bytes,count_bytes \
+            skip="${KILN_DEBS%:*}" count="${KILN_DEBS#*:}" status=none |
+            tar -C /build/debs -x --ignore-zeros -f -
+        ls /build/debs > /build/debs.offered
+    fi
+    mount --bind /build/debs "$R/var/cache/apt/archives"
+    KILN_DEBS_UP=1
+}
+
+debs_down() {
+    umount "$R/var/cache/apt/archives" || umount -l "$R/var/cache/apt/archives" || true
+}
+
+# What apt downloaded so far (the packages kiln did not offer), with the
+# tree's package lists: kiln keeps only a package whose SHA-256 they
+# give. One archive on the layers disk, said after KILN_DEBS_MARK.
+debs_out() {
+    [ -n "${KILN_DEBS_UP:-}" ] || return 0
+    local f o=/build/debs-out
+    rm -rf "$o"
+    mkdir -p "$o/out" "$o/lists"
+    for f in /build/debs/*.deb; do
+        [ -f "$f" ] || continue
+        grep -qxF "${f##*/}" /build/debs.offered || ln "$f" "$o/out/"
+    done
+    for f in "$R"/var/lib/apt/lists/*_Packages; do
+        [ ! -f "$f" ] || cp "$f" "$o/lists/"
+    done
+    archive_out "$o" "$KILN_DEBS_MARK"
 }
 
 # Runs its arguments in the tree (chroot) as root: with the build VM's
@@ -141,29 +183,34 @@ stack_up() {
     mount -t overlay overlay -o "noatime,lowerdir=$lowers,upperdir=/build/upper,workdir=/build/work,redirect_dir=off,index=off,metacopy=off,xino=off" "$R"
 }
 
-# Archives the upper directory to the layers disk at the next free place,
-# sets layer_off and layer_size, and prints them after the mark $1, for
-# kiln. Times later than SOURCE_DATE_EPOCH become it first, in the upper
-# directory itself (so no file is copied up for it), as the normalize
-# step does for the whole tree: a layer is the same whether kiln made it
-# now or earlier.
+# Archives the upper directory to the layers disk (archive_out), with
+# the mark $1 for kiln. Times later than SOURCE_DATE_EPOCH become it
+# first, in the upper directory itself (so no file is copied up for it):
+# a layer is the same whether kiln made it now or earlier, and no time in
+# the tree is later than the epoch (normalize.sh relies on it).
 layer_out() {
-    local mark=$1 stats
     find /build/upper -depth -newermt "@$SOURCE_DATE_EPOCH" \
         -exec touch --no-dereference --date="@$SOURCE_DATE_EPOCH" {} +
+    archive_out /build/upper "$1"
+}
+
+# Archives directory $1 to the layers disk at the next free place, sets
+# layer_off and layer_size, and prints them after the mark $2.
+archive_out() {
+    local dir=$1 mark=$2 stats
     layer_off=$(cat "$L/next")
     stats=$(mktemp)
     # In name order, with overlayfs' xattrs (trusted.overlay.opaque) and
     # whiteouts (0/0 character devices) as they are; 1 MiB records for
     # dd's direct writes, as in archive-tree.sh.
-    if ! tar -C /build/upper --sort=name --format=pax --numeric-owner -b 2048 \
+    if ! tar -C "$dir" --sort=name --format=pax --numeric-owner -b 2048 \
         --xattrs --xattrs-include='*' \
         --pax-option="hdrcharset:=BINARY,atime:=$SOURCE_DATE_EPOCH,ctime:=$SOURCE_DATE_EPOCH" \
         -cf - . |
         dd of="$(disk "$KILN_LAYERS_SERIAL")" bs=1M iflag=fullblock \
             seek="$layer_off" oflag=seek_bytes,direct 2> "$stats"; then
         cat "$stats" >&2
-        echo "the step's changes to the tree could not be written out to the layers disk" >&2
+        echo "$dir could not be written out to the layers disk" >&2
         exit 1
     fi
     layer_size=$(sed -n 's/^\([0-9]*\) bytes .*/\1/p' "$stats")
