@@ -746,11 +746,17 @@ fn commands_take_packages_from_the_cache_and_keep_what_they_download() {
     let base = fs::read_to_string(dir.join("small-debian.toml"))
         .expect("recipe")
         .replace("variant = \"essential\"", "variant = \"apt\"");
+    // Unique to this run: no earlier run's layer is reused for it.
+    let token = dir
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
     let install = |packages: &str| {
         base.replace(
             SMALL_COMMANDS,
             &format!(
-                r#"commands = [{{ run = "apt-get update -q && apt-get install -y -q --no-install-recommends {packages}", network = true }}]"#
+                r#"commands = [{{ run = "echo {token} > /etc/kiln-test; apt-get update -q && apt-get install -y -q --no-install-recommends {packages}", network = true }}]"#
             ),
         )
     };
@@ -1162,7 +1168,8 @@ fn layers_of(out: &Output) -> Vec<(String, bool)> {
 fn a_rebuild_reuses_the_layers_before_a_change_and_matches_a_fresh_build() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    // Unique to this run: no earlier run's layers exist for it.
+    // Unique to this run, in a file (which the configure step installs):
+    // no earlier run's layers exist for it.
     let token = dir
         .file_name()
         .expect("name")
@@ -1171,11 +1178,14 @@ fn a_rebuild_reuses_the_layers_before_a_change_and_matches_a_fresh_build() {
     let commands = |last: &str| {
         format!(r#"["echo {token} > /etc/first", "echo {last} > /etc/last; rm /etc/passwd"]"#)
     };
-    small_recipe_with_commands(dir, &commands("one"));
     let set_commands = |commands: &str| {
-        let text = SMALL.replace(SMALL_COMMANDS, &format!("commands = {commands}"));
+        let text = SMALL
+            .replace(SMALL_COMMANDS, &format!("commands = {commands}"))
+            .replace("hello from kiln", &token);
         fs::write(dir.join("small.toml"), text).expect("write recipe");
     };
+    small_recipe_with_commands(dir, &commands("one"));
+    set_commands(&commands("one"));
     let build = |out: &str, extra: &[&str]| {
         let mut args = vec![
             "build",
