@@ -9,6 +9,12 @@
 //! keeps each package whose SHA-256 the lists give. So a command that
 //! installs one more package downloads only that package, and downloaded
 //! .debs are in no layer and no image.
+//!
+//! The guest is not trusted with the cache every later build (and
+//! bootstrap) draws on: a package list counts only if a Release file that
+//! the host's gpgv verifies with the host's archive keyrings gives its
+//! SHA-256. A command that forges a package and its list gets neither
+//! kept.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -79,7 +85,8 @@ impl AptCache {
                 "--warning=no-unknown-keyword",
                 "-xf",
             ])
-            .arg(archive))
+            .arg(archive))?;
+        keep_verified_lists(&self.offer.path().join("lists"))
     }
 
     /// Keeps what the commands downloaded, given the image's packages.
@@ -100,6 +107,88 @@ impl AptCache {
     }
 }
 
+/// The archive keyrings of the host that vouch for a mirror's Release.
+const KEYRINGS: &[&str] = &[
+    "/usr/share/keyrings/debian-archive-keyring.gpg",
+    "/usr/share/keyrings/ubuntu-archive-keyring.gpg",
+];
+
+/// Removes from `lists` every `*_Packages` file that no `*_InRelease`
+/// beside it vouches for: one gpgv verifies with a host keyring, whose
+/// SHA256 section gives that file's path and hash.
+fn keep_verified_lists(lists: &Path) -> Result<()> {
+    let names: Vec<String> = std::fs::read_dir(lists)
+        .with_context(|| format!("reading {}", lists.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut vouched: BTreeSet<String> = BTreeSet::new();
+    for release in names.iter().filter(|n| n.ends_with("_InRelease")) {
+        let Some(text) = verified(&lists.join(release)) else {
+            continue;
+        };
+        let prefix = release.trim_end_matches("InRelease");
+        for (hash, path) in sha256_section(&text) {
+            // apt names a list by its URI with `/` as `_`.
+            let name = format!("{prefix}{}", path.replace('/', "_"));
+            if names.contains(&name) && file_sha256(&lists.join(&name)).as_deref() == Some(hash) {
+                vouched.insert(name);
+            }
+        }
+    }
+    for n in names {
+        if !vouched.contains(&n) {
+            let _ = std::fs::remove_file(lists.join(n));
+        }
+    }
+    Ok(())
+}
+
+/// The signed text of an InRelease file, if gpgv verifies it with one of
+/// the host's keyrings.
+fn verified(release: &Path) -> Option<String> {
+    for keyring in KEYRINGS.iter().filter(|k| Path::new(k).is_file()) {
+        let out = tie(Command::new("gpgv")
+            .arg("--quiet")
+            .arg("--keyring")
+            .arg(keyring)
+            .arg("--output")
+            .arg("-")
+            .arg(release))
+        .output()
+        .ok()?;
+        if out.status.success() {
+            return String::from_utf8(out.stdout).ok();
+        }
+    }
+    None
+}
+
+/// (SHA-256, path) of each file a Release's SHA256 section lists.
+fn sha256_section(text: &str) -> Vec<(&str, &str)> {
+    let mut in_section = false;
+    let mut found = Vec::new();
+    for line in text.lines() {
+        if !line.starts_with(' ') {
+            in_section = line == "SHA256:";
+            continue;
+        }
+        if in_section {
+            let mut f = line.split_whitespace();
+            if let (Some(hash), Some(_size), Some(path)) = (f.next(), f.next(), f.next()) {
+                found.push((hash, path));
+            }
+        }
+    }
+    found
+}
+
+fn file_sha256(path: &Path) -> Option<String> {
+    let dir = path.parent()?;
+    let name = path.file_name()?.to_str()?;
+    cache::sha256_of_entry_file(dir, name).ok()
+}
+
 fn tar(cmd: &mut Command) -> Result<()> {
     let out = tie(cmd).output().context("running tar")?;
     if !out.status.success() {
@@ -110,4 +199,34 @@ fn tar(cmd: &mut Command) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_release_lists_its_files_hashes() {
+        let text = "Origin: Debian\nMD5Sum:\n 00 1 main/binary-amd64/Packages\nSHA256:\n \
+                    aa 10 main/binary-amd64/Packages\n bb 20 main/i18n/Translation-en\n\
+                    Other: x\n";
+        assert_eq!(
+            sha256_section(text),
+            [
+                ("aa", "main/binary-amd64/Packages"),
+                ("bb", "main/i18n/Translation-en")
+            ]
+        );
+    }
+
+    #[test]
+    fn lists_without_a_verified_release_are_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lists = dir.path();
+        std::fs::write(lists.join("m_dists_x_main_binary-amd64_Packages"), "P").expect("w");
+        // Not signed by anyone: gpgv refuses it.
+        std::fs::write(lists.join("m_dists_x_InRelease"), "SHA256:\n x 1 y\n").expect("w");
+        keep_verified_lists(lists).expect("verify");
+        assert_eq!(std::fs::read_dir(lists).expect("read").count(), 0);
+    }
 }

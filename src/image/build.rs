@@ -571,9 +571,16 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         }
     }
     let reused = cached.len();
-    // Every layer's archive, oldest first: the cache's, then the build's
-    // own copies of those it makes.
-    let mut layers: Vec<PathBuf> = cached.iter().map(|l| l.archive.clone()).collect();
+    // Every layer's archive, oldest first: the build's own copies, of the
+    // cache's and of those it makes. The VM and the merge read the same
+    // bytes, whatever another kiln does to the cache meanwhile.
+    let mut layers: Vec<PathBuf> = Vec::new();
+    for (i, l) in cached.iter().enumerate() {
+        let own = work.path().join(format!("reused-{i}.tar"));
+        std::fs::copy(&l.archive, &own)
+            .with_context(|| format!("copying the cached layer {}", l.archive.display()))?;
+        layers.push(own);
+    }
 
     // The disks: the image being built, the tree, scratch space for its
     // copies, the ext4 trees going out, and where the iso lands.
@@ -601,7 +608,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         &host_tools,
         &tools_sha256,
         &base::Root {
-            tar: &root.path,
+            tar: &root.pinned(),
             size: root.size,
             compressed: !root.tar_flag.is_empty(),
             identity: &root.identity,
@@ -624,7 +631,7 @@ pub fn build(opts: BuildOptions) -> Result<()> {
     });
     // The package cache for commands that download (apt in the tree).
     let apt_cache = match &c.root {
-        RootSource::Debian { mirror, .. } if c.needs_network() && reused < tree_steps.len() => {
+        RootSource::Debian { mirror, .. } if tree_steps[reused..].iter().any(Step::has_network) => {
             let base = lock::archive_packages(&root.path).unwrap_or_default();
             Some(AptCache::open(mirror, &base, work.path())?)
         }
@@ -651,8 +658,10 @@ pub fn build(opts: BuildOptions) -> Result<()> {
         read_only: false,
         serial: plan::LAYERS_SERIAL.into(),
     });
+    // Beside the output steps' copies, it holds every layer unpacked and
+    // the packages offered to the commands: as much again (sparse).
     let scratch = work.path().join("scratch.img");
-    std::fs::File::create(&scratch)?.set_len(room)?;
+    std::fs::File::create(&scratch)?.set_len(2 * room + given_size)?;
     disks.push(DiskConfig {
         path: scratch,
         format: DiskFormat::Raw,

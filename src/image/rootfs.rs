@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -37,16 +38,29 @@ pub struct RootTar {
     /// tree made from it is kept under this, and replaced when `identity`
     /// changes.
     pub origin: String,
+    /// The archive, open: what [`RootTar::pinned`] names.
+    file: File,
     /// Holds a cached bootstrap in use while the archive is.
     _use: cache::CacheUse,
 }
 
 impl RootTar {
+    /// A path to the archive as this kiln opened it, for this kiln and the
+    /// programs it runs: the same file to the end of the build, even if a
+    /// `--fresh` build replaces the cached bootstrap meanwhile.
+    pub fn pinned(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.file.as_raw_fd()
+        ))
+    }
+
     /// The archive as a plain tar, for the layer merge: itself, or
     /// decompressed into `work` by the host's own decompressor.
     pub fn plain(&self, work: &Path) -> Result<PathBuf> {
         let program = match self.tar_flag {
-            "" => return Ok(self.path.clone()),
+            "" => return Ok(self.pinned()),
             "--gzip" => "gzip",
             "--xz" => "xz",
             "--zstd" => "zstd",
@@ -55,7 +69,7 @@ impl RootTar {
         };
         let out = work.join("root-plain.tar");
         let file = File::create(&out).with_context(|| format!("creating {}", out.display()))?;
-        let status = tie(Command::new(program).arg("-dc").arg(&self.path))
+        let status = tie(Command::new(program).arg("-dc").arg(self.pinned()))
             .stdout(file)
             .status()
             .with_context(|| {
@@ -109,7 +123,8 @@ fn finish(
     identity: Option<String>,
     held: cache::CacheUse,
 ) -> Result<RootTar> {
-    let size = std::fs::metadata(&path)?.len();
+    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let size = file.metadata()?.len();
     let identity = match identity {
         Some(i) => i,
         None => {
@@ -127,6 +142,7 @@ fn finish(
         debs: None,
         identity,
         origin: String::new(),
+        file,
         _use: held,
     })
 }

@@ -37,8 +37,10 @@ pub fn read_with_holes(file: &File, mut f: impl FnMut(&[u8])) -> io::Result<()> 
             break;
         }
         let hole = match rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(data)) {
-            Ok(h) => h.min(len),
-            Err(_) => len,
+            // Always past `data`: a filesystem that says otherwise is read
+            // to the end.
+            Ok(h) if h > data => h.min(len),
+            _ => len,
         };
         let mut at = data;
         while at < hole {

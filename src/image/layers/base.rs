@@ -19,7 +19,7 @@ use crate::sandbox::host_tools::HostTools;
 
 const IMAGE: &str = "tree.img";
 /// Bumped when the base's options change (`ext4::make_tree`).
-const FORMAT: &[u8] = b"kiln-base-tree-2";
+const FORMAT: &[u8] = b"kiln-base-tree-3";
 
 /// A base tree in the cache, held while this lives.
 pub struct BaseTree {
@@ -89,14 +89,14 @@ pub fn base_tree(tools: &HostTools, tools_sha256: &str, root: &Root) -> Result<B
     })
 }
 
-/// The filesystem's size: the archive's contents with room for ext4's
-/// own metadata and small files' blocks. A compressed archive unpacks to
-/// several times its size. The image is sparse: only what mke2fs writes
-/// takes space.
+/// The filesystem's size: generous, for many small files (a block and an
+/// inode each) and for compressed archives, which unpack to many times
+/// their size. The image is sparse and taken as zeroed: only what mke2fs
+/// writes takes space.
 fn room(size: u64, compressed: bool) -> u64 {
-    const MIB: u64 = 1 << 20;
-    let contents = if compressed { size * 8 } else { size };
-    (contents + contents / 2 + 256 * MIB).div_ceil(MIB) * MIB
+    const GIB: u64 = 1 << 30;
+    let factor = if compressed { 16 } else { 4 };
+    (size.saturating_mul(factor) + 4 * GIB).div_ceil(GIB) * GIB
 }
 
 #[cfg(test)]
@@ -105,9 +105,9 @@ mod tests {
 
     #[test]
     fn room_leaves_space_for_metadata_and_compression() {
-        assert_eq!(room(0, false), 256 << 20);
-        assert_eq!(room(600 << 20, false), (900 + 256) << 20);
-        assert!(room(100 << 20, true) > 800 << 20);
-        assert_eq!(room(1, false) % (1 << 20), 0);
+        assert_eq!(room(0, false), 4 << 30);
+        assert_eq!(room(600 << 20, false), 7 << 30);
+        assert!(room(100 << 20, true) >= 5 << 30);
+        assert_eq!(room(1, false) % (1 << 30), 0);
     }
 }

@@ -248,7 +248,8 @@ impl Step {
     }
 
     /// Everything the step is, for its layer's key: its name, its files,
-    /// and each run's script text, arguments and environment.
+    /// and each run's script text, arguments and environment; each list
+    /// counted, so that no two steps run together the same.
     pub fn fingerprint(&self) -> Vec<u8> {
         let mut f = Vec::new();
         let mut put = |b: &[u8]| {
@@ -256,22 +257,34 @@ impl Step {
             f.extend_from_slice(b);
         };
         put(self.name.as_bytes());
+        put(&self.files.len().to_le_bytes());
         for file in &self.files {
             put(file.name.as_bytes());
             put(&file.contents);
         }
+        put(&self.runs.len().to_le_bytes());
         for run in &self.runs {
             put(run.script.file_name().as_bytes());
             put(run.script.text().as_bytes());
+            put(&run.args.len().to_le_bytes());
             for a in &run.args {
                 put(a.as_bytes());
             }
+            put(&run.env.len().to_le_bytes());
             for (k, v) in &run.env {
                 put(k.as_bytes());
                 put(v.as_bytes());
             }
         }
         f
+    }
+
+    /// Whether a run of the step has the network (a recipe command that
+    /// asked for it).
+    pub fn has_network(&self) -> bool {
+        self.runs
+            .iter()
+            .any(|r| r.env.iter().any(|(k, v)| k == "KILN_NETWORK" && v == "1"))
     }
 }
 

@@ -49,10 +49,10 @@ chroot_up() {
 }
 
 chroot_down() {
+    [ -z "${KILN_DEBS_UP:-}" ] || debs_down || true
     umount -l "$R/dev" "$R/sys" "$R/proc" 2>/dev/null || true
-    [ -z "$KILN_POLICY" ] || rm -f "$R/usr/sbin/policy-rc.d"
-    [ -z "${KILN_RESOLV:-}" ] || resolv_down
-    [ -z "${KILN_DEBS_UP:-}" ] || debs_down
+    [ -z "$KILN_POLICY" ] || rm -f "$R/usr/sbin/policy-rc.d" || true
+    [ -z "${KILN_RESOLV:-}" ] || resolv_down || true
 }
 
 # Gives apt in the tree kiln's package cache as its own: the packages
@@ -79,8 +79,10 @@ debs_down() {
 }
 
 # What apt downloaded so far (the packages kiln did not offer), with the
-# tree's package lists: kiln keeps only a package whose SHA-256 they
-# give. One archive on the layers disk, said after KILN_DEBS_MARK.
+# tree's package lists and their signed Release files: kiln keeps only a
+# package whose SHA-256 a list gives that a Release file it verifies
+# itself vouches for. One archive on the layers disk, said after
+# KILN_DEBS_MARK.
 debs_out() {
     [ -n "${KILN_DEBS_UP:-}" ] || return 0
     local f o=/build/debs-out
@@ -90,7 +92,7 @@ debs_out() {
         [ -f "$f" ] || continue
         grep -qxF "${f##*/}" /build/debs.offered || ln "$f" "$o/out/"
     done
-    for f in "$R"/var/lib/apt/lists/*_Packages; do
+    for f in "$R"/var/lib/apt/lists/*_Packages "$R"/var/lib/apt/lists/*_InRelease; do
         [ ! -f "$f" ] || cp "$f" "$o/lists/"
     done
     archive_out "$o" "$KILN_DEBS_MARK"
@@ -161,6 +163,17 @@ read -ra grub_modules <<< "${KILN_GRUB_MODULES:-}"
 # layer's archive: those kiln reused, from its cache, then those made here.
 # shellcheck disable=SC2034
 L=/build/layers
+
+# Unmounts the tree at $R, and all below it. A step may leave processes
+# in the tree (a gpg-agent, a daemon a package started) or mounts (a
+# tmpfs on /tmp): the processes are ended first, as the step is over.
+unstack() {
+    local p
+    for p in /proc/[0-9]*; do
+        [ "$(readlink "$p/root" 2>/dev/null)" != "$R" ] || kill -9 "${p#/proc/}" 2>/dev/null || true
+    done
+    umount -R "$R" 2>/dev/null || { sleep 0.2; umount -R "$R"; }
+}
 
 # Mounts the tree at $R: every layer in $L, newest on top, over the base,
 # under a new, empty upper directory. Only the upper is ever written; no

@@ -27,8 +27,7 @@ stack_up
 # mke2fs made lost+found; it is not part of the tree (ext4 images get
 # their own). It goes in the first step's layer, unless a reused one
 # already removed it; the root keeps the time the archive gave it.
-if [ -d "$R/lost+found" ]; then
-    rmdir "$R/lost+found"
+if [ -d "$R/lost+found" ] && rmdir "$R/lost+found" 2>/dev/null; then
     touch --reference=/build/base "$R"
 fi
 echo "root: $(df -h --output=used /build/base | tail -n 1 | tr -d ' ') used" \

@@ -7,4 +7,6 @@
 . "$(dirname "$0")/common.sh"
 
 echo "partition $KILN_PART: $KILN_LABEL (the tree's layers, for the host's mke2fs)"
+# Nothing reads the tree after this.
+unstack
 layer_out "$KILN_ROOT_LAYER_MARK"

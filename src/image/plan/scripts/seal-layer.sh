@@ -6,7 +6,9 @@
 # shellcheck source=common.sh
 . "$(dirname "$0")/common.sh"
 
-umount "$R"
+unstack
 layer_out "$KILN_LAYER_MARK"
+# Archived: its copy on the scratch disk goes before the unpacked one comes.
+rm -rf /build/upper /build/work
 layer_in "$layer_off" "$layer_size"
 stack_up
