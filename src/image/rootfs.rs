@@ -69,7 +69,11 @@ impl RootTar {
         };
         let out = work.join("root-plain.tar");
         let file = File::create(&out).with_context(|| format!("creating {}", out.display()))?;
-        let status = tie(Command::new(program).arg("-dc").arg(self.pinned()))
+        // On its stdin: zstd will not read a name that is a symbolic link,
+        // as /proc's are.
+        let input = File::open(self.pinned()).context("reopening the root archive")?;
+        let status = tie(Command::new(program).arg("-dc"))
+            .stdin(input)
             .stdout(file)
             .status()
             .with_context(|| {

@@ -48,11 +48,12 @@ impl Store {
         self.dir.join(key)
     }
 
-    /// The layer with `key`, if the cache has it whole.
+    /// The layer with `key`, if the cache has it whole and undamaged
+    /// (a damaged one is said, and its step runs again).
     pub fn get(&self, key: &str) -> Option<Layer> {
         let dest = self.entry(key);
         let held = CacheUse::begin(&dest);
-        if !cache::complete(&dest, &[ARCHIVE, MARKS]) {
+        if !cache::usable(&dest, &[ARCHIVE, MARKS], "") {
             return None;
         }
         let marks = fs::read_to_string(dest.join(MARKS)).ok()?;
@@ -71,7 +72,10 @@ impl Store {
     pub fn put(&self, key: &str, archive: &Path, marks: &[String], replace: bool) -> Result<()> {
         let dest = self.entry(key);
         let _held = CacheUse::begin(&dest);
-        let complete = |d: &Path| cache::complete(d, &[ARCHIVE, MARKS]);
+        // A damaged entry is replaced too.
+        let complete = |d: &Path| {
+            cache::complete(d, &[ARCHIVE, MARKS]) && cache::verify(d, &[ARCHIVE, MARKS], "").is_ok()
+        };
         let staging = match Staging::begin(&dest, replace, complete)? {
             Begin::Done(_) => return Ok(()),
             Begin::Build(s) => s,
@@ -84,9 +88,9 @@ impl Store {
             text.push('\n');
         }
         fs::write(staging.path().join(MARKS), text)?;
-        // Synced: a crash must not publish a layer whose data never landed.
-        File::open(&to)?.sync_all()?;
-        staging.commit()?;
+        // Synced and recorded (size, SHA-256): a crash must not publish a
+        // layer whose data never landed, and later damage is caught.
+        staging.commit_with_manifest(&[ARCHIVE, MARKS])?;
         Ok(())
     }
 }
@@ -174,6 +178,11 @@ mod tests {
         let got = store.get("k").expect("replaced");
         assert_eq!(fs::read(&got.archive).expect("archive"), b"other");
         assert!(got.marks.is_empty());
+        // Damaged: not used, and replaced by the next put.
+        fs::write(&got.archive, b"0ther").expect("damage");
+        assert!(store.get("k").is_none());
+        store.put("k", &own, &marks, false).expect("put");
+        assert_eq!(store.get("k").expect("repaired").marks, marks);
         // A span past the disk's end is an error, not a short layer.
         let past = LayerSpan {
             offset: 2 * MIB,
